@@ -1,0 +1,32 @@
+# Finds what peft's headers need. Shared by the build tree and the installed peftConfig.cmake
+# so both resolve dependencies the same way.
+macro(peft_find_dependencies)
+  if(COMMAND find_dependency)
+    set(_peft_find find_dependency)
+  else()
+    set(_peft_find find_package)
+  endif()
+  if(NOT TARGET torch)
+    # TorchConfig.cmake warns about its own kineto lookup on CPU builds; that is not ours to fix.
+    cmake_language(CALL ${_peft_find} Torch REQUIRED)
+    # With two LibTorch installations on one machine (say a Python wheel and Debian's package),
+    # TorchConfig.cmake can pair one's headers with the other's libraries; the result fails to
+    # link with hundreds of undefined symbols. Say so plainly instead.
+    if(TORCH_LIBRARY AND TORCH_INSTALL_PREFIX)
+      get_filename_component(_peft_torch_lib "${TORCH_LIBRARY}" REALPATH)
+      get_filename_component(_peft_torch_root "${TORCH_INSTALL_PREFIX}" REALPATH)
+      string(FIND "${_peft_torch_lib}" "${_peft_torch_root}/" _peft_at)
+      if(NOT _peft_at EQUAL 0 AND NOT _peft_torch_root STREQUAL "/usr")
+        message(FATAL_ERROR "[peft] LibTorch headers come from ${_peft_torch_root} but libtorch "
+          "from ${_peft_torch_lib}. Put ${_peft_torch_root} first in CMAKE_PREFIX_PATH "
+          "(for the Python wheel: the folder of torch/__init__.py).")
+      endif()
+    endif()
+  endif()
+  if(NOT TARGET fmt::fmt-header-only)
+    cmake_language(CALL ${_peft_find} fmt REQUIRED)
+  endif()
+  if(NOT TARGET nlohmann_json::nlohmann_json)
+    cmake_language(CALL ${_peft_find} nlohmann_json 3 REQUIRED)
+  endif()
+endmacro()

