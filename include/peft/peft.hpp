@@ -6,3 +6,7 @@
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
+#include <peft/data/example.hpp>
+#include <peft/data/glue.hpp>
+#include <peft/data/clue.hpp>
+#include <peft/train/metrics.hpp>
