@@ -29,4 +29,22 @@ macro(peft_find_dependencies)
   if(NOT TARGET nlohmann_json::nlohmann_json)
     cmake_language(CALL ${_peft_find} nlohmann_json 3 REQUIRED)
   endif()
+  if(NOT TARGET peft::utf8proc)
+    # utf8proc ships no CMake package on Debian; pkg-config, when present, only adds hints.
+    find_package(PkgConfig QUIET)
+    if(PKG_CONFIG_FOUND)
+      pkg_check_modules(_PEFT_PC_UTF8PROC QUIET libutf8proc)
+    endif()
+    find_path(PEFT_UTF8PROC_INCLUDE_DIR utf8proc.h HINTS ${_PEFT_PC_UTF8PROC_INCLUDE_DIRS})
+    find_library(PEFT_UTF8PROC_LIBRARY NAMES utf8proc HINTS ${_PEFT_PC_UTF8PROC_LIBRARY_DIRS})
+    if(NOT PEFT_UTF8PROC_INCLUDE_DIR OR NOT PEFT_UTF8PROC_LIBRARY)
+      message(FATAL_ERROR "[peft] utf8proc not found (utf8proc.h: ${PEFT_UTF8PROC_INCLUDE_DIR}, "
+        "library: ${PEFT_UTF8PROC_LIBRARY}); install it (Debian: libutf8proc-dev) or set "
+        "PEFT_UTF8PROC_INCLUDE_DIR and PEFT_UTF8PROC_LIBRARY.")
+    endif()
+    add_library(peft::utf8proc UNKNOWN IMPORTED)
+    set_target_properties(peft::utf8proc PROPERTIES
+      IMPORTED_LOCATION "${PEFT_UTF8PROC_LIBRARY}"
+      INTERFACE_INCLUDE_DIRECTORIES "${PEFT_UTF8PROC_INCLUDE_DIR}")
+  endif()
 endmacro()

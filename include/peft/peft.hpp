@@ -10,3 +10,5 @@
 #include <peft/data/glue.hpp>
 #include <peft/data/clue.hpp>
 #include <peft/train/metrics.hpp>
+#include <peft/text/unicode.hpp>
+#include <peft/text/wordpiece.hpp>

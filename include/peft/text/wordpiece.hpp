@@ -1,0 +1,565 @@
+#pragma once
+
+// BERT's tokenizer: basic tokenization (cleaning, CJK splitting, lower-casing, accent stripping,
+// punctuation splitting) followed by greedy longest-match-first WordPiece, and the encoding of
+// single sentences and sentence pairs into model inputs. Token ids match Hugging Face's
+// BertTokenizer for the same vocab.txt and tokenizer_config.json.
+
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <peft/config.hpp>
+#include <peft/core/error.hpp>
+#include <peft/text/unicode.hpp>
+
+PEFT_NAMESPACE_BEGIN
+namespace text {
+
+/// How text is split into tokens. The defaults are those of uncased BERT.
+struct WordPieceOptions {
+  /// Lower-case the text (and, unless strip_accents says otherwise, strip accents).
+  TORCH_ARG(bool, do_lower_case) = true;
+  /// Strip accents (NFD, then drop nonspacing marks). Unset: do so exactly when lower-casing,
+  /// as the original BERT does.
+  TORCH_ARG(std::optional<bool>, strip_accents) = std::nullopt;
+  /// Put spaces around CJK ideographs so that each becomes its own word.
+  TORCH_ARG(bool, tokenize_chinese_chars) = true;
+  /// Words longer than this many code points become the unknown token.
+  TORCH_ARG(int64_t, max_input_chars_per_word) = 100;
+  /// Length that encode() truncates to when EncodeOptions::max_length is unset; unset means no
+  /// limit.
+  TORCH_ARG(std::optional<int64_t>, model_max_length) = std::nullopt;
+  /// The special tokens; all but mask_token must be in the vocabulary.
+  TORCH_ARG(std::string, unk_token) = "[UNK]";
+  TORCH_ARG(std::string, cls_token) = "[CLS]";
+  TORCH_ARG(std::string, sep_token) = "[SEP]";
+  TORCH_ARG(std::string, pad_token) = "[PAD]";
+  TORCH_ARG(std::string, mask_token) = "[MASK]";
+};
+
+/// How encode() and encode_batch() build model inputs.
+struct EncodeOptions {
+  /// Truncate so that each encoding, special tokens included, has at most max_length tokens.
+  /// Pairs lose tokens from the longer sequence first (Hugging Face's "longest_first").
+  TORCH_ARG(bool, truncation) = true;
+  /// The length limit; unset uses the tokenizer's model_max_length.
+  TORCH_ARG(std::optional<int64_t>, max_length) = std::nullopt;
+  /// encode_batch() pads to max_length instead of to the longest encoding in the batch.
+  TORCH_ARG(bool, pad_to_max_length) = false;
+};
+
+/// One encoded sentence or sentence pair: `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`.
+struct Encoding {
+  std::vector<int64_t> input_ids;       ///< token ids, special tokens included
+  std::vector<int64_t> token_type_ids;  ///< 0 for `[CLS] a [SEP]`, 1 for `b [SEP]`
+  std::vector<int64_t> attention_mask;  ///< 1 for every token (no padding in one encoding)
+};
+
+/// A padded batch; every tensor is int64 of shape [N, L] with L the longest encoding (or
+/// max_length). Padding is on the right: input_ids = pad id, token_type_ids = 0, mask = 0.
+struct BatchEncoding {
+  torch::Tensor input_ids;
+  torch::Tensor token_type_ids;
+  torch::Tensor attention_mask;
+};
+
+/// BERT's tokenizer. Immutable after construction, so one instance may be shared across threads.
+///
+///     auto tok = peft::text::WordPieceTokenizer::from_pretrained("models/all-MiniLM-L6-v2");
+///     auto batch = tok.encode_batch({"Hello, world!", "Crème brûlée"});
+///     // batch.input_ids: [[101, 7592, 1010, 2088, 999, 102, 0],
+///     //                   [101, 13675, 21382, 7987, 9307, 2063, 102]]
+class WordPieceTokenizer {
+ public:
+  /// Loads `folder/vocab.txt` and, if present, `folder/tokenizer_config.json` (do_lower_case,
+  /// strip_accents, tokenize_chinese_chars, model_max_length and the special tokens).
+  static WordPieceTokenizer from_pretrained(const std::filesystem::path& folder) {
+    namespace fs = std::filesystem;
+    check(fs::is_directory(folder), "wordpiece", "model folder {} does not exist", folder.string());
+    WordPieceOptions options;
+    auto config = folder / "tokenizer_config.json";
+    if (fs::exists(config)) options = read_config(config);
+    auto vocab = folder / "vocab.txt";
+    return WordPieceTokenizer(read_vocab(vocab), std::move(options), vocab.string());
+  }
+
+  /// Reads a vocab.txt: one token per line, the id of a token is its zero-based line number.
+  /// Lines may end in "\n", "\r\n" or "\r"; a token listed twice keeps its last id, as in the
+  /// reference.
+  static std::vector<std::string> read_vocab(const std::filesystem::path& file) {
+    std::ifstream in(file, std::ios::binary);
+    check(static_cast<bool>(in), "wordpiece", "cannot open vocabulary file {}", file.string());
+    std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    check(!in.bad(), "wordpiece", "error reading vocabulary file {}", file.string());
+    std::vector<std::string> tokens;
+    size_t at = 0;
+    while (at < content.size()) {
+      size_t end = std::min(content.find_first_of("\r\n", at), content.size());
+      tokens.push_back(content.substr(at, end - at));
+      if (end == content.size()) break;
+      at = end + 1;
+      if (content[end] == '\r' && at < content.size() && content[at] == '\n') ++at;
+    }
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      unicode::decode_utf8(tokens[i], fmt::format("{} line {}", file.string(), i + 1));
+    }
+    return tokens;
+  }
+
+  /// Reads the options in a Hugging Face tokenizer_config.json; absent keys keep their defaults.
+  static WordPieceOptions read_config(const std::filesystem::path& file) {
+    std::ifstream in(file, std::ios::binary);
+    check(static_cast<bool>(in), "wordpiece", "cannot open {}", file.string());
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+      fail("wordpiece", "{} is not valid JSON: {}", file.string(), e.what());
+    }
+    check(j.is_object(), "wordpiece", "{} must hold a JSON object", file.string());
+    WordPieceOptions options;
+    auto flag = [&](const char* key) -> std::optional<bool> {
+      auto it = j.find(key);
+      if (it == j.end() || it->is_null()) return std::nullopt;
+      check(it->is_boolean(), "wordpiece", "{}: \"{}\" must be true, false or null, got {}",
+            file.string(), key, it->dump());
+      return it->get<bool>();
+    };
+    auto token = [&](const char* key, std::string& out) {
+      auto it = j.find(key);
+      if (it == j.end() || it->is_null()) return;
+      // Either a plain string or a serialized AddedToken {"content": "[CLS]", ...}.
+      const nlohmann::json* value = &*it;
+      if (it->is_object() && it->contains("content")) value = &(*it)["content"];
+      check(value->is_string(), "wordpiece", "{}: \"{}\" must be a string, got {}", file.string(),
+            key, it->dump());
+      out = value->get<std::string>();
+    };
+    if (auto v = flag("do_lower_case")) options.do_lower_case(*v);
+    options.strip_accents(flag("strip_accents"));
+    if (auto v = flag("tokenize_chinese_chars")) options.tokenize_chinese_chars(*v);
+    auto max_len = j.find("model_max_length");
+    if (max_len != j.end() && !max_len->is_null()) {
+      check(max_len->is_number(), "wordpiece", "{}: \"model_max_length\" must be a number, got {}",
+            file.string(), max_len->dump());
+      // Hugging Face writes a huge sentinel (int(1e30)) for "no limit".
+      double value = max_len->get<double>();
+      check(value > 0, "wordpiece", "{}: \"model_max_length\" must be positive, got {}",
+            file.string(), max_len->dump());
+      if (value < 1e15) options.model_max_length(static_cast<int64_t>(value));
+    }
+    token("unk_token", options.unk_token());
+    token("cls_token", options.cls_token());
+    token("sep_token", options.sep_token());
+    token("pad_token", options.pad_token());
+    token("mask_token", options.mask_token());
+    return options;
+  }
+
+  /// A tokenizer over `vocab` (token i has id i). `source` names the vocabulary in errors.
+  explicit WordPieceTokenizer(std::vector<std::string> vocab, WordPieceOptions options = {},
+                              std::string source = "the vocabulary")
+      : options_(std::move(options)), id_to_token_(std::move(vocab)) {
+    check(!id_to_token_.empty(), "wordpiece", "{} is empty", source);
+    check(options_.max_input_chars_per_word() > 0, "wordpiece",
+          "max_input_chars_per_word must be positive, got {}", options_.max_input_chars_per_word());
+    token_to_id_.reserve(id_to_token_.size());
+    for (size_t i = 0; i < id_to_token_.size(); ++i) {
+      token_to_id_[id_to_token_[i]] = static_cast<int64_t>(i);
+    }
+    auto require = [&](const std::string& token, const char* role) {
+      auto it = token_to_id_.find(token);
+      check(it != token_to_id_.end(), "wordpiece", "{} has no {} token \"{}\"", source, role,
+            token);
+      return it->second;
+    };
+    unk_id_ = require(options_.unk_token(), "unknown");
+    cls_id_ = require(options_.cls_token(), "classifier");
+    sep_id_ = require(options_.sep_token(), "separator");
+    pad_id_ = require(options_.pad_token(), "padding");
+    for (const auto* special : {&options_.unk_token(), &options_.cls_token(), &options_.sep_token(),
+                                &options_.pad_token(), &options_.mask_token()}) {
+      if (special->empty()) continue;
+      if (std::find(special_tokens_.begin(), special_tokens_.end(), *special) ==
+          special_tokens_.end()) {
+        special_tokens_.push_back(*special);
+      }
+    }
+    for (const auto& special : special_tokens_) special_ids_.insert(token_to_id(special));
+    if (options_.model_max_length()) {
+      check(*options_.model_max_length() >= 2, "wordpiece",
+            "model_max_length must be at least 2, got {}", *options_.model_max_length());
+    }
+  }
+
+  /// The options in effect.
+  const WordPieceOptions& options() const { return options_; }
+  /// Number of ids (lines of vocab.txt).
+  int64_t vocab_size() const { return static_cast<int64_t>(id_to_token_.size()); }
+  int64_t unk_id() const { return unk_id_; }  ///< id of the unknown token
+  int64_t cls_id() const { return cls_id_; }  ///< id of the classifier token
+  int64_t sep_id() const { return sep_id_; }  ///< id of the separator token
+  int64_t pad_id() const { return pad_id_; }  ///< id of the padding token
+
+  /// Basic tokenization only: the words and punctuation marks WordPiece then splits further.
+  /// Special tokens written in the text (e.g. "[SEP]") are kept whole.
+  std::vector<std::string> basic_tokenize(std::string_view text) const {
+    std::vector<std::string> words;
+    for_each_chunk(text, [&](std::string_view chunk, size_t offset, bool special) {
+      if (special) {
+        words.emplace_back(chunk);
+      } else {
+        basic_tokenize_chunk(chunk, offset, words);
+      }
+    });
+    return words;
+  }
+
+  /// The WordPiece tokens of `text`, e.g. "unaffable" -> {"un", "##aff", "##able"}.
+  std::vector<std::string> tokenize(std::string_view text) const {
+    std::vector<std::string> tokens;
+    std::vector<std::string> words;
+    for_each_chunk(text, [&](std::string_view chunk, size_t offset, bool special) {
+      if (special) {
+        tokens.emplace_back(chunk);
+        return;
+      }
+      words.clear();
+      basic_tokenize_chunk(chunk, offset, words);
+      for (const auto& word : words) wordpiece(word, tokens);
+    });
+    return tokens;
+  }
+
+  /// The id of `token`, or the unknown token's id if it is not in the vocabulary.
+  int64_t token_to_id(const std::string& token) const {
+    auto it = token_to_id_.find(token);
+    return it == token_to_id_.end() ? unk_id_ : it->second;
+  }
+
+  /// token_to_id() of each token.
+  std::vector<int64_t> convert_tokens_to_ids(const std::vector<std::string>& tokens) const {
+    std::vector<int64_t> ids;
+    ids.reserve(tokens.size());
+    for (const auto& t : tokens) ids.push_back(token_to_id(t));
+    return ids;
+  }
+
+  /// The token with id `id`; an id outside [0, vocab_size) is a peft::Error.
+  const std::string& id_to_token(int64_t id) const {
+    check(id >= 0 && id < vocab_size(), "wordpiece",
+          "token id {} is outside the vocabulary [0, {})", id, vocab_size());
+    return id_to_token_[static_cast<size_t>(id)];
+  }
+
+  /// id_to_token() of each id.
+  std::vector<std::string> convert_ids_to_tokens(const std::vector<int64_t>& ids) const {
+    std::vector<std::string> tokens;
+    tokens.reserve(ids.size());
+    for (auto id : ids) tokens.push_back(id_to_token(id));
+    return tokens;
+  }
+
+  /// Whether `token` is one of the special tokens ([UNK], [CLS], [SEP], [PAD], [MASK]).
+  bool is_special(const std::string& token) const {
+    return std::find(special_tokens_.begin(), special_tokens_.end(), token) !=
+           special_tokens_.end();
+  }
+
+  /// Ids of `text` without special tokens.
+  std::vector<int64_t> encode_ids(std::string_view text) const {
+    return convert_tokens_to_ids(tokenize(text));
+  }
+
+  /// `[CLS] text [SEP]`, truncated as `options` says.
+  Encoding encode(std::string_view text, const EncodeOptions& options = {}) const {
+    return build(encode_ids(text), std::nullopt, options);
+  }
+
+  /// `[CLS] text [SEP] pair [SEP]`, truncated longest-first as `options` says.
+  Encoding encode(std::string_view text, std::string_view pair,
+                  const EncodeOptions& options = {}) const {
+    return build(encode_ids(text), encode_ids(pair), options);
+  }
+
+  /// Encodes each text and pads the batch on the right to its longest encoding.
+  BatchEncoding encode_batch(const std::vector<std::string>& texts,
+                             const EncodeOptions& options = {}) const {
+    std::vector<Encoding> encodings;
+    encodings.reserve(texts.size());
+    for (const auto& t : texts) encodings.push_back(encode(t, options));
+    return pad(encodings, options);
+  }
+
+  /// Encodes each (texts[i], pairs[i]) pair and pads the batch like encode_batch(texts).
+  BatchEncoding encode_batch(const std::vector<std::string>& texts,
+                             const std::vector<std::string>& pairs,
+                             const EncodeOptions& options = {}) const {
+    check(texts.size() == pairs.size(), "wordpiece",
+          "encode_batch got {} first sentences but {} second sentences", texts.size(),
+          pairs.size());
+    std::vector<Encoding> encodings;
+    encodings.reserve(texts.size());
+    for (size_t i = 0; i < texts.size(); ++i)
+      encodings.push_back(encode(texts[i], pairs[i], options));
+    return pad(encodings, options);
+  }
+
+  /// Pads encodings into [N, L] int64 tensors (L: the longest, or max_length when
+  /// options.pad_to_max_length()).
+  BatchEncoding pad(const std::vector<Encoding>& encodings,
+                    const EncodeOptions& options = {}) const {
+    size_t length = 0;
+    for (const auto& e : encodings) length = std::max(length, e.input_ids.size());
+    if (options.pad_to_max_length()) {
+      auto limit = max_length(options);
+      check(limit.has_value(), "wordpiece",
+            "pad_to_max_length needs max_length or a model_max_length");
+      check(static_cast<size_t>(*limit) >= length, "wordpiece",
+            "an encoding has {} tokens, more than max_length {} to pad to (truncation is off)",
+            length, *limit);
+      length = static_cast<size_t>(*limit);
+    }
+    auto n = static_cast<int64_t>(encodings.size());
+    auto l = static_cast<int64_t>(length);
+    BatchEncoding out;
+    out.input_ids = torch::full({n, l}, pad_id_, torch::kLong);
+    out.token_type_ids = torch::zeros({n, l}, torch::kLong);
+    out.attention_mask = torch::zeros({n, l}, torch::kLong);
+    auto* ids = out.input_ids.data_ptr<int64_t>();
+    auto* types = out.token_type_ids.data_ptr<int64_t>();
+    auto* mask = out.attention_mask.data_ptr<int64_t>();
+    for (size_t i = 0; i < encodings.size(); ++i) {
+      const auto& e = encodings[i];
+      std::copy(e.input_ids.begin(), e.input_ids.end(), ids + i * length);
+      std::copy(e.token_type_ids.begin(), e.token_type_ids.end(), types + i * length);
+      std::copy(e.attention_mask.begin(), e.attention_mask.end(), mask + i * length);
+    }
+    return out;
+  }
+
+  /// Text back from ids: WordPiece continuations are glued on and spaces before punctuation
+  /// removed, as Hugging Face's decode() does. Lossy: case, accents and spacing are not restored.
+  std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = true) const {
+    std::string joined;
+    for (auto id : ids) {
+      const auto& token = id_to_token(id);
+      if (skip_special_tokens && special_ids_.count(id) > 0) continue;
+      if (!joined.empty()) joined += ' ';
+      joined += token;
+    }
+    std::string text = replace_all(joined, " ##", "");
+    auto first = text.find_first_not_of(' ');
+    if (first == std::string::npos) return {};
+    text = text.substr(first, text.find_last_not_of(' ') - first + 1);
+    for (const auto& [from, to] :
+         std::initializer_list<std::pair<const char*, const char*>>{{" .", "."},
+                                                                    {" ?", "?"},
+                                                                    {" !", "!"},
+                                                                    {" ,", ","},
+                                                                    {" ' ", "'"},
+                                                                    {" n't", "n't"},
+                                                                    {" 'm", "'m"},
+                                                                    {" 's", "'s"},
+                                                                    {" 've", "'ve"},
+                                                                    {" 're", "'re"}}) {
+      text = replace_all(text, from, to);
+    }
+    return text;
+  }
+
+ private:
+  static std::string replace_all(const std::string& s, std::string_view from, std::string_view to) {
+    std::string out;
+    size_t at = 0;
+    for (size_t hit; (hit = s.find(from, at)) != std::string::npos; at = hit + from.size()) {
+      out.append(s, at, hit - at);
+      out.append(to);
+    }
+    out.append(s, at, std::string::npos);
+    return out;
+  }
+
+  std::optional<int64_t> max_length(const EncodeOptions& options) const {
+    return options.max_length() ? options.max_length() : options_.model_max_length();
+  }
+
+  // Calls f(piece, offset, is_special) on the text split around special tokens written in it; at
+  // each position the longest special token starting there wins.
+  template <class F>
+  void for_each_chunk(std::string_view text, F&& f) const {
+    size_t start = 0;
+    size_t at = 0;
+    while (at < text.size()) {
+      size_t best = 0;
+      for (const auto& special : special_tokens_) {
+        if (special.size() > best && text.substr(at, special.size()) == special) {
+          best = special.size();
+        }
+      }
+      if (best == 0) {
+        ++at;
+        continue;
+      }
+      if (at > start) f(text.substr(start, at - start), start, false);
+      f(text.substr(at, best), at, true);
+      at += best;
+      start = at;
+    }
+    if (start < text.size()) f(text.substr(start), start, false);
+  }
+
+  void basic_tokenize_chunk(std::string_view chunk, size_t offset,
+                            std::vector<std::string>& words) const {
+    namespace u = unicode;
+    std::u32string cleaned;
+    cleaned.reserve(chunk.size());
+    for (char32_t cp : u::decode_utf8(chunk, "text", offset)) {
+      if (cp == 0 || cp == 0xFFFD || u::is_control(cp)) continue;
+      if (u::is_bert_whitespace(cp)) {
+        cleaned.push_back(U' ');
+      } else if (options_.tokenize_chinese_chars() && u::is_cjk_ideograph(cp)) {
+        cleaned.push_back(U' ');
+        cleaned.push_back(cp);
+        cleaned.push_back(U' ');
+      } else {
+        cleaned.push_back(cp);
+      }
+    }
+    // The reference composes first so that one character written two ways tokenizes one way.
+    std::u32string text = u::nfc(cleaned);
+    bool strip = options_.strip_accents().value_or(options_.do_lower_case());
+    size_t at = 0;
+    while (at < text.size()) {
+      while (at < text.size() && u::is_split_space(text[at])) ++at;
+      size_t end = at;
+      while (end < text.size() && !u::is_split_space(text[end])) ++end;
+      if (end == at) break;
+      std::u32string word = text.substr(at, end - at);
+      at = end;
+      std::string utf8 = u::encode_utf8(word);
+      if (is_special(utf8)) {
+        words.push_back(std::move(utf8));
+        continue;
+      }
+      if (options_.do_lower_case()) word = u::lower(word);
+      if (strip) word = u::strip_accents(word);
+      std::u32string piece;
+      for (char32_t cp : word) {
+        if (u::is_punctuation(cp)) {
+          if (!piece.empty()) words.push_back(u::encode_utf8(piece));
+          piece.clear();
+          words.push_back(u::encode_utf8(std::u32string(1, cp)));
+        } else {
+          piece.push_back(cp);
+        }
+      }
+      if (!piece.empty()) words.push_back(u::encode_utf8(piece));
+    }
+  }
+
+  // Greedy longest-match-first; a word with any unmatched remainder becomes one unknown token.
+  void wordpiece(const std::string& word, std::vector<std::string>& out) const {
+    std::vector<size_t> offsets;  // byte offset of each code point, plus the end
+    for (size_t i = 0; i < word.size(); ++i) {
+      if ((static_cast<unsigned char>(word[i]) & 0xC0) != 0x80) offsets.push_back(i);
+    }
+    offsets.push_back(word.size());
+    size_t chars = offsets.size() - 1;
+    if (chars > static_cast<size_t>(options_.max_input_chars_per_word())) {
+      out.push_back(options_.unk_token());
+      return;
+    }
+    std::vector<std::string> pieces;
+    std::string candidate;
+    size_t start = 0;
+    while (start < chars) {
+      size_t end = chars;
+      bool found = false;
+      for (; end > start; --end) {
+        candidate.assign(start > 0 ? "##" : "");
+        candidate.append(word, offsets[start], offsets[end] - offsets[start]);
+        if (token_to_id_.count(candidate) > 0) {
+          found = true;
+          break;
+        }
+      }
+      if (!found) {
+        out.push_back(options_.unk_token());
+        return;
+      }
+      pieces.push_back(candidate);
+      start = end;
+    }
+    for (auto& p : pieces) out.push_back(std::move(p));
+  }
+
+  Encoding build(std::vector<int64_t> a, std::optional<std::vector<int64_t>> b,
+                 const EncodeOptions& options) const {
+    auto limit = max_length(options);
+    if (options.truncation() && limit) {
+      int64_t specials = b ? 3 : 2;
+      check(*limit >= specials, "wordpiece",
+            "max_length {} cannot hold the {} special tokens of a {}", *limit, specials,
+            b ? "sentence pair" : "sentence");
+      auto la = static_cast<int64_t>(a.size());
+      auto lb = b ? static_cast<int64_t>(b->size()) : 0;
+      int64_t remove = la + lb + specials - *limit;
+      if (remove > 0 && !b) {
+        a.resize(static_cast<size_t>(la - remove));
+      } else if (remove > 0) {
+        // Take from the longer one until both are equal, then alternate starting with the second
+        // sequence: the second loses the odd token (Hugging Face's longest_first).
+        int64_t first = std::min(std::abs(la - lb), remove);
+        int64_t rest = remove - first;
+        int64_t from_a = rest / 2 + (la > lb ? first : 0);
+        int64_t from_b = rest - rest / 2 + (la > lb ? 0 : first);
+        a.resize(static_cast<size_t>(la - from_a));
+        b->resize(static_cast<size_t>(lb - from_b));
+      }
+    }
+    Encoding e;
+    size_t total = a.size() + (b ? b->size() + 3 : 2);
+    e.input_ids.reserve(total);
+    e.input_ids.push_back(cls_id_);
+    e.input_ids.insert(e.input_ids.end(), a.begin(), a.end());
+    e.input_ids.push_back(sep_id_);
+    e.token_type_ids.assign(e.input_ids.size(), 0);
+    if (b) {
+      e.input_ids.insert(e.input_ids.end(), b->begin(), b->end());
+      e.input_ids.push_back(sep_id_);
+      e.token_type_ids.resize(e.input_ids.size(), 1);
+    }
+    e.attention_mask.assign(e.input_ids.size(), 1);
+    return e;
+  }
+
+  WordPieceOptions options_;
+  std::vector<std::string> id_to_token_;
+  std::unordered_map<std::string, int64_t> token_to_id_;
+  std::vector<std::string> special_tokens_;
+  std::unordered_set<int64_t> special_ids_;
+  int64_t unk_id_ = 0;
+  int64_t cls_id_ = 0;
+  int64_t sep_id_ = 0;
+  int64_t pad_id_ = 0;
+};
+
+}  // namespace text
+PEFT_NAMESPACE_END

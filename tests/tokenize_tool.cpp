@@ -1,0 +1,76 @@
+// Encodes requests read as JSON lines with peft's WordPiece tokenizer, for the Python parity check
+// (tests/python/tokenizer_parity.py). Usage: peft_tokenize <model folder> < requests.jsonl
+//
+// Request: {"a": "text"} or {"a": "text", "b": "pair", "max_length": 16}, or for a padded batch
+// {"batch": ["t1", "t2"], "pairs": ["p1", "p2"], "max_length": 16} ("pairs" optional).
+// Reply, one line each: {"input_ids": [...], "token_type_ids": [...], "attention_mask": [...],
+// "tokens": [...], "decode": "..."} (batch: nested lists), or {"error": "message"}.
+
+#include <peft/text/wordpiece.hpp>
+
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace {
+
+std::vector<std::vector<int64_t>> rows(const torch::Tensor& t) {
+  std::vector<std::vector<int64_t>> out;
+  auto c = t.contiguous();
+  for (int64_t i = 0; i < c.size(0); ++i) {
+    const auto* p = c.data_ptr<int64_t>() + i * c.size(1);
+    out.emplace_back(p, p + c.size(1));
+  }
+  return out;
+}
+
+nlohmann::json handle(const peft::text::WordPieceTokenizer& tok, const nlohmann::json& request) {
+  peft::text::EncodeOptions options;
+  if (request.contains("max_length")) options.max_length(request["max_length"].get<int64_t>());
+  if (request.contains("batch")) {
+    auto texts = request["batch"].get<std::vector<std::string>>();
+    auto batch =
+        request.contains("pairs")
+            ? tok.encode_batch(texts, request["pairs"].get<std::vector<std::string>>(), options)
+            : tok.encode_batch(texts, options);
+    return {{"input_ids", rows(batch.input_ids)},
+            {"token_type_ids", rows(batch.token_type_ids)},
+            {"attention_mask", rows(batch.attention_mask)}};
+  }
+  auto a = request["a"].get<std::string>();
+  auto e = request.contains("b") ? tok.encode(a, request["b"].get<std::string>(), options)
+                                 : tok.encode(a, options);
+  return {{"input_ids", e.input_ids},
+          {"token_type_ids", e.token_type_ids},
+          {"attention_mask", e.attention_mask},
+          {"tokens", tok.tokenize(a)},
+          {"decode", tok.decode(e.input_ids)}};
+}
+
+}  // namespace
+
+int main(int argc, char* argv[]) {
+  if (argc != 2) {
+    std::cerr << "usage: peft_tokenize <model folder> < requests.jsonl\n";
+    return 2;
+  }
+  try {
+    auto tok = peft::text::WordPieceTokenizer::from_pretrained(argv[1]);
+    std::string line;
+    while (std::getline(std::cin, line)) {
+      nlohmann::json reply;
+      try {
+        reply = handle(tok, nlohmann::json::parse(line));
+      } catch (const peft::Error& e) {
+        reply = {{"error", e.what()}};
+      }
+      std::cout << reply.dump() << '\n';
+    }
+  } catch (const std::exception& e) {
+    std::cerr << e.what() << '\n';
+    return 1;
+  }
+  return 0;
+}
