@@ -27,7 +27,7 @@ namespace detail {
 /// The activation a stock TransformerEncoderLayer was built with, as a callable. 1.13 keeps it
 /// in a c10::variant, 2.x in a std::variant; both are visited the same way.
 inline std::function<torch::Tensor(const torch::Tensor&)> layer_activation(
-    const torch::nn::TransformerEncoderLayerOptions::activation_t& activation) {
+    const torch::nn::activation_t& activation) {
   using Fn = std::function<torch::Tensor(const torch::Tensor&)>;
   auto pick = [](const auto& a) -> Fn {
     using A = std::decay_t<decltype(a)>;

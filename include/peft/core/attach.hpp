@@ -1,0 +1,266 @@
+#pragma once
+
+// Attaching methods to a model, and the model-level controls: which adapters run, merging into
+// the frozen weights, folding reparameterisations.
+
+#include <torch/nn/modules/normalization.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include <peft/config.hpp>
+#include <peft/core/error.hpp>
+#include <peft/core/site.hpp>
+#include <peft/core/targets.hpp>
+#include <peft/methods/adapter.hpp>
+#include <peft/methods/bitfit.hpp>
+#include <peft/methods/lora.hpp>
+#include <peft/methods/prefix.hpp>
+#include <peft/methods/prompt.hpp>
+
+PEFT_NAMESPACE_BEGIN
+
+/// The method class each options type creates.
+template <class Options>
+struct method_for;
+template <>
+struct method_for<LoRAOptions> {
+  using type = LoRAImpl;
+};
+template <>
+struct method_for<BitFitOptions> {
+  using type = BitFitImpl;
+};
+template <>
+struct method_for<AdapterOptions> {
+  using type = AdapterImpl;
+};
+template <>
+struct method_for<PrefixOptions> {
+  using type = PrefixImpl;
+};
+template <>
+struct method_for<PromptOptions> {
+  using type = PromptImpl;
+};
+
+namespace detail {
+
+inline void place_like(torch::nn::Module& method, const SiteImpl& site, torch::nn::Module& model) {
+  torch::Tensor reference = site.frozen_weight();
+  if (!reference.defined()) {
+    auto params = model.parameters();
+    if (!params.empty()) reference = params.front();
+  }
+  if (reference.defined() && reference.is_floating_point()) {
+    method.to(reference.device(), reference.scalar_type());
+  } else if (reference.defined()) {
+    method.to(reference.device());
+  }
+}
+
+template <class Options>
+void after_attach(torch::nn::Module&, const Options&) {}
+
+/// BitFit with layer_norm(true): the selected layers' LayerNorms train in place.
+inline void after_attach(torch::nn::Module& model, const BitFitOptions& options) {
+  if (!options.layer_norm()) return;
+  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
+    if (!std::dynamic_pointer_cast<torch::nn::LayerNormImpl>(item.value())) continue;
+    const int64_t layer = layer_index(item.key());
+    if (!options.layers().empty() && layer >= 0 &&
+        std::find(options.layers().begin(), options.layers().end(), layer) ==
+            options.layers().end()) {
+      continue;
+    }
+    for (auto& p : item.value()->parameters()) p.set_requires_grad(true);
+  }
+}
+
+template <class Options>
+std::vector<std::string> attach_to(torch::nn::Module& model, const std::vector<SiteRef>& sites,
+                                   const Options& options) {
+  using Method = typename method_for<Options>::type;
+  // Build every method before touching the model, so a failure leaves it as it was.
+  std::vector<std::shared_ptr<Method>> made;
+  for (const auto& ref : sites) {
+    for (const auto& existing : ref.site->methods()) {
+      if (existing->method() == Options::method && existing->adapter() == options.adapter_name()) {
+        fail(Options::method, "adapter \"{}\" is already attached at \"{}\"",
+             options.adapter_name(), ref.path);
+      }
+    }
+    auto method = std::make_shared<Method>(*ref.site, options);
+    place_like(*method, *ref.site, model);
+    method->train(model.is_training());
+    made.push_back(std::move(method));
+  }
+  std::vector<std::string> paths;
+  for (size_t i = 0; i < sites.size(); ++i) {
+    sites[i].site->add(made[i]);
+    paths.push_back(sites[i].path);
+  }
+  after_attach(model, options);
+  return paths;
+}
+
+}  // namespace detail
+
+/// Attaches one method to every site of `model` its options select, and returns those sites'
+/// paths. The frozen model stays frozen; the new parameters train. Throws (leaving the model
+/// unchanged) on bad options, a target that matches nothing, or an adapter name already used.
+///
+///     peft::attach(*encoder, peft::LoRAOptions(8).alpha(16).targets({"query", "value"}));
+template <class Options>
+std::vector<std::string> attach(torch::nn::Module& model, const Options& options) {
+  options.validate();
+  auto sites = select_sites(model, options, Options::method, &Options::fits);
+  return detail::attach_to(model, sites, options);
+}
+
+/// Attaches one method to one site directly (no target matching).
+template <class Options>
+void attach_site(SiteImpl& site, const Options& options) {
+  options.validate();
+  check(Options::fits(site), Options::method, "does not fit a {} site (\"{}\")",
+        to_string(site.kind()), site.role());
+  std::shared_ptr<SiteImpl> handle(std::shared_ptr<SiteImpl>{}, &site);
+  detail::attach_to(site, {SiteRef{"", handle}}, options);
+}
+
+/// Every method attached anywhere in `model`, with the path of its site.
+inline std::vector<std::pair<std::string, std::shared_ptr<MethodImpl>>> attached_methods(
+    torch::nn::Module& model) {
+  std::vector<std::pair<std::string, std::shared_ptr<MethodImpl>>> out;
+  for (auto& ref : find_sites(model)) {
+    for (const auto& m : ref.site->methods()) out.emplace_back(ref.path, m);
+  }
+  return out;
+}
+
+/// The adapter names attached to `model`, in first-attached order.
+inline std::vector<std::string> adapter_names(torch::nn::Module& model) {
+  std::vector<std::string> names;
+  for (auto& [path, m] : attached_methods(model)) {
+    if (std::find(names.begin(), names.end(), m->adapter()) == names.end()) {
+      names.push_back(m->adapter());
+    }
+  }
+  return names;
+}
+
+/// Makes exactly the named adapters run. Throws on a name that is not attached.
+inline void set_adapter(torch::nn::Module& model, const std::vector<std::string>& names) {
+  auto known = adapter_names(model);
+  for (const auto& name : names) {
+    if (std::find(known.begin(), known.end(), name) == known.end()) {
+      fail("set_adapter", "no adapter named \"{}\"; attached: {}", name,
+           known.empty() ? std::string("(none)") : fmt::format("{}", fmt::join(known, ", ")));
+    }
+  }
+  for (auto& [path, m] : attached_methods(model)) {
+    const bool on = std::find(names.begin(), names.end(), m->adapter()) != names.end();
+    check(on || !m->merged(), "set_adapter", "adapter \"{}\" is merged at \"{}\"; unmerge first",
+          m->adapter(), path);
+    set_method_state(*m, on, m->merged());
+  }
+}
+
+/// Runs the model as if no method were attached (merged methods excepted), until
+/// enable_adapters(). Which adapters are active is remembered.
+inline void disable_adapters(torch::nn::Module& model) {
+  for (auto& ref : find_sites(model)) ref.site->set_enabled(false);
+}
+
+/// Undoes disable_adapters().
+inline void enable_adapters(torch::nn::Module& model) {
+  for (auto& ref : find_sites(model)) ref.site->set_enabled(true);
+}
+
+/// Disables the adapters of a model for the guard's lifetime.
+class AdaptersDisabled {
+ public:
+  explicit AdaptersDisabled(torch::nn::Module& model) : model_(model) { disable_adapters(model_); }
+  ~AdaptersDisabled() { enable_adapters(model_); }
+  AdaptersDisabled(const AdaptersDisabled&) = delete;
+  AdaptersDisabled& operator=(const AdaptersDisabled&) = delete;
+
+ private:
+  torch::nn::Module& model_;
+};
+
+/// Adds every active, mergeable method into the frozen weights it sits on, so forward runs at the
+/// frozen model's speed. Methods that cannot merge (adapters, prefixes, prompts) keep running.
+/// Returns how many methods were merged.
+inline int64_t merge(torch::nn::Module& model) {
+  torch::NoGradGuard no_grad;
+  int64_t merged = 0;
+  for (auto& ref : find_sites(model)) {
+    for (const auto& m : ref.site->methods()) {
+      if (!m->active() || m->merged() || !m->can_merge()) continue;
+      auto dw = m->delta_weight();
+      auto db = m->delta_bias();
+      if (dw.defined()) {
+        auto& w = ref.site->frozen_weight();
+        w.add_(dw.to(w.scalar_type()));
+      }
+      if (db.defined()) {
+        auto& b = ref.site->frozen_bias();
+        b.add_(db.to(b.scalar_type()));
+      }
+      set_method_state(*m, true, true);
+      ++merged;
+    }
+  }
+  return merged;
+}
+
+/// Subtracts every merged method from the frozen weights again (restoring them up to float
+/// rounding) and lets the methods run in forward once more. Returns how many were unmerged.
+inline int64_t unmerge(torch::nn::Module& model) {
+  torch::NoGradGuard no_grad;
+  int64_t unmerged = 0;
+  for (auto& ref : find_sites(model)) {
+    for (const auto& m : ref.site->methods()) {
+      if (!m->merged()) continue;
+      auto dw = m->delta_weight();
+      auto db = m->delta_bias();
+      if (dw.defined()) {
+        auto& w = ref.site->frozen_weight();
+        w.sub_(dw.to(w.scalar_type()));
+      }
+      if (db.defined()) {
+        auto& b = ref.site->frozen_bias();
+        b.sub_(db.to(b.scalar_type()));
+      }
+      set_method_state(*m, m->active(), false);
+      ++unmerged;
+    }
+  }
+  return unmerged;
+}
+
+/// Replaces training-time reparameterisations (prefix MLPs) by the parameters they produce.
+inline void fold(torch::nn::Module& model) {
+  for (auto& [path, m] : attached_methods(model)) m->fold();
+}
+
+/// Bytes the attached methods' parameters take (what an adapter file stores, before metadata).
+inline int64_t adapter_bytes(torch::nn::Module& model) {
+  int64_t bytes = 0;
+  std::unordered_set<const void*> seen;
+  for (auto& [path, m] : attached_methods(model)) {
+    for (const auto& p : m->parameters()) {
+      if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
+      bytes += p.numel() * static_cast<int64_t>(p.element_size());
+    }
+  }
+  return bytes;
+}
+
+PEFT_NAMESPACE_END

@@ -1,0 +1,89 @@
+#pragma once
+
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/transformercoder.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <limits>
+
+#include <peft/config.hpp>
+#include <peft/core/parameters.hpp>
+#include <peft/core/site.hpp>
+#include <peft/nn/encoder_layer.hpp>
+
+PEFT_NAMESPACE_BEGIN
+namespace nn {
+
+/// A frozen stock TransformerEncoder run by peft: a `prompt` site in front of the sequence, then
+/// one TransformerEncoderLayer wrapper per stock layer (`layers.<i>`), then the stock final norm.
+///
+/// With prompt rows (prompt tuning), the input gets n extra positions at the front and so does
+/// the output ([n + L, N, E]); prompt_length() says how many. Masks are extended to match:
+/// prompt positions are never padding, every token may attend to them, and they attend only to
+/// each other when a src_mask is given (so a causal mask stays causal).
+class TransformerEncoderImpl : public torch::nn::Module {
+ public:
+  explicit TransformerEncoderImpl(torch::nn::TransformerEncoder stock)
+      : torch::nn::Module("peft::nn::TransformerEncoder"),
+        base(register_module("base", std::move(stock))) {
+    freeze(*base);
+    const auto& layer_options = base->options.encoder_layer()->options;
+    const int64_t E = layer_options.d_model();
+    prompt = register_module("prompt", Site(SiteKind::Input, "prompt", E, E));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (size_t i = 0; i < base->layers->size(); ++i) {
+      auto stock_layer = base->layers->ptr<torch::nn::TransformerEncoderLayerImpl>(i);
+      layers->push_back(TransformerEncoderLayer(torch::nn::TransformerEncoderLayer(stock_layer),
+                                                /*own_base=*/false));
+    }
+  }
+
+  /// src [L, N, E]; src_mask [L, L]; src_key_padding_mask [N, L] (true = padding).
+  torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_mask = {},
+                        const torch::Tensor& src_key_padding_mask = {}) {
+    auto x = src;
+    auto mask = src_mask;
+    auto kpm = src_key_padding_mask;
+    auto rows = prompt->prompt_rows();
+    if (rows.defined()) {
+      const int64_t n = rows.size(0), N = src.size(1), L = src.size(0);
+      x = torch::cat({rows.unsqueeze(1).expand({n, N, rows.size(1)}).to(src.scalar_type()), src},
+                     0);
+      if (kpm.defined()) kpm = torch::cat({torch::zeros({N, n}, kpm.options()), kpm}, 1);
+      if (mask.defined()) {
+        auto m = functional::detail::additive_mask(mask, src.scalar_type());
+        auto top =
+            torch::cat({torch::zeros({n, n}, m.options()),
+                        torch::full({n, L}, -std::numeric_limits<float>::infinity(), m.options())},
+                       1);
+        auto bottom = torch::cat({torch::zeros({L, n}, m.options()), m}, 1);
+        mask = torch::cat({top, bottom}, 0);
+      }
+    }
+    for (size_t i = 0; i < layers->size(); ++i) {
+      x = layers->ptr<TransformerEncoderLayerImpl>(i)->forward(x, mask, kpm);
+    }
+    if (!base->norm.is_empty()) x = base->norm.forward<torch::Tensor>(x);
+    return x;
+  }
+
+  /// Positions the active prompts add in front of the sequence.
+  int64_t prompt_length() {
+    auto rows = prompt->prompt_rows();
+    return rows.defined() ? rows.size(0) : 0;
+  }
+
+  /// The wrapper of layer i.
+  TransformerEncoderLayer layer(size_t i) {
+    return TransformerEncoderLayer(layers->ptr<TransformerEncoderLayerImpl>(i));
+  }
+
+  torch::nn::TransformerEncoder base;
+  Site prompt{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+};
+TORCH_MODULE(TransformerEncoder);
+
+}  // namespace nn
+PEFT_NAMESPACE_END
