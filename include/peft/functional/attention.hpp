@@ -76,7 +76,9 @@ inline torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k,
                      .masked_fill(kpm.view({N, 1, 1, S}), -std::numeric_limits<float>::infinity());
       mask = mask.defined() ? mask + pad : pad;
     }
-    auto out = at::scaled_dot_product_attention(qh, kh, vh, mask, 0.0, false);
+    // An undefined tensor inside the optional is an error: pass no mask at all instead.
+    auto out = mask.defined() ? at::scaled_dot_product_attention(qh, kh, vh, mask, 0.0, false)
+                              : at::scaled_dot_product_attention(qh, kh, vh);
     return out.permute({2, 0, 1, 3}).reshape({L, N, E});
   }
 #endif

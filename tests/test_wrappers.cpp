@@ -1,0 +1,144 @@
+// Invariant 1 (exactness): with no method attached, or every method at its identity
+// initialisation, a wrapper's output equals the stock module's.
+#include "helpers.hpp"
+
+using namespace testing;
+
+TEST_CASE("nn::Linear and nn::Embedding reproduce the stock modules bit for bit",
+          "[core][wrappers]") {
+  torch::manual_seed(0);
+  torch::nn::Linear stock(kDim, 8);
+  peft::nn::Linear wrapped(stock);
+  auto x = torch::randn({4, 5, kDim});
+  CHECK(torch::equal(wrapped(x), stock(x)));
+  CHECK_FALSE(stock->weight.requires_grad());
+  CHECK(peft::trainable_parameters(*wrapped).empty());
+
+  torch::nn::Embedding table(50, kDim);
+  peft::nn::Embedding embedding(table);
+  auto ids = torch::randint(50, {3, 7});
+  CHECK(torch::equal(embedding(ids), table(ids)));
+  CHECK(embedding->prompt_length() == 0);
+}
+
+TEST_CASE("nn::MultiheadAttention matches stock attention with masks, in eval and train",
+          "[core][wrappers]") {
+  torch::manual_seed(0);
+  torch::nn::MultiheadAttention stock(
+      torch::nn::MultiheadAttentionOptions(kDim, kHeads).dropout(0.0));
+  peft::nn::MultiheadAttention wrapped(stock);
+  const int64_t L = 7, N = 4;
+  auto x = torch::randn({L, N, kDim});
+  auto kpm = padding_mask(N, L);
+  auto mask = causal_mask(L);
+
+  for (bool training : {false, true}) {
+    stock->train(training);
+    wrapped->train(training);
+    INFO("training " << training);
+    auto expected = std::get<0>(stock(x, x, x, kpm, false, mask));
+    CHECK(max_diff(wrapped(x, x, x, kpm, mask), expected) <= 1e-5);
+    CHECK(max_diff(wrapped(x, x, x), std::get<0>(stock(x, x, x))) <= 1e-5);
+  }
+
+  SECTION("cross attention: separate key and value tensors") {
+    auto memory = torch::randn({5, N, kDim});
+    auto other = torch::randn({5, N, kDim});
+    auto expected = std::get<0>(stock(x, memory, other, padding_mask(N, 5)));
+    CHECK(max_diff(wrapped(x, memory, other, padding_mask(N, 5)), expected) <= 1e-5);
+    CHECK(max_diff(wrapped(x, memory, memory), std::get<0>(stock(x, memory, memory))) <= 1e-5);
+  }
+
+  SECTION("attention dropout draws the same numbers as the stock module") {
+    torch::nn::MultiheadAttention dropping(
+        torch::nn::MultiheadAttentionOptions(kDim, kHeads).dropout(0.3));
+    peft::nn::MultiheadAttention wrapped_dropping(dropping);
+    dropping->train();
+    wrapped_dropping->train();
+    torch::manual_seed(42);
+    auto expected = std::get<0>(dropping(x, x, x, kpm, false, mask));
+    torch::manual_seed(42);
+    CHECK(torch::equal(wrapped_dropping(x, x, x, kpm, mask), expected));
+  }
+
+  SECTION("bad shapes name what was wrong") {
+    CHECK_THROWS_WITH(wrapped(torch::randn({L, N, 8}), x, x),
+                      Catch::Contains("query has shape [7, 4, 8], expected [L, N, 16]"));
+    CHECK_THROWS_WITH(wrapped(x, x, x, torch::zeros({N, L + 1}, torch::kBool)),
+                      Catch::Contains("key_padding_mask has shape [4, 8], expected [4, 7]"));
+  }
+}
+
+TEST_CASE("nn::TransformerEncoderLayer matches the stock layer (ReLU and GELU, masks, dropout)",
+          "[core][wrappers]") {
+  const int64_t L = 6, N = 3;
+  for (bool gelu : {false, true}) {
+    torch::manual_seed(1);
+    auto stock = stock_layer(0.1, gelu);
+    peft::nn::TransformerEncoderLayer wrapped(stock);
+    auto x = torch::randn({L, N, kDim});
+    auto kpm = padding_mask(N, L);
+    auto mask = causal_mask(L);
+    INFO("gelu " << gelu);
+
+    stock->eval();
+    wrapped->eval();
+    CHECK(max_diff(wrapped(x, mask, kpm), stock(x, mask, kpm)) <= 1e-5);
+    CHECK(max_diff(wrapped(x), stock(x)) <= 1e-5);
+
+    // In training every dropout draws in the stock order, so the same seed gives the same output.
+    stock->train();
+    wrapped->train();
+    torch::manual_seed(7);
+    auto expected = stock(x, mask, kpm);
+    torch::manual_seed(7);
+    CHECK(torch::equal(wrapped(x, mask, kpm), expected));
+  }
+}
+
+TEST_CASE("nn::TransformerEncoder matches the stock encoder, final norm included",
+          "[core][wrappers]") {
+  const int64_t L = 5, N = 4;
+  auto stock = stock_encoder(0.0, /*final_norm=*/true);
+  peft::nn::TransformerEncoder wrapped(stock);
+  auto x = torch::randn({L, N, kDim});
+  auto kpm = padding_mask(N, L);
+  for (bool training : {false, true}) {
+    stock->train(training);
+    wrapped->train(training);
+    CHECK(max_diff(wrapped(x, causal_mask(L), kpm), stock(x, causal_mask(L), kpm)) <= 1e-5);
+  }
+  // The wrapper freezes the stock encoder, clones and all.
+  for (const auto& p : stock->parameters()) CHECK_FALSE(p.requires_grad());
+  CHECK(peft::count_parameters(*wrapped).total == peft::count_parameters(*stock).total);
+  CHECK(wrapped->layers->size() == static_cast<size_t>(kLayers));
+}
+
+TEST_CASE("sites are found by path and role", "[core][wrappers]") {
+  peft::nn::TransformerEncoder wrapped(stock_encoder());
+  std::vector<std::string> paths;
+  for (const auto& ref : peft::find_sites(*wrapped)) paths.push_back(ref.path);
+  const std::vector<std::string> expected = {"prompt",
+                                             "layers.0.self_attn.query",
+                                             "layers.0.self_attn.key",
+                                             "layers.0.self_attn.value",
+                                             "layers.0.self_attn.out_proj",
+                                             "layers.0.self_attn.prefix",
+                                             "layers.0.linear1",
+                                             "layers.0.linear2",
+                                             "layers.0.attn_block",
+                                             "layers.0.ffn_block",
+                                             "layers.1.self_attn.query",
+                                             "layers.1.self_attn.key",
+                                             "layers.1.self_attn.value",
+                                             "layers.1.self_attn.out_proj",
+                                             "layers.1.self_attn.prefix",
+                                             "layers.1.linear1",
+                                             "layers.1.linear2",
+                                             "layers.1.attn_block",
+                                             "layers.1.ffn_block"};
+  CHECK(paths == expected);
+  CHECK(peft::detail::layer_index("layers.1.self_attn.query") == 1);
+  CHECK(peft::detail::layer_index("encoder.layer.11.attention") == 11);
+  CHECK(peft::detail::layer_index("prompt") == -1);
+}
