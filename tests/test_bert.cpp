@@ -1,0 +1,304 @@
+#include <peft/core/attach.hpp>
+#include <peft/io/safetensors.hpp>
+#include <peft/models/bert.hpp>
+#include <peft/models/heads.hpp>
+#include <peft/models/model_path.hpp>
+
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int64_t kH = 8, kLayers = 2, kHeads = 2, kFF = 16, kVocab = 30, kPositions = 24;
+
+nlohmann::json tiny_config(const std::string& type = "bert") {
+  return {{"model_type", type},
+          {"hidden_size", kH},
+          {"num_hidden_layers", kLayers},
+          {"num_attention_heads", kHeads},
+          {"intermediate_size", kFF},
+          {"hidden_act", "gelu"},
+          {"layer_norm_eps", 1e-12},
+          {"vocab_size", kVocab},
+          {"max_position_embeddings", kPositions},
+          {"type_vocab_size", 2},
+          {"pad_token_id", type == "roberta" ? 1 : 0}};
+}
+
+// Hugging Face's tensor names for the tiny model, written independently of BertImpl.
+std::map<std::string, torch::Tensor> tiny_weights(const std::string& prefix = "bert.") {
+  std::map<std::string, torch::Tensor> w;
+  auto put = [&](const std::string& name, std::vector<int64_t> shape) {
+    w[prefix + name] = torch::randn(shape) * 0.5;
+  };
+  put("embeddings.word_embeddings.weight", {kVocab, kH});
+  put("embeddings.position_embeddings.weight", {kPositions, kH});
+  put("embeddings.token_type_embeddings.weight", {2, kH});
+  put("embeddings.LayerNorm.weight", {kH});
+  put("embeddings.LayerNorm.bias", {kH});
+  for (int i = 0; i < kLayers; ++i) {
+    const std::string p = "encoder.layer." + std::to_string(i) + ".";
+    for (const char* m : {"attention.self.query", "attention.self.key", "attention.self.value",
+                          "attention.output.dense"}) {
+      put(p + m + ".weight", {kH, kH});
+      put(p + m + ".bias", {kH});
+    }
+    put(p + "attention.output.LayerNorm.weight", {kH});
+    put(p + "attention.output.LayerNorm.bias", {kH});
+    put(p + "intermediate.dense.weight", {kFF, kH});
+    put(p + "intermediate.dense.bias", {kFF});
+    put(p + "output.dense.weight", {kH, kFF});
+    put(p + "output.dense.bias", {kH});
+    put(p + "output.LayerNorm.weight", {kH});
+    put(p + "output.LayerNorm.bias", {kH});
+  }
+  put("pooler.dense.weight", {kH, kH});
+  put("pooler.dense.bias", {kH});
+  w[prefix + "embeddings.position_ids"] = torch::arange(kPositions).unsqueeze(0);
+  return w;
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    path = fs::temp_directory_path() /
+           ("peft_bert_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  static int& counter() {
+    static int c = 0;
+    return c;
+  }
+};
+
+void write_folder(const fs::path& dir, const nlohmann::json& config,
+                  const std::map<std::string, torch::Tensor>& weights) {
+  std::ofstream(dir / "config.json") << config.dump(2);
+  std::vector<std::pair<std::string, torch::Tensor>> list(weights.begin(), weights.end());
+  peft::io::save_safetensors(dir / "model.safetensors", list);
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const peft::Error& e) {
+    return e.what();
+  }
+  return "(no peft::Error)";
+}
+
+// BERT's embeddings and encoder computed with the stock modules only.
+torch::Tensor stock_bert(peft::models::BertImpl& bert, const torch::Tensor& ids,
+                         const torch::Tensor& mask, const torch::Tensor& types,
+                         const torch::Tensor& positions) {
+  auto x = bert.word_embeddings(ids) + bert.position_embeddings(positions) +
+           bert.token_type_embeddings(types);
+  x = bert.embeddings_norm(x);
+  auto h = bert.encoder->base->forward(x.transpose(0, 1), {}, mask.eq(0));
+  return h.transpose(0, 1);
+}
+
+}  // namespace
+
+TEST_CASE("BertConfig reads config.json and rejects what it cannot build", "[bert]") {
+  auto c = peft::models::BertConfig::from_json(tiny_config());
+  CHECK(c.hidden_size == kH);
+  CHECK(c.num_hidden_layers == kLayers);
+  CHECK(c.layer_norm_eps == 1e-12);
+  CHECK_FALSE(c.roberta());
+  CHECK(peft::models::BertConfig::from_json(tiny_config("roberta")).roberta());
+
+  auto bad = tiny_config();
+  bad["hidden_act"] = "relu";
+  CHECK_THAT(error_of([&] { peft::models::BertConfig::from_json(bad, "x/config.json"); }),
+             Catch::Contains("x/config.json") && Catch::Contains("hidden_act \"relu\""));
+  bad = tiny_config();
+  bad["num_attention_heads"] = 3;
+  CHECK_THAT(error_of([&] { peft::models::BertConfig::from_json(bad); }),
+             Catch::Contains("not divisible by num_attention_heads 3"));
+  bad = tiny_config();
+  bad["hidden_size"] = "large";
+  CHECK_THAT(error_of([&] { peft::models::BertConfig::from_json(bad); }),
+             Catch::Contains("\"hidden_size\" has the wrong type"));
+}
+
+TEST_CASE("Bert::from_pretrained reports missing files, tensors and wrong shapes", "[bert]") {
+  TempDir dir;
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(dir.path / "nope"); }),
+             Catch::Contains("does not exist"));
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(dir.path); }),
+             Catch::Contains("config.json not found"));
+  std::ofstream(dir.path / "config.json") << tiny_config().dump();
+  std::ofstream(dir.path / "pytorch_model.bin") << "pickle";
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(dir.path); }),
+             Catch::Contains("only pytorch_model.bin") && Catch::Contains("safetensors only"));
+  fs::remove(dir.path / "pytorch_model.bin");
+
+  auto weights = tiny_weights();
+  weights["bert.encoder.layer.1.intermediate.dense.weight"] = torch::zeros({kFF, kH + 1});
+  write_folder(dir.path, tiny_config(), weights);
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(dir.path); }),
+             Catch::Contains("\"bert.encoder.layer.1.intermediate.dense.weight\"") &&
+                 Catch::Contains("has shape [16, 9], expected [16, 8]"));
+
+  weights = tiny_weights();
+  weights.erase("bert.encoder.layer.0.attention.self.value.bias");
+  write_folder(dir.path, tiny_config(), weights);
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(dir.path); }),
+             Catch::Contains("missing tensor \"bert.encoder.layer.0.attention.self.value.bias\"") &&
+                 Catch::Contains("[8]"));
+}
+
+TEST_CASE("Bert loads Hugging Face names into the stock modules", "[bert]") {
+  TempDir dir;
+  for (std::string prefix : {"bert.", ""}) {
+    auto weights = tiny_weights(prefix);
+    write_folder(dir.path, tiny_config(), weights);
+    auto bert = peft::models::Bert::from_pretrained(dir.path);
+    auto l1 = bert->encoder_layer(1);
+    const std::string p = prefix + "encoder.layer.1.";
+    CHECK(torch::equal(l1->self_attn->in_proj_weight.narrow(0, 0, kH),
+                       weights[p + "attention.self.query.weight"]));
+    CHECK(torch::equal(l1->self_attn->in_proj_weight.narrow(0, kH, kH),
+                       weights[p + "attention.self.key.weight"]));
+    CHECK(torch::equal(l1->self_attn->in_proj_bias.narrow(0, 2 * kH, kH),
+                       weights[p + "attention.self.value.bias"]));
+    CHECK(torch::equal(l1->self_attn->out_proj->weight,
+                       weights[p + "attention.output.dense.weight"]));
+    CHECK(torch::equal(l1->norm1->weight, weights[p + "attention.output.LayerNorm.weight"]));
+    CHECK(torch::equal(l1->linear2->weight, weights[p + "output.dense.weight"]));
+    CHECK(torch::equal(l1->norm2->bias, weights[p + "output.LayerNorm.bias"]));
+    CHECK(torch::equal(bert->pooler->weight, weights[prefix + "pooler.dense.weight"]));
+    // The stock layer's LayerNorms carry BERT's eps, in the typed member and the child alike.
+    CHECK(l1->norm2->options.eps() == 1e-12);
+    auto child = std::dynamic_pointer_cast<torch::nn::LayerNormImpl>(l1->named_children()["norm1"]);
+    REQUIRE(child);
+    CHECK(child.get() == l1->norm1.get());
+    CHECK(peft::count_parameters(*bert).trainable == 0);
+  }
+}
+
+TEST_CASE("Bert at identity equals the stock modules, with padding and token types", "[bert]") {
+  for (std::string type : {"bert", "roberta"}) {
+    TempDir dir;
+    write_folder(dir.path, tiny_config(type), tiny_weights(type == "bert" ? "bert." : "roberta."));
+    auto bert = peft::models::Bert::from_pretrained(dir.path);
+    bert->eval();
+    const int pad = type == "bert" ? 0 : 1;
+    auto ids =
+        torch::tensor({5, 6, 7, 8, 9, 10, 2, 3, 4, pad, pad, pad}, torch::kLong).view({2, 6});
+    auto mask = ids.ne(pad).to(torch::kLong);
+    auto types = torch::tensor({0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0}, torch::kLong).view({2, 6});
+    // Hand-computed: BERT counts from 0; RoBERTa from pad + 1, pads keep position pad.
+    auto positions = type == "bert"
+                         ? torch::arange(6).repeat({2, 1})
+                         : torch::tensor({2, 3, 4, 5, 6, 7, 2, 3, 4, 1, 1, 1}).view({2, 6});
+    torch::NoGradGuard no_grad;
+    auto ours = bert(ids, mask, types);
+    auto expected = stock_bert(*bert, ids, mask, types, positions);
+    CHECK(ours.sizes() == torch::IntArrayRef{2, 6, kH});
+    CHECK((ours - expected).abs().max().item<double>() <= 1e-5);
+    // Without a mask every position is a token; without token types all are type 0.
+    auto plain = bert(ids);
+    auto plain_expected = stock_bert(*bert, ids, torch::ones_like(ids), torch::zeros_like(ids),
+                                     type == "bert" ? torch::arange(6).repeat({2, 1}) : positions);
+    CHECK((plain - plain_expected).abs().max().item<double>() <= 1e-5);
+  }
+}
+
+TEST_CASE("Bert's sites: LoRA by Hugging Face names, one prompt site", "[bert]") {
+  TempDir dir;
+  write_folder(dir.path, tiny_config(), tiny_weights());
+  auto bert = peft::models::Bert::from_pretrained(dir.path);
+  auto paths = peft::attach(*bert, peft::LoRAOptions(8).targets({"query", "value"}));
+  CHECK(paths.size() == 2 * kLayers);
+  CHECK(paths[0] == "encoder.layers.0.self_attn.query");
+  CHECK(paths[1] == "encoder.layers.0.self_attn.value");
+  auto prompt_paths = peft::attach(*bert, peft::PromptOptions(3));
+  CHECK(prompt_paths == std::vector<std::string>{"prompt"});
+  // Only the new parameters train: 2 sites x (A [8, 8] + B [8, 8]) per layer, and 3 prompt rows.
+  CHECK(peft::count_parameters(*bert).trainable == 2 * kLayers * 2 * 8 * kH + 3 * kH);
+}
+
+TEST_CASE("Bert's prompt rows act like extra word embeddings in front", "[bert]") {
+  TempDir dir;
+  write_folder(dir.path, tiny_config(), tiny_weights());
+  auto bert = peft::models::Bert::from_pretrained(dir.path);
+  bert->eval();
+  const std::vector<int64_t> prompt_ids = {11, 12, 13};
+  peft::attach(*bert, peft::PromptOptions(3).init(peft::PromptInit::Tokens).token_ids(prompt_ids));
+  auto ids = torch::tensor({5, 6, 7, 8, 2, 3, 0, 0}, torch::kLong).view({2, 4});
+  auto mask = ids.ne(0).to(torch::kLong);
+  auto types = torch::tensor({0, 0, 1, 1, 0, 1, 0, 0}, torch::kLong).view({2, 4});
+  torch::NoGradGuard no_grad;
+  auto ours = bert(ids, mask, types);
+  CHECK(bert->prompt_length() == 3);
+  CHECK(ours.sizes() == torch::IntArrayRef{2, 7, kH});
+  // The same model without the prompt, given the prompt's tokens as ordinary ids of type 0.
+  auto front = torch::tensor(prompt_ids, torch::kLong).repeat({2, 1});
+  auto longer_ids = torch::cat({front, ids}, 1);
+  auto longer_mask = torch::cat({torch::ones({2, 3}, torch::kLong), mask}, 1);
+  auto longer_types = torch::cat({torch::zeros({2, 3}, torch::kLong), types}, 1);
+  torch::Tensor expected;
+  {
+    peft::AdaptersDisabled off(*bert);
+    CHECK(bert->prompt_length() == 0);
+    expected = bert(longer_ids, longer_mask, longer_types);
+  }
+  CHECK((ours - expected).abs().max().item<double>() <= 1e-5);
+}
+
+TEST_CASE("BertForSequenceClassification: trainable head on the pooled output", "[bert]") {
+  TempDir dir;
+  write_folder(dir.path, tiny_config(), tiny_weights());
+  auto model = peft::models::BertForSequenceClassification::from_pretrained(dir.path, 3);
+  model->eval();
+  auto ids = torch::tensor({5, 6, 7, 2, 3, 0}, torch::kLong).view({2, 3});
+  auto mask = ids.ne(0).to(torch::kLong);
+  torch::NoGradGuard no_grad;
+  auto logits = model(ids, mask);
+  CHECK(logits.sizes() == torch::IntArrayRef{2, 3});
+  auto hidden = model->bert(ids, mask);
+  auto pooled = torch::tanh(torch::matmul(hidden.select(1, 0), model->bert->pooler->weight.t()) +
+                            model->bert->pooler->bias);
+  auto expected = torch::matmul(pooled, model->classifier->weight.t()) + model->classifier->bias;
+  CHECK((logits - expected).abs().max().item<double>() <= 1e-6);
+  auto trainable = peft::named_trainable_parameters(*model);
+  REQUIRE(trainable.size() == 2);
+  CHECK(trainable[0].first == "classifier.weight");
+  CHECK(trainable[1].first == "classifier.bias");
+  CHECK_THAT(error_of([&] { peft::models::BertForSequenceClassification(model->bert, 0); }),
+             Catch::Contains("num_labels must be positive"));
+}
+
+TEST_CASE("default_model_dir: explicit path, PEFT_MODEL_DIR, clear errors", "[bert]") {
+  TempDir dir;
+  CHECK_THAT(error_of([&] { peft::models::default_model_dir(dir.path); }),
+             Catch::Contains("is not a model folder"));
+  std::ofstream(dir.path / "config.json") << tiny_config().dump();
+  CHECK(peft::models::default_model_dir(dir.path) == dir.path);
+  const char* old = std::getenv("PEFT_MODEL_DIR");
+  const std::string saved = old ? old : "";
+  ::setenv("PEFT_MODEL_DIR", dir.path.c_str(), 1);
+  CHECK(peft::models::default_model_dir() == dir.path);
+  ::setenv("PEFT_MODEL_DIR", (dir.path / "missing").c_str(), 1);
+  CHECK_THAT(error_of([&] { peft::models::default_model_dir(); }),
+             Catch::Contains("PEFT_MODEL_DIR="));
+  if (old) {
+    ::setenv("PEFT_MODEL_DIR", saved.c_str(), 1);
+  } else {
+    ::unsetenv("PEFT_MODEL_DIR");
+  }
+}
