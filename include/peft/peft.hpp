@@ -26,5 +26,9 @@
 #include <peft/data/glue.hpp>
 #include <peft/data/clue.hpp>
 #include <peft/train/metrics.hpp>
+#include <peft/train/schedule.hpp>
+#include <peft/train/checkpoint.hpp>
+#include <peft/train/progress.hpp>
+#include <peft/train/trainer.hpp>
 #include <peft/text/unicode.hpp>
 #include <peft/text/wordpiece.hpp>
