@@ -112,6 +112,16 @@ TEST_CASE("nn::TransformerEncoder matches the stock encoder, final norm included
   for (const auto& p : stock->parameters()) CHECK_FALSE(p.requires_grad());
   CHECK(peft::count_parameters(*wrapped).total == peft::count_parameters(*stock).total);
   CHECK(wrapped->layers->size() == static_cast<size_t>(kLayers));
+
+  // Every hidden state, as a side network reads them: the input, then each layer's output.
+  stock->eval();
+  wrapped->eval();
+  auto states = wrapped->hidden_states(x, torch::Tensor(), kpm);
+  REQUIRE(states.size() == static_cast<size_t>(kLayers) + 1);
+  CHECK(torch::equal(states[0], x));
+  auto first = stock->layers->at<torch::nn::TransformerEncoderLayerImpl>(0).forward(x, {}, kpm);
+  CHECK(max_diff(states[1], first) <= 1e-5);
+  CHECK(torch::equal(states.back(), wrapped(x, torch::Tensor(), kpm)));
 }
 
 TEST_CASE("sites are found by path and role", "[core][wrappers]") {

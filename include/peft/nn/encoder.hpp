@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include <peft/config.hpp>
 #include <peft/core/parameters.hpp>
@@ -42,6 +43,39 @@ class TransformerEncoderImpl : public torch::nn::Module {
   /// src [L, N, E]; src_mask [L, L]; src_key_padding_mask [N, L] (true = padding).
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_mask = {},
                         const torch::Tensor& src_key_padding_mask = {}) {
+    return run(src, src_mask, src_key_padding_mask, nullptr);
+  }
+
+  /// Like forward(), but returns every hidden state: the input (prompts included), then each
+  /// layer's output; the last one has the final norm applied, as forward()'s result. Side
+  /// networks (Ladder Side-Tuning) read these.
+  std::vector<torch::Tensor> hidden_states(const torch::Tensor& src,
+                                           const torch::Tensor& src_mask = {},
+                                           const torch::Tensor& src_key_padding_mask = {}) {
+    std::vector<torch::Tensor> states;
+    auto out = run(src, src_mask, src_key_padding_mask, &states);
+    states.back() = out;
+    return states;
+  }
+
+  /// Positions the active prompts add in front of the sequence.
+  int64_t prompt_length() {
+    auto rows = prompt->prompt_rows();
+    return rows.defined() ? rows.size(0) : 0;
+  }
+
+  /// The wrapper of layer i.
+  TransformerEncoderLayer layer(size_t i) {
+    return TransformerEncoderLayer(layers->ptr<TransformerEncoderLayerImpl>(i));
+  }
+
+  torch::nn::TransformerEncoder base;
+  Site prompt{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+
+ private:
+  torch::Tensor run(const torch::Tensor& src, const torch::Tensor& src_mask,
+                    const torch::Tensor& src_key_padding_mask, std::vector<torch::Tensor>* states) {
     auto x = src;
     auto mask = src_mask;
     auto kpm = src_key_padding_mask;
@@ -61,27 +95,14 @@ class TransformerEncoderImpl : public torch::nn::Module {
         mask = torch::cat({top, bottom}, 0);
       }
     }
+    if (states) states->push_back(x);
     for (size_t i = 0; i < layers->size(); ++i) {
       x = layers->ptr<TransformerEncoderLayerImpl>(i)->forward(x, mask, kpm);
+      if (states) states->push_back(x);
     }
     if (!base->norm.is_empty()) x = base->norm.forward<torch::Tensor>(x);
     return x;
   }
-
-  /// Positions the active prompts add in front of the sequence.
-  int64_t prompt_length() {
-    auto rows = prompt->prompt_rows();
-    return rows.defined() ? rows.size(0) : 0;
-  }
-
-  /// The wrapper of layer i.
-  TransformerEncoderLayer layer(size_t i) {
-    return TransformerEncoderLayer(layers->ptr<TransformerEncoderLayerImpl>(i));
-  }
-
-  torch::nn::TransformerEncoder base;
-  Site prompt{nullptr};
-  torch::nn::ModuleList layers{nullptr};
 };
 TORCH_MODULE(TransformerEncoder);
 
