@@ -139,7 +139,8 @@ class BertImpl : public torch::nn::Module {
 
   /// input_ids [N, L]; attention_mask [N, L] (1 = token, 0 = padding; all ones if undefined);
   /// token_type_ids [N, L] (zeros if undefined). Returns the last hidden state [N, n + L, H],
-  /// where n is prompt_length().
+  /// where n is prompt_length(). With prefix tuning, positions count from prefix_length(), as
+  /// Hugging Face's BERT does with PEFT's prefixes (they arrive as a key/value cache).
   torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {},
                         const torch::Tensor& token_type_ids = {}) {
     check(input_ids.dim() == 2, "models::bert", "input_ids has shape {}, expected [N, L]",
@@ -158,6 +159,9 @@ class BertImpl : public torch::nn::Module {
     auto padding = attention_mask.defined() ? attention_mask.eq(0) : torch::Tensor();
     auto rows = prompt->prompt_rows();
     const int64_t n = rows.defined() ? rows.size(0) : 0;
+    // Hugging Face runs prefix tuning through the key/value cache, so BERT numbers the real
+    // tokens after the cached prefix rows; PEFT-trained prefixes expect that.
+    const int64_t past = prefix_length();
     torch::Tensor positions;
     if (n > 0) {
       x = torch::cat({rows.unsqueeze(0).expand({N, n, rows.size(1)}).to(x.scalar_type()), x}, 1);
@@ -166,19 +170,20 @@ class BertImpl : public torch::nn::Module {
         padding = torch::cat({torch::zeros({N, n}, padding.options()), padding}, 1);
       }
       // With a prompt Hugging Face PEFT passes inputs_embeds, whose positions simply count up.
-      positions = torch::arange(n + L, input_ids.options()).unsqueeze(0).expand({N, n + L});
+      positions =
+          torch::arange(past, past + n + L, input_ids.options()).unsqueeze(0).expand({N, n + L});
       if (config_.roberta()) positions = positions + (config_.pad_token_id + 1);
     } else if (config_.roberta()) {
       auto tokens = input_ids.ne(config_.pad_token_id).to(torch::kLong);
-      positions = torch::cumsum(tokens, 1) * tokens + config_.pad_token_id;
+      positions = (torch::cumsum(tokens, 1) + past) * tokens + config_.pad_token_id;
     } else {
-      positions = torch::arange(L, input_ids.options()).unsqueeze(0).expand({N, L});
+      positions = torch::arange(past, past + L, input_ids.options()).unsqueeze(0).expand({N, L});
     }
     const int64_t max_position = positions.numel() > 0 ? positions.max().item<int64_t>() : 0;
     check(max_position < config_.max_position_embeddings, "models::bert",
-          "sequence of {} positions (prompt {} + input {}) needs position {}, but the model has "
-          "{} position embeddings",
-          n + L, n, L, max_position, config_.max_position_embeddings);
+          "sequence of {} positions (prefix {} + prompt {} + input {}) needs position {}, but the "
+          "model has {} position embeddings",
+          past + n + L, past, n, L, max_position, config_.max_position_embeddings);
     x = x + position_embeddings(positions) + token_type_embeddings(types);
     x = embeddings_dropout(embeddings_norm(x));
     auto h = encoder->forward(x.transpose(0, 1), {}, padding);
@@ -194,6 +199,13 @@ class BertImpl : public torch::nn::Module {
   int64_t prompt_length() {
     auto rows = prompt->prompt_rows();
     return rows.defined() ? rows.size(0) : 0;
+  }
+
+  /// Key/value rows the active prefixes put in front of the first layer's attention.
+  int64_t prefix_length() {
+    if (encoder->layers->size() == 0) return 0;
+    auto rows = encoder->layer(0)->self_attn->prefix->prefix_rows();
+    return rows.first.defined() ? rows.first.size(0) : 0;
   }
 
   const BertConfig& config() const { return config_; }
