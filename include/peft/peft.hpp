@@ -22,6 +22,11 @@
 #include <peft/nn/encoder_layer.hpp>
 #include <peft/nn/linear.hpp>
 #include <peft/io/safetensors.hpp>
+#include <peft/io/hf_config.hpp>
+#include <peft/models/bert.hpp>
+#include <peft/models/heads.hpp>
+#include <peft/models/model_path.hpp>
+#include <peft/io/adapter_format.hpp>
 #include <peft/data/example.hpp>
 #include <peft/data/glue.hpp>
 #include <peft/data/clue.hpp>
