@@ -13,6 +13,7 @@
 #include <peft/functional/attention.hpp>
 #include <peft/methods/adapter.hpp>
 #include <peft/methods/bitfit.hpp>
+#include <peft/methods/ladder.hpp>
 #include <peft/methods/lora.hpp>
 #include <peft/methods/prefix.hpp>
 #include <peft/methods/prompt.hpp>

@@ -1,0 +1,214 @@
+#pragma once
+
+// Ladder Side-Tuning (Sung et al., NeurIPS 2022): a narrow side network beside a frozen backbone.
+// The backbone runs without autograd, so no graph and no activations are kept through it; the side
+// network reads downsampled copies of the backbone's hidden states ("ladders"), mixes them into
+// its own state with a learned gate mu = sigmoid(alpha / T) per side layer, runs its own small
+// transformer blocks and is upsampled back to the model width for the task head.
+
+#include <torch/arg.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/nn/modules/transformerlayer.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <peft/config.hpp>
+#include <peft/core/error.hpp>
+#include <peft/detail/shape.hpp>
+#include <peft/nn/encoder.hpp>
+
+PEFT_NAMESPACE_BEGIN
+
+/// How the side blocks start.
+enum class LadderInit {
+  Random,  ///< fresh initialisation of every side weight
+  Pruned,  ///< structured pruning of the backbone layer each side block sits beside
+};
+
+/// Options of Ladder Side-Tuning.
+struct LadderOptions {
+  /// Side width = model width / reduction_factor.
+  TORCH_ARG(int64_t, reduction_factor) = 8;
+  /// Gate temperature T in mu = sigmoid(alpha / T); alpha starts at 0, so mu starts at 0.5.
+  TORCH_ARG(double, gate_temperature) = 0.1;
+  /// Backbone layers that feed the side network (layer dropping); empty = every layer.
+  TORCH_ARG(std::vector<int64_t>, layers);
+  /// Attention heads of each side block (0 = the largest of 1, 2, 4, 8 that divides the width,
+  /// at most the backbone's head count).
+  TORCH_ARG(int64_t, side_heads) = 0;
+  TORCH_ARG(LadderInit, init) = LadderInit::Pruned;
+
+ public:
+  static constexpr const char* method = "lst";
+  void validate() const {
+    check(reduction_factor_ > 0, method, "reduction_factor must be positive, got {}",
+          reduction_factor_);
+    check(gate_temperature_ > 0, method, "gate_temperature must be positive, got {}",
+          gate_temperature_);
+    check(side_heads_ >= 0, method, "side_heads must not be negative, got {}", side_heads_);
+  }
+};
+
+namespace detail {
+
+/// Indices of the `count` largest entries of `importance` (1-D), in ascending index order so the
+/// side network keeps the backbone's feature order.
+inline torch::Tensor top_indices(const torch::Tensor& importance, int64_t count) {
+  auto picked = std::get<1>(importance.topk(count));
+  return std::get<0>(picked.sort());
+}
+
+/// Copies a pruned version of a stock layer into a narrower stock layer. Importance is weight
+/// magnitude: model-width units by the L1 norm of the columns that read them (q/k/v and FFN in),
+/// attention rows by the summed L1 norms of their q, k and v rows (pruned together, so heads keep
+/// matching queries, keys and values), FFN rows by their L1 norm; every next matrix keeps the
+/// columns that follow the kept rows.
+inline void prune_into(const torch::nn::TransformerEncoderLayerImpl& from,
+                       torch::nn::TransformerEncoderLayerImpl& to) {
+  torch::NoGradGuard no_grad;
+  const int64_t D = from.options.d_model(), d = to.options.d_model();
+  const int64_t f = to.options.dim_feedforward();
+  const auto& w = from.self_attn->in_proj_weight;
+  const auto& b = from.self_attn->in_proj_bias;
+  auto wq = w.narrow(0, 0, D), wk = w.narrow(0, D, D), wv = w.narrow(0, 2 * D, D);
+  auto units = top_indices(w.abs().sum(0) + from.linear1->weight.abs().sum(0), d);
+  auto qkv_rows =
+      top_indices((wq.index_select(1, units).abs().sum(1) + wk.index_select(1, units).abs().sum(1) +
+                   wv.index_select(1, units).abs().sum(1)),
+                  d);
+  auto& tw = to.self_attn->in_proj_weight;
+  auto& tb = to.self_attn->in_proj_bias;
+  for (int64_t part = 0; part < 3; ++part) {
+    tw.narrow(0, part * d, d)
+        .copy_(w.narrow(0, part * D, D).index_select(0, qkv_rows).index_select(1, units));
+    tb.narrow(0, part * d, d).copy_(b.narrow(0, part * D, D).index_select(0, qkv_rows));
+  }
+  to.self_attn->out_proj->weight.copy_(
+      from.self_attn->out_proj->weight.index_select(0, units).index_select(1, qkv_rows));
+  to.self_attn->out_proj->bias.copy_(from.self_attn->out_proj->bias.index_select(0, units));
+  auto ffn_rows = top_indices(from.linear1->weight.index_select(1, units).abs().sum(1), f);
+  to.linear1->weight.copy_(from.linear1->weight.index_select(0, ffn_rows).index_select(1, units));
+  to.linear1->bias.copy_(from.linear1->bias.index_select(0, ffn_rows));
+  to.linear2->weight.copy_(from.linear2->weight.index_select(0, units).index_select(1, ffn_rows));
+  to.linear2->bias.copy_(from.linear2->bias.index_select(0, units));
+  to.norm1->weight.copy_(from.norm1->weight.index_select(0, units));
+  to.norm1->bias.copy_(from.norm1->bias.index_select(0, units));
+  to.norm2->weight.copy_(from.norm2->weight.index_select(0, units));
+  to.norm2->bias.copy_(from.norm2->bias.index_select(0, units));
+}
+
+}  // namespace detail
+
+/// A frozen peft::nn::TransformerEncoder with a trainable ladder side network.
+///
+/// forward(src [L, N, E], src_mask, src_key_padding_mask) runs the backbone under NoGradGuard,
+/// then the side network, and returns [L (+prompt), N, E]: the side state upsampled to E.
+/// Submodules: `backbone` (frozen), `downsample.<i>` (Linear E -> E/r for the input and each
+/// selected layer), `gates` (alpha, one per side block), `side.<i>` (stock TransformerEncoderLayer
+/// of width E/r), `upsample` (Linear E/r -> E).
+class LadderImpl : public torch::nn::Module {
+ public:
+  LadderImpl(peft::nn::TransformerEncoder backbone_, const LadderOptions& options)
+      : torch::nn::Module("peft::Ladder"),
+        backbone(register_module("backbone", std::move(backbone_))),
+        options_(options) {
+    options.validate();
+    freeze(*backbone);
+    const auto& stock_layers = backbone->base->layers;
+    const int64_t L = static_cast<int64_t>(stock_layers->size());
+    check(L > 0, LadderOptions::method, "the backbone has no layers");
+    const auto& first = stock_layers->at<torch::nn::TransformerEncoderLayerImpl>(0).options;
+    const int64_t E = first.d_model(), F = first.dim_feedforward();
+    const int64_t width = E / options.reduction_factor();
+    check(width > 0 && width * options.reduction_factor() == E, LadderOptions::method,
+          "reduction_factor {} must divide the model width {}", options.reduction_factor(), E);
+    selected_ = options.layers();
+    if (selected_.empty()) {
+      for (int64_t i = 0; i < L; ++i) selected_.push_back(i);
+    }
+    for (size_t i = 0; i < selected_.size(); ++i) {
+      check(selected_[i] >= 0 && selected_[i] < L, LadderOptions::method,
+            "layer {} is outside the backbone's {} layers", selected_[i], L);
+      check(i == 0 || selected_[i] > selected_[i - 1], LadderOptions::method,
+            "layers must be increasing, got {} after {}", selected_[i], selected_[i - 1]);
+    }
+    int64_t heads = options.side_heads();
+    if (heads == 0) {
+      heads = 1;
+      for (int64_t h : {2, 4, 8}) {
+        if (width % h == 0 && h <= first.nhead()) heads = h;
+      }
+    }
+    check(width % heads == 0, LadderOptions::method, "side_heads {} must divide the side width {}",
+          heads, width);
+    downsample = register_module("downsample", torch::nn::ModuleList());
+    side = register_module("side", torch::nn::ModuleList());
+    for (size_t i = 0; i <= selected_.size(); ++i)
+      downsample->push_back(torch::nn::Linear(E, width));
+    for (size_t i = 0; i < selected_.size(); ++i) {
+      auto block_options =
+          torch::nn::TransformerEncoderLayerOptions(width, heads)
+              .dim_feedforward(std::max<int64_t>(1, F / options.reduction_factor()))
+              .dropout(first.dropout())
+              .activation(first.activation());
+      torch::nn::TransformerEncoderLayer block(block_options);
+      if (options.init() == LadderInit::Pruned) {
+        detail::prune_into(stock_layers->at<torch::nn::TransformerEncoderLayerImpl>(selected_[i]),
+                           *block);
+      }
+      side->push_back(block);
+    }
+    gates = register_parameter("gates", torch::zeros({static_cast<int64_t>(selected_.size())}));
+    upsample = register_module("upsample", torch::nn::Linear(width, E));
+  }
+
+  torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_mask = {},
+                        const torch::Tensor& src_key_padding_mask = {}) {
+    std::vector<torch::Tensor> states;
+    {
+      // No graph through the backbone: its activations are freed as it goes.
+      torch::NoGradGuard no_grad;
+      states = backbone->hidden_states(src, src_mask, src_key_padding_mask);
+    }
+    // Prompts in the backbone lengthen the sequence; extend the padding mask the same way.
+    torch::Tensor kpm = src_key_padding_mask, mask = src_mask;
+    const int64_t extra = states[0].size(0) - src.size(0);
+    if (extra > 0 && kpm.defined()) {
+      kpm = torch::cat({torch::zeros({kpm.size(0), extra}, kpm.options()), kpm}, 1);
+    }
+    check(extra == 0 || !mask.defined(), LadderOptions::method,
+          "a src_mask together with prompts in the backbone is not supported");
+    auto h = downsample->ptr<torch::nn::LinearImpl>(0)->forward(states[0]);
+    for (size_t i = 0; i < selected_.size(); ++i) {
+      auto mu = torch::sigmoid(gates[static_cast<int64_t>(i)] / options_.gate_temperature());
+      auto ladder = downsample->ptr<torch::nn::LinearImpl>(i + 1)->forward(
+          states[static_cast<size_t>(selected_[i]) + 1]);
+      h = mu * h + (1 - mu) * ladder;
+      h = side->ptr<torch::nn::TransformerEncoderLayerImpl>(i)->forward(h, mask, kpm);
+    }
+    return upsample->forward(h);
+  }
+
+  /// The backbone layers that feed the side network.
+  const std::vector<int64_t>& selected_layers() const { return selected_; }
+
+  peft::nn::TransformerEncoder backbone;
+  torch::nn::ModuleList downsample{nullptr}, side{nullptr};
+  torch::Tensor gates;
+  torch::nn::Linear upsample{nullptr};
+
+ private:
+  LadderOptions options_;
+  std::vector<int64_t> selected_;
+};
+TORCH_MODULE(Ladder);
+
+PEFT_NAMESPACE_END
