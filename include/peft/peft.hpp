@@ -17,6 +17,8 @@
 #include <peft/methods/lora.hpp>
 #include <peft/methods/prefix.hpp>
 #include <peft/methods/prompt.hpp>
+#include <peft/methods/propetl.hpp>
+#include <peft/methods/ptuning.hpp>
 #include <peft/nn/attention.hpp>
 #include <peft/nn/embedding.hpp>
 #include <peft/nn/encoder.hpp>

@@ -1,0 +1,142 @@
+#pragma once
+
+// P-tuning (Liu et al., 2021, "GPT Understands, Too"): the n virtual tokens in front of the input
+// are produced during training by a prompt encoder — a bidirectional LSTM followed by an MLP, as in
+// the paper, or an MLP alone (Hugging Face PEFT's default) — from n trainable input embeddings.
+// fold() replaces the encoder by the rows it produces, `prompt_embeddings` [n, dim], which is what
+// Hugging Face PEFT saves; the folded method is prompt tuning with those rows.
+
+#include <torch/arg.h>
+#include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/rnn.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include <peft/config.hpp>
+#include <peft/core/attach.hpp>
+#include <peft/core/error.hpp>
+#include <peft/core/site.hpp>
+#include <peft/core/targets.hpp>
+
+PEFT_NAMESPACE_BEGIN
+
+/// The network that produces P-tuning's virtual tokens during training.
+enum class PromptEncoderType {
+  MLP,   ///< Linear -> ReLU -> Linear -> ReLU -> Linear (Hugging Face PEFT's default)
+  LSTM,  ///< bidirectional LSTM, then Linear -> ReLU -> Linear (the paper's)
+};
+
+/// Options of P-tuning. Default targets: the model's `prompt` site.
+struct PTuningOptions : TargetOptions<PTuningOptions> {
+  explicit PTuningOptions(int64_t num_virtual_tokens = 20)
+      : TargetOptions({"prompt"}), num_virtual_tokens_(num_virtual_tokens) {}
+  /// n: virtual tokens.
+  TORCH_ARG(int64_t, num_virtual_tokens);
+  TORCH_ARG(PromptEncoderType, encoder) = PromptEncoderType::MLP;
+  /// Hidden size of the encoder (per direction for the LSTM); 0 = the token dimension.
+  TORCH_ARG(int64_t, encoder_hidden_size) = 0;
+  /// LSTM layers (the MLP always has three linear layers).
+  TORCH_ARG(int64_t, encoder_num_layers) = 2;
+  /// Standard deviation of the encoder's input embeddings (Hugging Face: nn.Embedding's 1.0).
+  TORCH_ARG(double, init_std) = 1.0;
+
+ public:
+  static constexpr const char* method = "ptuning";
+  static bool fits(const SiteImpl& site) { return site.kind() == SiteKind::Input; }
+  void validate() const {
+    check(num_virtual_tokens_ > 0, method, "num_virtual_tokens must be positive, got {}",
+          num_virtual_tokens_);
+    check(encoder_hidden_size_ >= 0, method,
+          "encoder_hidden_size must be positive (or 0 for the token dimension), got {}",
+          encoder_hidden_size_);
+    check(encoder_num_layers_ > 0, method, "encoder_num_layers must be positive, got {}",
+          encoder_num_layers_);
+    check(init_std_ >= 0, method, "init_std must not be negative, got {}", init_std_);
+  }
+};
+
+/// The prompt encoder: `embedding` [n, dim] -> (`lstm_head`) -> `mlp_head` -> [n, dim]. Names
+/// follow Hugging Face's PromptEncoder (its `embedding.weight` is our `embedding`).
+class PromptEncoderImpl : public torch::nn::Module {
+ public:
+  PromptEncoderImpl(int64_t n, int64_t dim, const PTuningOptions& options)
+      : torch::nn::Module("peft::PromptEncoder"), type_(options.encoder()) {
+    const int64_t h = options.encoder_hidden_size() > 0 ? options.encoder_hidden_size() : dim;
+    embedding = register_parameter("embedding", torch::randn({n, dim}) * options.init_std());
+    if (type_ == PromptEncoderType::LSTM) {
+      lstm_head =
+          register_module("lstm_head", torch::nn::LSTM(torch::nn::LSTMOptions(dim, h)
+                                                           .num_layers(options.encoder_num_layers())
+                                                           .bidirectional(true)));
+      mlp_head = register_module(
+          "mlp_head", torch::nn::Sequential(torch::nn::Linear(2 * h, 2 * h), torch::nn::ReLU(),
+                                            torch::nn::Linear(2 * h, dim)));
+    } else {
+      mlp_head = register_module("mlp_head",
+                                 torch::nn::Sequential(torch::nn::Linear(dim, h), torch::nn::ReLU(),
+                                                       torch::nn::Linear(h, h), torch::nn::ReLU(),
+                                                       torch::nn::Linear(h, dim)));
+    }
+  }
+
+  /// The virtual tokens [n, dim].
+  torch::Tensor forward() {
+    if (type_ == PromptEncoderType::MLP) return mlp_head->forward(embedding);
+    // One sequence of n tokens, sequence-first: [n, 1, dim].
+    auto encoded = std::get<0>(lstm_head->forward(embedding.unsqueeze(1))).squeeze(1);
+    return mlp_head->forward(encoded);
+  }
+
+  torch::Tensor embedding;
+  torch::nn::LSTM lstm_head{nullptr};
+  torch::nn::Sequential mlp_head{nullptr};
+
+ private:
+  PromptEncoderType type_;
+};
+TORCH_MODULE(PromptEncoder);
+
+/// P-tuning at one Input site: the child `prompt_encoder` during training, `prompt_embeddings`
+/// [n, dim] after fold().
+class PTuningImpl : public MethodImpl {
+ public:
+  PTuningImpl(const SiteImpl& site, const PTuningOptions& options)
+      : MethodImpl("ptuning", options.adapter_name()) {
+    options.validate();
+    prompt_encoder = register_module("prompt_encoder", PromptEncoder(options.num_virtual_tokens(),
+                                                                     site.out_features(), options));
+  }
+
+  torch::Tensor prompt() override {
+    return prompt_encoder ? prompt_encoder->forward() : prompt_embeddings;
+  }
+
+  /// Replaces the encoder by the rows it produces now (no-op once folded).
+  void fold() override {
+    if (!prompt_encoder) return;
+    // Run as training does (LibTorch's LSTM takes another kernel without autograd, which differs
+    // in the last bits), so the folded model reproduces the trained one exactly.
+    auto rows = prompt_encoder->forward().detach().clone();
+    const bool train = prompt_encoder->embedding.requires_grad();
+    unregister_module("prompt_encoder");
+    prompt_encoder = nullptr;
+    prompt_embeddings = register_parameter("prompt_embeddings", rows, train);
+  }
+
+  /// Whether the rows still come from the encoder.
+  bool encoded() const { return static_cast<bool>(prompt_encoder); }
+
+  PromptEncoder prompt_encoder{nullptr};
+  torch::Tensor prompt_embeddings;
+};
+
+template <>
+struct method_for<PTuningOptions> {
+  using type = PTuningImpl;
+};
+
+PEFT_NAMESPACE_END
