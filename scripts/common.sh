@@ -88,6 +88,8 @@ peft_configure() {
     torch_dir="$prefix/share/cmake/Torch"
   fi
   export CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime
+  # Paths relative to the checkout, so every clone (CI's included) shares one compiler cache.
+  export CCACHE_BASEDIR="$PEFT_ROOT"
   local generator=()
   command -v ninja >/dev/null && generator=(-G Ninja)
   if [[ ! -f "$build/CMakeCache.txt" ]]; then
