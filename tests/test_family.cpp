@@ -1,5 +1,7 @@
 // The method family built on the core: ProPETL, P-tuning, Compacter, AdapterDrop, AdapterFusion.
 // Each against a hand computation or an existing method, plus the scale-task learning test.
+#include <peft/methods/compacter.hpp>
+#include <peft/methods/fusion.hpp>
 #include <peft/methods/propetl.hpp>
 #include <peft/methods/ptuning.hpp>
 
@@ -306,5 +308,281 @@ TEST_CASE("P-tuning: the encoder trains, the base stays frozen; learns the scale
                                           peft::trainable_parameters(*fresh));
     INFO("head only " << baseline << ", ptuning " << tuned);
     CHECK(tuned <= 0.5 * baseline);
+  }
+}
+
+// ----------------------------------------------------------------------------------- Compacter
+
+TEST_CASE("Compacter: PHM weight is the Kronecker sum; bad phm_dim is named", "[compacter]") {
+  torch::manual_seed(21);
+  peft::PHMLinear phm(8, 12, 4, 2, torch::Tensor(), /*zero_right=*/false);
+  auto expected = torch::zeros({8, 12});
+  for (int64_t i = 0; i < 4; ++i) {
+    auto b = torch::matmul(phm->W_left[i], phm->W_right[i].t());  // [2, 3], rank 2
+    expected += torch::kron(phm->phm_rule[i], b);
+  }
+  CHECK(max_diff(phm->weight(), expected) <= 1e-6);
+  {
+    torch::NoGradGuard no_grad;
+    phm->b.normal_();
+  }
+  auto x = torch::randn({3, 5, 8});
+  CHECK(max_diff(phm(x), torch::matmul(x, expected) + phm->b) <= 1e-5);
+  CHECK_THROWS_WITH(peft::PHMLinear(8, 10, 4, 1, torch::Tensor(), false),
+                    Catch::Contains("[peft::compacter] phm_dim 4 must divide the projection's "
+                                    "sizes, got 8 -> 10"));
+  peft::nn::TransformerEncoder model(stock_encoder());
+  CHECK_THROWS_WITH(peft::attach(*model, peft::CompacterOptions().reduction_factor(4).phm_dim(3)),
+                    Catch::Contains("[peft::compacter] phm_dim 3 must divide the model dimension "
+                                    "16 and the bottleneck 4 (at \"attn_block\")"));
+  CHECK_THROWS_WITH(peft::attach(*model, peft::CompacterOptions().rank(0)),
+                    Catch::Contains("rank must be positive, got 0"));
+  CHECK(peft::attached_methods(*model).empty());
+}
+
+TEST_CASE("Compacter: identity at init, shared rules counted once, parameter formula",
+          "[compacter]") {
+  auto x = torch::randn({5, 2, kDim});
+  // Houlsby, d = 16, m = 4, n = 4: per site rank * (16 + 4) + 4 for the down projection and
+  // rank * (4 + 16) + 16 for the up projection, plus the n^3 = 64 rules once (shared) or per
+  // projection (not shared). 2 layers * 2 sites = 4 sites.
+  struct Case {
+    int64_t rank;
+    bool shared;
+    int64_t expected;
+  };
+  for (auto c :
+       {Case{1, true, 64 + 4 * (20 + 4 + 20 + 16)}, Case{2, true, 64 + 4 * (40 + 4 + 40 + 16)},
+        Case{1, false, 4 * (20 + 4 + 20 + 16 + 2 * 64)}}) {
+    auto stock = stock_encoder();
+    peft::nn::TransformerEncoder model(stock);
+    auto sites = peft::attach(
+        *model,
+        peft::CompacterOptions().reduction_factor(4).rank(c.rank).shared_phm_rule(c.shared));
+    CHECK(sites.size() == 4);
+    CHECK(peft::count_parameters(*model).trainable == c.expected);
+    CHECK(max_diff(model(x), stock(x)) <= 1e-5);
+    auto with = model(x);
+    {
+      peft::AdaptersDisabled off(*model);
+      CHECK(torch::equal(with, model(x)));
+    }
+    auto methods = methods_of<peft::CompacterImpl>(*model);
+    if (c.shared) {
+      for (const auto& m : methods) {
+        CHECK(m->adapter_down->phm_rule.unsafeGetTensorImpl() ==
+              methods[0]->adapter_up->phm_rule.unsafeGetTensorImpl());
+      }
+      int64_t rules = 0;
+      for (auto& item : model->named_parameters()) {
+        if (item.key().find("phm_rule") != std::string::npos) ++rules;
+      }
+      CHECK(rules == 1);
+    }
+    // Compacter computes the Pfeiffer/Houlsby formula with the PHM weights.
+    randomize(*methods[1], 0.3);
+    auto m = methods[1];
+    auto h = torch::randn({3, 2, kDim});
+    auto down = torch::relu(torch::matmul(h, m->adapter_down->weight()) + m->adapter_down->b);
+    auto up = torch::matmul(down, m->adapter_up->weight()) + m->adapter_up->b;
+    CHECK(max_diff(m->apply(h, h), h + up) <= 1e-5);
+  }
+}
+
+TEST_CASE("Compacter: learns the scale task", "[compacter]") {
+  peft::nn::TransformerEncoder fresh(stock_encoder());
+  peft::attach(*fresh, peft::CompacterOptions().reduction_factor(4).phm_dim(4));
+  const double baseline = head_only_baseline();
+  const double tuned = train_scale_task([&](const torch::Tensor& in) { return fresh(in); },
+                                        peft::trainable_parameters(*fresh));
+  INFO("head only " << baseline << ", compacter " << tuned);
+  CHECK(tuned <= 0.5 * baseline);
+}
+
+// --------------------------------------------------------------------------------- AdapterDrop
+
+namespace {
+
+torch::nn::TransformerEncoder deep_encoder(int64_t layers) {
+  torch::manual_seed(9);
+  return torch::nn::TransformerEncoder(torch::nn::TransformerEncoderOptions(stock_layer(), layers));
+}
+
+/// Each stock layer's output on x, by running the frozen layers one after another.
+std::vector<torch::Tensor> stock_states(torch::nn::TransformerEncoder& stock,
+                                        const torch::Tensor& x) {
+  std::vector<torch::Tensor> states{x};
+  for (size_t i = 0; i < stock->layers->size(); ++i) {
+    states.push_back(
+        stock->layers->ptr<torch::nn::TransformerEncoderLayerImpl>(i)->forward(states.back()));
+  }
+  return states;
+}
+
+}  // namespace
+
+TEST_CASE("AdapterDrop at attach time: no adapter in the first k layers", "[adapterdrop]") {
+  auto stock = deep_encoder(4);
+  peft::nn::TransformerEncoder model(stock);
+  auto x = torch::randn({5, 2, kDim});
+  CHECK(peft::layers_from(2, 4) == std::vector<int64_t>{2, 3});
+  CHECK_THROWS_WITH(peft::layers_from(5, 4), Catch::Contains("[peft::adapter_drop] k must be in "
+                                                             "[0, 4], got 5"));
+  auto sites = peft::attach(
+      *model, peft::AdapterOptions().reduction_factor(4).layers(peft::layers_from(2, 4)));
+  CHECK(sites == std::vector<std::string>{"layers.2.attn_block", "layers.2.ffn_block",
+                                          "layers.3.attn_block", "layers.3.ffn_block"});
+  const int64_t per_adapter = 2 * kDim * 4 + kDim + 4;
+  CHECK(peft::count_parameters(*model).trainable == 4 * per_adapter);
+  for (auto& [path, m] : peft::attached_methods(*model)) randomize(*m);
+  auto states = model->hidden_states(x);
+  auto expected = stock_states(stock, x);
+  std::vector<torch::Tensor> frozen;
+  {
+    peft::AdaptersDisabled off(*model);
+    frozen = model->hidden_states(x);
+  }
+  // Layers 0 and 1 compute the frozen layers: the same kernels as the wrapper without adapters
+  // (bit-exact), and the stock layers within the wrappers' tolerance.
+  for (int i = 1; i <= 2; ++i) {
+    CHECK(torch::equal(states[i], frozen[i]));
+    CHECK(max_diff(states[i], expected[i]) <= 1e-5);
+  }
+  CHECK(max_diff(states[3], expected[3]) > 1e-3);
+}
+
+TEST_CASE("AdapterDrop on attached adapters: the first k layers stop running and training",
+          "[adapterdrop]") {
+  auto stock = deep_encoder(4);
+  peft::nn::TransformerEncoder model(stock);
+  auto x = torch::randn({5, 2, kDim});
+  peft::attach(*model, peft::AdapterOptions().reduction_factor(4));
+  for (auto& [path, m] : peft::attached_methods(*model)) randomize(*m);
+  const int64_t per_adapter = 2 * kDim * 4 + kDim + 4;
+  CHECK(peft::count_parameters(*model).trainable == 8 * per_adapter);
+  CHECK(max_diff(model->hidden_states(x)[1], stock_states(stock, x)[1]) > 1e-3);
+
+  auto dropped = peft::drop_adapters(*model, 3);
+  CHECK(dropped == std::vector<std::string>{"layers.0.attn_block", "layers.0.ffn_block",
+                                            "layers.1.attn_block", "layers.1.ffn_block",
+                                            "layers.2.attn_block", "layers.2.ffn_block"});
+  CHECK(peft::count_parameters(*model).trainable == 2 * per_adapter);
+  auto states = model->hidden_states(x);
+  auto expected = stock_states(stock, x);
+  std::vector<torch::Tensor> frozen;
+  {
+    peft::AdaptersDisabled off(*model);
+    frozen = model->hidden_states(x);
+  }
+  for (int i = 1; i <= 3; ++i) {
+    CHECK(torch::equal(states[i], frozen[i]));
+    CHECK(max_diff(states[i], expected[i]) <= 1e-5);
+  }
+  // Layer 3 still adapts.
+  CHECK(max_diff(states[4], frozen[4]) > 1e-3);
+  model(x).pow(2).mean().backward();
+  for (auto& [path, m] : peft::attached_methods(*model)) {
+    const bool kept = path.rfind("layers.3.", 0) == 0;
+    for (const auto& p : m->parameters()) CHECK(p.grad().defined() == kept);
+  }
+  CHECK_THROWS_WITH(peft::drop_adapters(*model, -1),
+                    Catch::Contains("[peft::adapter_drop] k must not be negative, got -1"));
+}
+
+// ------------------------------------------------------------------------------- AdapterFusion
+
+TEST_CASE("Fusion: one adapter is that adapter; two adapters by hand", "[fusion]") {
+  auto x = torch::randn({5, 2, kDim});
+  peft::nn::TransformerEncoder model(stock_encoder());
+  peft::attach(
+      *model,
+      peft::AdapterOptions(peft::AdapterKind::Pfeiffer).reduction_factor(4).adapter_name("a"));
+  for (auto& [path, m] : peft::attached_methods(*model)) randomize(*m, 0.3);
+  auto with_a = model(x);
+  auto paths = peft::fuse(*model, {"a"});
+  CHECK(paths == std::vector<std::string>{"layers.0.ffn_block", "layers.1.ffn_block"});
+  // Softmax over one adapter is exactly 1 and V is the identity: the fusion returns a's output.
+  CHECK(max_diff(model(x), with_a) <= 1e-6);
+
+  // Two adapters at one site, with random fusion parameters, against the paper's formula.
+  peft::nn::TransformerEncoder two(stock_encoder());
+  for (const char* name : {"a", "b"}) {
+    peft::attach(
+        *two,
+        peft::AdapterOptions(peft::AdapterKind::Pfeiffer).reduction_factor(4).adapter_name(name));
+  }
+  for (auto& [path, m] : peft::attached_methods(*two)) randomize(*m, 0.3);
+  peft::fuse(*two, {"b", "a"}, peft::FusionOptions().temperature(2.0));
+  auto fusion = methods_of<peft::FusionImpl>(*two).at(0);
+  REQUIRE(fusion->fused().size() == 2);
+  CHECK(fusion->fused()[0]->adapter() == "b");
+  randomize(*fusion, 0.3);
+  auto h = torch::randn({3, 2, kDim});
+  auto ob = fusion->fused()[0]->apply(h, h), oa = fusion->fused()[1]->apply(h, h);
+  auto q = torch::matmul(h, fusion->query->weight.t()) + fusion->query->bias;
+  auto kb = torch::matmul(ob, fusion->key->weight.t()) + fusion->key->bias;
+  auto ka = torch::matmul(oa, fusion->key->weight.t()) + fusion->key->bias;
+  auto sb = torch::exp((q * kb).sum(-1, true) / 2.0), sa = torch::exp((q * ka).sum(-1, true) / 2.0);
+  auto vb = torch::matmul(ob, fusion->value->weight.t()) + fusion->value->bias;
+  auto va = torch::matmul(oa, fusion->value->weight.t()) + fusion->value->bias;
+  auto expected = (sb * vb + sa * va) / (sb + sa);
+  CHECK(max_diff(fusion->apply(h, h), expected) <= 1e-5);
+
+  CHECK_THROWS_WITH(
+      peft::fuse(*two, {"c"}),
+      Catch::Contains("[peft::fusion] no adapter named \"c\"; attached: a, b, fusion"));
+  peft::nn::TransformerEncoder partial(stock_encoder());
+  peft::attach(
+      *partial,
+      peft::AdapterOptions(peft::AdapterKind::Pfeiffer).reduction_factor(4).adapter_name("a"));
+  peft::attach(*partial, peft::AdapterOptions(peft::AdapterKind::Pfeiffer)
+                             .reduction_factor(4)
+                             .adapter_name("b")
+                             .layers({1}));
+  CHECK_THROWS_WITH(peft::fuse(*partial, {"a", "b"}),
+                    Catch::Contains("\"layers.0.ffn_block\" has adapter(s) a, b but not b"));
+  CHECK(peft::attached_methods(*partial).size() == 3);
+}
+
+TEST_CASE("Fusion: fused adapters stay frozen, only fusion trains; learns the scale task",
+          "[fusion]") {
+  auto make = [] {
+    auto model = std::make_shared<peft::nn::TransformerEncoderImpl>(stock_encoder());
+    torch::manual_seed(31);
+    for (const char* name : {"a", "b"}) {
+      peft::attach(*model, peft::AdapterOptions().reduction_factor(4).adapter_name(name));
+    }
+    for (auto& [path, m] : peft::attached_methods(*model)) {
+      randomize(*m, 0.3);
+      peft::freeze(*m);  // "trained" adapters, frozen
+    }
+    return model;
+  };
+  auto model = make();
+  peft::fuse(*model, {"a", "b"});
+  auto adapters = snapshot(*model);
+  for (auto& [name, p] : peft::named_trainable_parameters(*model)) {
+    CHECK(name.find("fusion_fusion") != std::string::npos);
+  }
+  CHECK(peft::count_parameters(*model).trainable == 4 * 3 * (kDim * kDim + kDim));
+
+  // A head over one frozen adapter cannot read the scale; the fusion over two learns it.
+  auto single = make();
+  peft::set_adapter(*single, {"a"});
+  const double head_over_a =
+      train_scale_task([&](const torch::Tensor& in) { return single->forward(in); }, {});
+  const double fused = train_scale_task([&](const torch::Tensor& in) { return model->forward(in); },
+                                        peft::trainable_parameters(*model));
+  INFO("head over adapter a " << head_over_a << ", fusion " << fused);
+  CHECK(fused <= 0.5 * head_over_a);
+  // The fused adapters did not move, and got no gradient.
+  auto after = snapshot(*model);
+  size_t i = 0;
+  for (const auto& p : model->parameters()) {
+    if (!p.requires_grad()) {
+      CHECK(torch::equal(after[i], adapters[i]));
+      CHECK_FALSE(p.grad().defined());
+    }
+    ++i;
   }
 }

@@ -13,6 +13,8 @@
 #include <peft/functional/attention.hpp>
 #include <peft/methods/adapter.hpp>
 #include <peft/methods/bitfit.hpp>
+#include <peft/methods/compacter.hpp>
+#include <peft/methods/fusion.hpp>
 #include <peft/methods/ladder.hpp>
 #include <peft/methods/lora.hpp>
 #include <peft/methods/prefix.hpp>
