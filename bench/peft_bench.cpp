@@ -1,0 +1,385 @@
+// peft-bench: the cost of one training step (forward, backward, AdamW) per fine-tuning method on a
+// real pretrained BERT, and of inference with a merged LoRA. One method per process, so each
+// process's peak memory belongs to one method; --all re-runs this program once per method.
+//
+//   peft-bench                         every training method, batch 32, sequence 128
+//   peft-bench --method lora --batch 8 --seq 64 --steps 10 --warmup 3
+//
+// Prints one JSON line per method:
+//   {"method":"lora","mode":"train","batch":32,"seq":128,"step_ms":...,"peak_mb":...,
+//    "base_mb":...,"trainable_params":...,"stored_bytes":...,"first_loss":...}
+// step_ms is the median over the timed steps; peak_mb is the process's peak RSS (ru_maxrss) on
+// CPU or the CUDA allocator's peak on a GPU; base_mb is the RSS (or allocated CUDA memory) once
+// the model is ready, before the first step. Dropout is off (eval mode) so runs are deterministic
+// and comparable with bench/hf_step.py.
+
+#include <sys/resource.h>
+
+#include <CLI/CLI.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <peft/peft.hpp>
+
+#ifdef PEFT_BENCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::vector<std::string> kTrainMethods = {"full",   "lora",   "adapter", "bitfit",
+                                                "prefix", "prompt", "lst"};
+const std::vector<std::string> kInferMethods = {"infer-plain", "infer-lora", "infer-lora-merged"};
+
+struct Settings {
+  std::string method = "all";
+  std::string model;
+  std::string device = "cpu";
+  std::string inputs;
+  std::string init_adapter;
+  int64_t batch = 32;
+  int64_t seq = 128;
+  int64_t steps = 5;
+  int64_t warmup = 2;
+  int64_t threads = 0;
+  int64_t seed = 1234;
+  double lr = 1e-3;
+};
+
+/// Resident set size now, in MiB (VmRSS from /proc/self/status; 0 where that file is missing).
+double current_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  }
+  return 0.0;
+}
+
+double peak_rss_mb() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux reports KiB
+}
+
+/// Bytes of every regular file under `dir`.
+int64_t folder_bytes(const fs::path& dir) {
+  int64_t total = 0;
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+    if (entry.is_regular_file()) total += static_cast<int64_t>(entry.file_size());
+  }
+  return total;
+}
+
+int64_t parameter_bytes(const std::vector<torch::Tensor>& params) {
+  int64_t bytes = 0;
+  for (const auto& p : params) bytes += p.numel() * static_cast<int64_t>(p.element_size());
+  return bytes;
+}
+
+/// BERT's embeddings (word + position + token type, LayerNorm) of `ids` [N, L], as the
+/// sequence-first [L, N, H] the encoder takes. Ladder side-tuning feeds these to its backbone.
+torch::Tensor bert_embeddings(peft::models::BertImpl& bert, const torch::Tensor& ids) {
+  const int64_t N = ids.size(0), L = ids.size(1);
+  auto positions = torch::arange(L, ids.options()).unsqueeze(0).expand({N, L});
+  auto x = bert.word_embeddings(ids) + bert.position_embeddings(positions) +
+           bert.token_type_embeddings(torch::zeros_like(ids));
+  return bert.embeddings_norm(x).transpose(0, 1);
+}
+
+/// Ladder side-tuning over the real model: the frozen BERT (embeddings and encoder) feeds a side
+/// network; a new head reads the side network's first position.
+class LadderClassifierImpl : public torch::nn::Module {
+ public:
+  LadderClassifierImpl(peft::models::Bert bert_, int64_t num_labels)
+      : bert(register_module("bert", std::move(bert_))),
+        ladder(register_module("ladder", peft::Ladder(bert->encoder, peft::LadderOptions()))),
+        classifier(register_module("classifier",
+                                   torch::nn::Linear(bert->config().hidden_size, num_labels))) {}
+
+  torch::Tensor forward(const torch::Tensor& ids) {
+    torch::Tensor x;
+    {
+      torch::NoGradGuard no_grad;
+      x = bert_embeddings(*bert, ids);
+    }
+    return classifier(ladder(x).select(0, 0));
+  }
+
+  peft::models::Bert bert;
+  peft::Ladder ladder;
+  torch::nn::Linear classifier;
+};
+TORCH_MODULE(LadderClassifier);
+
+/// The model under test: its root module (what is counted and optimised) and its forward.
+struct Subject {
+  std::shared_ptr<torch::nn::Module> root;
+  std::function<torch::Tensor(const torch::Tensor&)> logits;
+  int64_t stored_bytes = 0;
+};
+
+/// The method's adapter written by save_adapter() into a fresh temporary folder: its size.
+int64_t saved_adapter_bytes(torch::nn::Module& model) {
+  auto dir = fs::temp_directory_path() / ("peft-bench-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  peft::save_adapter(model, dir);
+  const int64_t bytes = folder_bytes(dir);
+  fs::remove_all(dir);
+  return bytes;
+}
+
+Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::Device& device) {
+  Subject out;
+  const std::string& m = s.method;
+  if (m == "lst") {
+    LadderClassifier model(peft::models::Bert::from_pretrained(model_dir), 2);
+    model->to(device);
+    model->eval();
+    out.root = model.ptr();
+    out.logits = [model](const torch::Tensor& ids) mutable { return model->forward(ids); };
+    // save_adapter has no format for a side network: count the bytes of what trains.
+    out.stored_bytes = parameter_bytes(peft::trainable_parameters(*model));
+    return out;
+  }
+  auto model = peft::models::BertForSequenceClassification::from_pretrained(model_dir, 2);
+  const bool lora = m == "lora" || m == "infer-lora" || m == "infer-lora-merged";
+  if (!s.init_adapter.empty()) {
+    // The adapter (and head) bench/hf_step.py saved, so both libraries start from one state.
+    peft::load_adapter(*model, s.init_adapter);
+  } else if (lora) {
+    peft::attach(*model, peft::LoRAOptions(8).alpha(16).targets({"query", "value"}));
+  } else if (m == "adapter") {
+    peft::attach(*model, peft::AdapterOptions(peft::AdapterKind::Houlsby));
+  } else if (m == "bitfit") {
+    peft::attach(*model, peft::BitFitOptions());
+  } else if (m == "prefix") {
+    peft::attach(*model, peft::PrefixOptions(10));
+  } else if (m == "prompt") {
+    peft::attach(*model, peft::PromptOptions(20));
+  } else if (m == "full") {
+    peft::unfreeze(*model);
+  } else if (m != "infer-plain") {
+    peft::fail("bench", "unknown --method \"{}\"", m);
+  }
+  if (m == "infer-lora-merged") peft::merge(*model);
+  model->to(device);
+  model->eval();
+  if (m == "full") {
+    out.stored_bytes = parameter_bytes(peft::trainable_parameters(*model));
+  } else if (m != "infer-plain") {
+    out.stored_bytes = saved_adapter_bytes(*model);
+  }
+  out.root = model.ptr();
+  out.logits = [model](const torch::Tensor& ids) mutable { return model->forward(ids); };
+  return out;
+}
+
+/// input_ids [N, L] and labels [N]: from the safetensors file bench/hf_step.py writes, or random
+/// ids above the special tokens (fixed seed) and random binary labels.
+std::pair<torch::Tensor, torch::Tensor> make_inputs(const Settings& s, int64_t vocab) {
+  if (!s.inputs.empty()) {
+    peft::io::SafetensorsFile file(s.inputs);
+    for (const char* key : {"input_ids", "labels"}) {
+      peft::check(file.contains(key), "bench", "{}: no tensor \"{}\"", s.inputs, key);
+    }
+    auto ids = file.tensor("input_ids").to(torch::kLong).clone();
+    auto labels = file.tensor("labels").to(torch::kLong).clone();
+    peft::check(ids.dim() == 2 && labels.dim() == 1 && labels.size(0) == ids.size(0), "bench",
+                "{}: input_ids {} and labels {} do not form a batch", s.inputs,
+                peft::detail::shape(ids.sizes()), peft::detail::shape(labels.sizes()));
+    return {ids, labels};
+  }
+  torch::manual_seed(static_cast<uint64_t>(s.seed));
+  auto ids = torch::randint(1000, vocab, {s.batch, s.seq}, torch::kLong);
+  auto labels = torch::randint(0, 2, {s.batch}, torch::kLong);
+  return {ids, labels};
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+void synchronize(const torch::Device& device) {
+#ifdef PEFT_BENCH_CUDA
+  if (device.is_cuda()) c10::cuda::getCurrentCUDAStream().synchronize();
+#else
+  (void)device;
+#endif
+}
+
+double device_memory_mb(const torch::Device& device, bool peak) {
+#ifdef PEFT_BENCH_CUDA
+  if (device.is_cuda()) {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    const auto& bytes = stats.allocated_bytes[0];  // aggregate over pools
+    return static_cast<double>(peak ? bytes.peak : bytes.current) / (1024.0 * 1024.0);
+  }
+#else
+  (void)device;
+#endif
+  return peak ? peak_rss_mb() : current_rss_mb();
+}
+
+int run_one(const Settings& s) {
+  if (s.threads > 0) torch::set_num_threads(static_cast<int>(s.threads));
+  const torch::Device device(s.device == "cuda" ? torch::kCUDA : torch::kCPU, 0);
+  peft::check(!device.is_cuda() || torch::cuda::is_available(), "bench",
+              "--device cuda, but LibTorch sees no CUDA device");
+  const auto model_dir = peft::models::default_model_dir(s.model);
+  Subject subject = make_subject(s, model_dir, device);
+  const int64_t vocab = peft::models::BertConfig::from_file(model_dir / "config.json").vocab_size;
+  auto [ids, labels] = make_inputs(s, vocab);
+  ids = ids.to(device);
+  labels = labels.to(device);
+  const bool infer = s.method.rfind("infer-", 0) == 0;
+  auto params = peft::trainable_parameters(*subject.root);
+  int64_t trainable = 0;
+  for (const auto& p : params) trainable += p.numel();
+
+#ifdef PEFT_BENCH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+  const double base_mb = device_memory_mb(device, false);
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+  if (!infer) {
+    optimizer = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(s.lr));
+  }
+  std::vector<double> times;
+  double first_loss = 0.0;
+  for (int64_t step = 0; step < s.warmup + s.steps; ++step) {
+    const auto start = std::chrono::steady_clock::now();
+    double loss_value = 0.0;
+    if (infer) {
+      torch::NoGradGuard no_grad;
+      loss_value = torch::cross_entropy_loss(subject.logits(ids), labels).item<double>();
+    } else {
+      // Gradients set to none, as torch.optim's zero_grad() does by default.
+      for (auto& p : params) p.mutable_grad() = torch::Tensor();
+      auto loss = torch::cross_entropy_loss(subject.logits(ids), labels);
+      loss.backward();
+      optimizer->step();
+      loss_value = loss.item<double>();
+    }
+    synchronize(device);
+    const std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - start;
+    if (step == 0) first_loss = loss_value;
+    if (step >= s.warmup) times.push_back(took.count());
+  }
+  std::ostringstream line;
+  line.precision(10);
+  line << "{\"method\":\"" << s.method << "\",\"mode\":\"" << (infer ? "infer" : "train")
+       << "\",\"device\":\"" << s.device << "\",\"batch\":" << ids.size(0)
+       << ",\"seq\":" << ids.size(1) << ",\"threads\":" << torch::get_num_threads()
+       << ",\"step_ms\":" << median(times) << ",\"peak_mb\":" << device_memory_mb(device, true)
+       << ",\"base_mb\":" << base_mb << ",\"trainable_params\":" << trainable
+       << ",\"stored_bytes\":" << subject.stored_bytes << ",\"first_loss\":" << first_loss;
+  line << "}";
+  std::cout << line.str() << std::endl;
+  return 0;
+}
+
+std::string shell_quote(const std::string& arg) {
+  std::string out = "'";
+  for (char c : arg) {
+    if (c == '\'') {
+      out += "'\\''";
+    } else {
+      out += c;
+    }
+  }
+  return out + "'";
+}
+
+/// Runs this program once per method (a fresh process each, so peak memory is per method) and
+/// passes their JSON lines through. Returns non-zero when any run failed.
+int run_all(const std::vector<std::string>& args, const std::vector<std::string>& methods) {
+  const auto self = fs::read_symlink("/proc/self/exe").string();
+  int failures = 0;
+  for (const auto& method : methods) {
+    std::string command = shell_quote(self);
+    for (size_t i = 1; i < args.size(); ++i) {
+      if (args[i] == "--method") {
+        ++i;  // replaced below
+        continue;
+      }
+      if (args[i].rfind("--method=", 0) == 0) continue;
+      command += ' ';
+      command += shell_quote(args[i]);
+    }
+    // Appended piecewise: GCC 12 warns falsely (-Wrestrict) about "literal" + std::string here.
+    command += " --method ";
+    command += shell_quote(method);
+    FILE* pipe = ::popen(command.c_str(), "r");
+    peft::check(pipe != nullptr, "bench", "could not start {}", command);
+    std::array<char, 4096> buffer{};
+    while (std::fgets(buffer.data(), static_cast<int>(buffer.size()), pipe) != nullptr) {
+      std::cout << buffer.data() << std::flush;
+    }
+    const int status = ::pclose(pipe);
+    if (status != 0) {
+      std::cerr << "[peft::bench] --method " << method << " failed (status " << status << ")\n";
+      ++failures;
+    }
+  }
+  return failures == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Settings s;
+  CLI::App app{"peft-bench: training step time and peak memory per fine-tuning method"};
+  std::vector<std::string> all = kTrainMethods;
+  all.insert(all.end(), kInferMethods.begin(), kInferMethods.end());
+  all.push_back("all");
+  all.push_back("infer");
+  app.add_option("--method", s.method,
+                 "one method, \"all\" (every training method, one process each) or \"infer\" "
+                 "(plain, LoRA and merged-LoRA forward)")
+      ->check(CLI::IsMember(all));
+  app.add_option("--model", s.model, "Hugging Face model folder (default: all-MiniLM-L6-v2)");
+  app.add_option("--device", s.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--batch", s.batch, "batch size")->check(CLI::PositiveNumber);
+  app.add_option("--seq", s.seq, "sequence length")->check(CLI::PositiveNumber);
+  app.add_option("--steps", s.steps, "timed steps")->check(CLI::PositiveNumber);
+  app.add_option("--warmup", s.warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", s.threads, "intra-op threads (0: LibTorch's default)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--lr", s.lr, "AdamW learning rate");
+  app.add_option("--seed", s.seed, "seed of the random token ids and labels");
+  app.add_option("--inputs", s.inputs,
+                 "safetensors file with input_ids [N, L] and labels [N] (overrides --batch/--seq)");
+  app.add_option("--init-adapter", s.init_adapter,
+                 "start from this adapter folder (Hugging Face PEFT or peft format) instead of a "
+                 "fresh one");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (s.method == "all" || s.method == "infer") {
+      return run_all(std::vector<std::string>(argv, argv + argc),
+                     s.method == "all" ? kTrainMethods : kInferMethods);
+    }
+    return run_one(s);
+  } catch (const std::exception& e) {
+    std::cerr << e.what() << "\n";
+    return 1;
+  }
+}

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# peft (C++) against Hugging Face transformers + PEFT (Python) on all-MiniLM-L6-v2: the same
+# training step (LoRA r 8 / alpha 16 on query,value; prefix 10; prompt 20; AdamW lr 1e-3) and the
+# same merged-LoRA forward, from the same adapter files and the same random token ids.
+#
+#   bench/vs_hf.sh [--repeats N] [--configs 8x64,8x128,32x64,32x128] [--out results.jsonl]
+#
+# Installs what is missing (scripts/common.sh), builds peft-bench, then for each configuration and
+# method runs C++ and Python alternately (who goes first alternates too), each in its own process
+# with 2 intra-op threads, and prints one JSON line:
+#   {"method","batch","seq","cpp_step_ms","hf_step_ms","ratio_time","cpp_peak_mb","hf_peak_mb",
+#    "ratio_mem","cpp_trainable","hf_trainable", ...}
+# (ratios are C++ / Python; step times are medians after warm-up). Before any number counts, both
+# sides' first-step losses must agree within 1e-4; otherwise the script says so and exits 1.
+# Dropout is off on both sides (eval mode), so the step is deterministic.
+set -euo pipefail
+source "$(dirname "$0")/../scripts/common.sh"
+
+repeats=1
+configs=8x64,8x128,32x64,32x128
+out=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --repeats) repeats="$2"; shift 2 ;;
+    --configs) configs="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    *) peft_log "unknown argument $1"; exit 2 ;;
+  esac
+done
+
+PEFT_TORCH=pip
+peft_setup
+build="$PEFT_ROOT/build/pip"
+mkdir -p "$PEFT_ROOT/build"
+# Several agents may share this machine; builds queue on one lock (harmless when alone).
+lock=(flock "${PEFT_BUILD_LOCK:-/tmp/peft-build.lock}")
+command -v flock >/dev/null || lock=()
+"${lock[@]}" bash -c "source '$PEFT_ROOT/scripts/common.sh'; PEFT_TORCH=pip; peft_configure '$build'"
+"${lock[@]}" cmake --build "$build" --target peft-bench >/dev/null
+bench="$build/bench/peft-bench"
+python="$(peft_python)"
+hf_step="$PEFT_ROOT/bench/hf_step.py"
+
+export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+export HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1
+threads=2
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+[[ -n "$out" ]] && : >"$out"
+
+peft_log "writing inputs and adapters to $work"
+"$python" "$hf_step" prepare --out "$work" --configs "$configs"
+
+# Fewer steps where a step is long, to keep the run near 10 minutes on 2 busy cores.
+steps_for() {
+  case "$1" in
+    8x64) echo "2 5" ;;
+    8x128) echo "1 3" ;;
+    *) echo "1 2" ;;
+  esac
+}
+
+# Merges one C++ and one Python JSON line into the comparison line; exits 3 when the first-step
+# losses differ by more than 1e-4.
+combine() {
+  "$python" - "$@" <<'EOF'
+import json, sys
+method, cpp, hf, plain = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+diff = abs(cpp["first_loss"] - hf["first_loss"])
+line = {"method": method, "batch": cpp["batch"], "seq": cpp["seq"],
+        "cpp_step_ms": round(cpp["step_ms"], 2), "hf_step_ms": round(hf["step_ms"], 2),
+        "ratio_time": round(cpp["step_ms"] / hf["step_ms"], 3),
+        "cpp_peak_mb": round(cpp["peak_mb"], 1), "hf_peak_mb": round(hf["peak_mb"], 1),
+        "ratio_mem": round(cpp["peak_mb"] / hf["peak_mb"], 3),
+        "cpp_trainable": cpp["trainable_params"], "hf_trainable": hf["trainable_params"],
+        "cpp_base_mb": round(cpp["base_mb"], 1), "hf_base_mb": round(hf["base_mb"], 1),
+        "first_loss_cpp": cpp["first_loss"], "first_loss_hf": hf["first_loss"],
+        "loss_diff": diff}
+if plain:
+    plain = json.loads(plain)
+    line["cpp_plain_step_ms"] = round(plain["step_ms"], 2)
+    line["merged_vs_plain"] = round(cpp["step_ms"] / plain["step_ms"], 3)
+print(json.dumps(line))
+if not diff <= 1e-4:
+    print(f"[peft] {method} {cpp['batch']}x{cpp['seq']}: first-step losses differ: C++ "
+          f"{cpp['first_loss']:.8f}, Python {hf['first_loss']:.8f} (|diff| {diff:.3g} > 1e-4)",
+          file=sys.stderr)
+    sys.exit(3)
+EOF
+}
+
+failed=0
+turn=0
+for ((r = 0; r < repeats; ++r)); do
+  for config in ${configs//,/ }; do
+    read -r warmup steps <<<"$(steps_for "$config")"
+    inputs="$work/inputs_$config.safetensors"
+    for method in lora prefix prompt infer-lora-merged; do
+      case "$method" in
+        infer-lora-merged) adapter="$work/adapter_lora" ;;
+        *) adapter="$work/adapter_$method" ;;
+      esac
+      run_cpp() {
+        "$bench" --method "$1" --inputs "$inputs" --init-adapter "$adapter" --threads "$threads" \
+          --warmup "$warmup" --steps "$steps"
+      }
+      run_hf() {
+        "$python" "$hf_step" run --method "$method" --inputs "$inputs" --adapter "$adapter" \
+          --threads "$threads" --warmup "$warmup" --steps "$steps"
+      }
+      plain=""
+      if ((turn % 2 == 0)); then
+        cpp="$(run_cpp "$method")"
+        hf="$(run_hf)"
+      else
+        hf="$(run_hf)"
+        cpp="$(run_cpp "$method")"
+      fi
+      # The plain model's forward, right after the merged one, for the merge-overhead ratio.
+      [[ "$method" == infer-lora-merged ]] && plain="$(run_cpp infer-plain)"
+      turn=$((turn + 1))
+      if line="$(combine "$method" "$cpp" "$hf" "$plain")"; then
+        echo "$line"
+      else
+        echo "$line"
+        failed=1
+      fi
+      [[ -n "$out" ]] && echo "$line" >>"$out"
+    done
+  done
+done
+if ((failed)); then
+  peft_log "FAILED: the two libraries did not compute the same first step (see above)"
+  exit 1
+fi
