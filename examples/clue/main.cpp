@@ -1,0 +1,26 @@
+// peft-clue: fine-tunes a pretrained BERT on one CLUE task (or ChnSentiCorp) with a chosen PEFT
+// method.
+//
+//   peft-clue --task afqmc --data-dir clue/afqmc --method lora --epochs 1 --output out/afqmc
+//
+// --data-dir is the task's folder (train.json, dev.json; chnsenticorp: train.txt, dev.txt) or
+// the folder holding it. The default model, all-MiniLM-L6-v2, has an English vocabulary: Chinese
+// text is split into characters and many become [UNK], so use a Chinese BERT (--model) for
+// meaningful scores.
+#include "../common/finetune.hpp"
+
+int main(int argc, char** argv) {
+  namespace clue = peft::data::clue;
+  finetune::Benchmark bench;
+  bench.program = "peft-clue";
+  bench.description = "Fine-tune a pretrained BERT on a CLUE task with a PEFT method";
+  bench.tasks = clue::task_names();
+  bench.task_info = [](const std::string& task) { return clue::task_info(task); };
+  bench.folder = [](const std::string& task) { return clue::task_info(task).name; };
+  bench.eval_splits = [](const std::string&) { return std::vector<std::string>{"dev"}; };
+  bench.read = [](const std::string& task, const std::filesystem::path& dir,
+                  const std::string& split, const peft::data::ReadOptions& options) {
+    return clue::read(task, dir, split, options);
+  };
+  return finetune::main(bench, argc, argv);
+}

