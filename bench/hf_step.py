@@ -108,7 +108,15 @@ def run(args):
     inputs = load_file(args.inputs)
     ids, labels = inputs["input_ids"], inputs["labels"]
     infer = args.method.startswith("infer-")
-    model = peft.PeftModel.from_pretrained(base_model(folder), args.adapter, is_trainable=not infer)
+    prompt_learning = args.method in ("prefix", "prompt")
+    # PEFT refuses to load a prompt-learning adapter as trainable; load it frozen and turn its
+    # prompt encoder and saved head back on, which is what get_peft_model would have trained.
+    model = peft.PeftModel.from_pretrained(base_model(folder), args.adapter,
+                                           is_trainable=not infer and not prompt_learning)
+    if prompt_learning:
+        for name, p in model.named_parameters():
+            if "prompt_encoder" in name or "modules_to_save" in name:
+                p.requires_grad_(True)
     if args.method == "infer-lora-merged":
         model = model.merge_and_unload()
     elif infer:

@@ -4,6 +4,7 @@
 # same merged-LoRA forward, from the same adapter files and the same random token ids.
 #
 #   bench/vs_hf.sh [--repeats N] [--configs 8x64,8x128,32x64,32x128] [--out results.jsonl]
+#                  [--no-build]   (use build/pip/bench/peft-bench as it is)
 #
 # Installs what is missing (scripts/common.sh), builds peft-bench, then for each configuration and
 # method runs C++ and Python alternately (who goes first alternates too), each in its own process
@@ -19,25 +20,30 @@ source "$(dirname "$0")/../scripts/common.sh"
 repeats=1
 configs=8x64,8x128,32x64,32x128
 out=""
+build_it=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --repeats) repeats="$2"; shift 2 ;;
     --configs) configs="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
+    --no-build) build_it=0; shift ;;
     *) peft_log "unknown argument $1"; exit 2 ;;
   esac
 done
 
 PEFT_TORCH=pip
-peft_setup
 build="$PEFT_ROOT/build/pip"
-mkdir -p "$PEFT_ROOT/build"
-# Several agents may share this machine; builds queue on one lock (harmless when alone).
-lock=(flock "${PEFT_BUILD_LOCK:-/tmp/peft-build.lock}")
-command -v flock >/dev/null || lock=()
-"${lock[@]}" bash -c "source '$PEFT_ROOT/scripts/common.sh'; PEFT_TORCH=pip; peft_configure '$build'"
-"${lock[@]}" cmake --build "$build" --target peft-bench >/dev/null
 bench="$build/bench/peft-bench"
+if ((build_it)); then
+  peft_setup
+  mkdir -p "$PEFT_ROOT/build"
+  # Several agents may share this machine; builds queue on one lock (harmless when alone).
+  lock=(flock "${PEFT_BUILD_LOCK:-/tmp/peft-build.lock}")
+  command -v flock >/dev/null || lock=()
+  "${lock[@]}" bash -c "source '$PEFT_ROOT/scripts/common.sh'; PEFT_TORCH=pip; peft_configure '$build'"
+  "${lock[@]}" cmake --build "$build" --target peft-bench >/dev/null
+fi
+[[ -x "$bench" ]] || { peft_log "$bench not found (run without --no-build)"; exit 1; }
 python="$(peft_python)"
 hf_step="$PEFT_ROOT/bench/hf_step.py"
 
