@@ -44,7 +44,8 @@ def main():
     rows = load(args.files)
     order = {"lora": 0, "prefix": 1, "prompt": 2, "infer-lora-merged": 3}
     keys = sorted(rows, key=lambda k: (order.get(k[0], 9), k[1], k[2]))
-    labels = [f"{m}\n{b}x{s}" for m, b, s in keys]
+    short = {"infer-lora-merged": "merged\ninfer"}
+    labels = [f"{short.get(m, m)}\n{b}x{s}" for m, b, s in keys]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.7 * len(keys)), 8), constrained_layout=True)
     width = 0.4
     for ax, (cpp_key, hf_key, title) in zip(axes, [
