@@ -62,7 +62,7 @@ TEST_CASE("ProPETL: masks keep exactly round(keep_ratio * numel), ties by index"
   CHECK(peft::attached_methods(*model).empty());
 }
 
-TEST_CASE("ProPETL: one shared prototype, counted once; adapter output by hand", "[propetl]") {
+TEST_CASE("ProPETL: one shared prototype, counted once, adapter output by hand", "[propetl]") {
   peft::nn::TransformerEncoder model(stock_encoder());
   auto x = torch::randn({5, 2, kDim});
   auto stock_out = model(x);
@@ -133,7 +133,7 @@ TEST_CASE("ProPETL: straight-through gradients reach the scores and the prototyp
   for (const auto& p : layer->base->parameters()) CHECK_FALSE(p.grad().defined());
 }
 
-TEST_CASE("ProPETL: bit-packed masks round-trip; stored bytes ~ 1/L + 1/32", "[propetl]") {
+TEST_CASE("ProPETL: bit-packed masks round-trip, stored bytes ~ 1/L + 1/32", "[propetl]") {
   // Bit order: entry 8j+i is bit i of byte j.
   auto packed = peft::pack_mask(torch::tensor({1, 0, 0, 0, 0, 0, 0, 1, 1, 1}));
   CHECK(torch::equal(packed, torch::tensor({129, 3}, torch::kUInt8)));
@@ -177,7 +177,7 @@ TEST_CASE("ProPETL: bit-packed masks round-trip; stored bytes ~ 1/L + 1/32", "[p
                     Catch::Contains("no ProPETL method of adapter \"other\" is attached"));
 }
 
-TEST_CASE("ProPETL: freeze_masks caches masked weights; LoRA merges; prefix rows by hand",
+TEST_CASE("ProPETL: freeze_masks caches masked weights, LoRA merges, prefix rows by hand",
           "[propetl]") {
   auto x = torch::randn({5, 2, kDim});
   {
@@ -242,7 +242,7 @@ TEST_CASE("ProPETL: learns the scale task", "[propetl]") {
 
 // ------------------------------------------------------------------------------------ P-tuning
 
-TEST_CASE("P-tuning: folds into prompt_embeddings; equals prompt tuning with those rows",
+TEST_CASE("P-tuning: folds into prompt_embeddings, equals prompt tuning with those rows",
           "[ptuning]") {
   for (auto type : {peft::PromptEncoderType::LSTM, peft::PromptEncoderType::MLP}) {
     INFO((type == peft::PromptEncoderType::LSTM ? "lstm" : "mlp"));
@@ -290,7 +290,7 @@ TEST_CASE("P-tuning: folds into prompt_embeddings; equals prompt tuning with tho
                     Catch::Contains("encoder_num_layers must be positive, got 0"));
 }
 
-TEST_CASE("P-tuning: the encoder trains, the base stays frozen; learns the scale task",
+TEST_CASE("P-tuning: the encoder trains, the base stays frozen, learns the scale task",
           "[ptuning]") {
   peft::nn::TransformerEncoder model(stock_encoder());
   peft::attach(*model, peft::PTuningOptions(4).encoder(peft::PromptEncoderType::LSTM));
@@ -313,7 +313,7 @@ TEST_CASE("P-tuning: the encoder trains, the base stays frozen; learns the scale
 
 // ----------------------------------------------------------------------------------- Compacter
 
-TEST_CASE("Compacter: PHM weight is the Kronecker sum; bad phm_dim is named", "[compacter]") {
+TEST_CASE("Compacter: PHM weight is the Kronecker sum, bad phm_dim is named", "[compacter]") {
   torch::manual_seed(21);
   peft::PHMLinear phm(8, 12, 4, 2, torch::Tensor(), /*zero_right=*/false);
   auto expected = torch::zeros({8, 12});
@@ -491,7 +491,7 @@ TEST_CASE("AdapterDrop on attached adapters: the first k layers stop running and
 
 // ------------------------------------------------------------------------------- AdapterFusion
 
-TEST_CASE("Fusion: one adapter is that adapter; two adapters by hand", "[fusion]") {
+TEST_CASE("Fusion: one adapter is that adapter, two adapters by hand", "[fusion]") {
   auto x = torch::randn({5, 2, kDim});
   peft::nn::TransformerEncoder model(stock_encoder());
   peft::attach(
@@ -544,7 +544,7 @@ TEST_CASE("Fusion: one adapter is that adapter; two adapters by hand", "[fusion]
   CHECK(peft::attached_methods(*partial).size() == 3);
 }
 
-TEST_CASE("Fusion: fused adapters stay frozen, only fusion trains; learns the scale task",
+TEST_CASE("Fusion: fused adapters stay frozen, only fusion trains, learns the scale task",
           "[fusion]") {
   auto make = [] {
     auto model = std::make_shared<peft::nn::TransformerEncoderImpl>(stock_encoder());

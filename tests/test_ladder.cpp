@@ -101,7 +101,7 @@ TEST_CASE("LST pruned initialisation keeps the highest-importance rows", "[lst]"
   CHECK(torch::equal(side->norm1->weight, stock->norm1->weight.index_select(0, units)));
 }
 
-TEST_CASE("LST learns the scale task; only the side network trains", "[lst]") {
+TEST_CASE("LST learns the scale task, only the side network trains", "[lst]") {
   peft::Ladder ladder(peft::nn::TransformerEncoder(stock_encoder()),
                       peft::LadderOptions().reduction_factor(4));
   auto count = peft::count_parameters(*ladder);

@@ -382,7 +382,7 @@ TEST_CASE("Longer prefixes match stock attention given the extended keys and val
   CHECK(peft::count_parameters(*tuned).trainable == 2 * n * kDim);
 }
 
-TEST_CASE("Prefix: projection folds exactly; bad options; learns the scale task", "[prefix]") {
+TEST_CASE("Prefix: projection folds exactly, bad options, learns the scale task", "[prefix]") {
   peft::nn::TransformerEncoder model(stock_encoder());
   CHECK_THROWS_WITH(peft::attach(*model, peft::PrefixOptions(0)),
                     Catch::Contains("[peft::prefix] num_virtual_tokens must be positive, got 0"));
@@ -460,7 +460,7 @@ TEST_CASE("Prompt tuning on an embedding: rows in front, initialised from token 
   }
 }
 
-TEST_CASE("Prompt: bad options; only prompts train; learns the scale task", "[prompt]") {
+TEST_CASE("Prompt: bad options, only prompts train, learns the scale task", "[prompt]") {
   peft::nn::TransformerEncoder model(stock_encoder());
   CHECK_THROWS_WITH(peft::attach(*model, peft::PromptOptions(0)),
                     Catch::Contains("[peft::prompt] num_virtual_tokens must be positive, got 0"));

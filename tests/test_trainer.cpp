@@ -181,7 +181,7 @@ TEST_CASE("schedules match hand-computed factors", "[trainer]") {
                     Contains("1 base learning rates but the optimizer has 2 parameter groups"));
 }
 
-TEST_CASE("AdamW groups exclude biases and norms from decay; the optimizer check is strict",
+TEST_CASE("AdamW groups exclude biases and norms from decay, the optimizer check is strict",
           "[trainer]") {
   auto net = make_net();
   net->register_module("LayerNorm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({12})));
@@ -363,7 +363,7 @@ TEST_CASE("a resumed run ends bit-identical to an uninterrupted one", "[trainer]
   CHECK(eval == 6);   // steps 4, 8, 12 and the epoch ends 5, 10, 15
 }
 
-TEST_CASE("NaN loss: stop saves the last good state and names the step; skip skips",
+TEST_CASE("NaN loss: stop saves the last good state and names the step, skip skips",
           "[trainer][checkpoint]") {
   const auto batches = make_batches(6);
   std::ostringstream sink;
@@ -649,7 +649,7 @@ TEST_CASE("a failed save leaves the previous checkpoint whole", "[checkpoint]") 
                     Contains("no manifest.json"));
 }
 
-TEST_CASE("progress prints plain lines off a terminal; the metrics log is JSON lines",
+TEST_CASE("progress prints plain lines off a terminal, the metrics log is JSON lines",
           "[trainer]") {
   std::ostringstream out;
   peft::ProgressOptions po;
