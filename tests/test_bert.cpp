@@ -283,6 +283,44 @@ TEST_CASE("BertForSequenceClassification: trainable head on the pooled output", 
              Catch::Contains("num_labels must be positive"));
 }
 
+TEST_CASE("BertForSequenceClassification with mean pooling averages the real tokens only",
+          "[bert]") {
+  TempDir dir;
+  write_folder(dir.path, tiny_config(), tiny_weights());
+  using peft::models::Pooling;
+  auto model =
+      peft::models::BertForSequenceClassification::from_pretrained(dir.path, 2, Pooling::Mean);
+  model->eval();
+  CHECK(model->pooling == Pooling::Mean);
+  auto ids = torch::tensor({5, 6, 7, 2, 3, 0}, torch::kLong).view({2, 3});
+  auto mask = ids.ne(0).to(torch::kLong);
+  torch::NoGradGuard no_grad;
+  auto logits = model(ids, mask);
+  auto hidden = model->bert(ids, mask);
+  // Hand-written: the first sentence averages 3 states, the second its 2 real ones.
+  auto first = (hidden[0][0] + hidden[0][1] + hidden[0][2]) / 3.0;
+  auto second = (hidden[1][0] + hidden[1][1]) / 2.0;
+  auto pooled = torch::stack({first, second});
+  auto expected = torch::matmul(pooled, model->classifier->weight.t()) + model->classifier->bias;
+  CHECK((logits - expected).abs().max().item<double>() <= 1e-6);
+  // Padding does not change a sentence's logits: the second sentence alone, unpadded.
+  auto alone = model(ids.slice(0, 1, 2).slice(1, 0, 2), mask.slice(0, 1, 2).slice(1, 0, 2));
+  CHECK((alone - logits.slice(0, 1, 2)).abs().max().item<double>() <= 1e-5);
+  // Names parse both ways; an unknown one is an error naming the accepted ones.
+  CHECK(peft::models::pooling_from_string("mean") == Pooling::Mean);
+  CHECK(std::string(peft::models::to_string(Pooling::Cls)) == "cls");
+  CHECK_THAT(error_of([] { peft::models::pooling_from_string("max"); }),
+             Catch::Contains("unknown pooling \"max\""));
+  // Prompt rows in front count as tokens: the mask is widened, not misaligned.
+  auto wide = torch::randn({2, 5, kH});
+  auto m = peft::models::masked_mean(wide, mask);
+  CHECK((m[1] - wide[1].slice(0, 0, 4).mean(0)).abs().max().item<double>() <= 1e-6);
+  CHECK_THAT(error_of([&] {
+               peft::models::masked_mean(torch::randn({2, 2, kH}), mask);
+             }),
+             Catch::Contains("does not fit hidden states"));
+}
+
 TEST_CASE("default_model_dir: explicit path, PEFT_MODEL_DIR, clear errors", "[bert]") {
   TempDir dir;
   CHECK_THAT(error_of([&] { peft::models::default_model_dir(dir.path); }),

@@ -11,23 +11,64 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <string>
 #include <utility>
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
+#include <peft/detail/shape.hpp>
 #include <peft/models/bert.hpp>
 
 PEFT_NAMESPACE_BEGIN
 namespace models {
 
+/// How a sequence classifier turns the last hidden state [N, L, H] into one vector per example.
+enum class Pooling {
+  /// BERT's pooler: tanh(dense(hidden[:, 0])) (Hugging Face's BertForSequenceClassification).
+  Cls,
+  /// The mean of the hidden states of the real (unmasked) tokens. Sentence-transformers models
+  /// such as all-MiniLM-L6-v2 were trained to be read this way; their [CLS] pooler was not.
+  Mean,
+};
+
+/// "cls" or "mean".
+inline const char* to_string(Pooling pooling) {
+  return pooling == Pooling::Mean ? "mean" : "cls";
+}
+
+/// Parses "cls" or "mean"; anything else is an error naming the accepted values.
+inline Pooling pooling_from_string(const std::string& name) {
+  if (name == "cls") return Pooling::Cls;
+  if (name == "mean") return Pooling::Mean;
+  fail("models::bert", "unknown pooling \"{}\" (expected \"cls\" or \"mean\")", name);
+}
+
+/// Mean of `hidden` [N, n + L, H] over the positions where `attention_mask` [N, L] is nonzero
+/// (all positions when the mask is undefined). The first n positions (virtual prompt tokens put
+/// in front of the input) always count.
+inline torch::Tensor masked_mean(const torch::Tensor& hidden, const torch::Tensor& attention_mask) {
+  if (!attention_mask.defined()) return hidden.mean(1);
+  auto mask = attention_mask.to(hidden.scalar_type());
+  const int64_t extra = hidden.size(1) - mask.size(1);
+  check(extra >= 0 && mask.size(0) == hidden.size(0), "models::bert",
+        "attention_mask of shape {} does not fit hidden states of shape {}",
+        peft::detail::shape(mask.sizes()), peft::detail::shape(hidden.sizes()));
+  if (extra > 0) mask = torch::cat({torch::ones({mask.size(0), extra}, mask.options()), mask}, 1);
+  const auto weights = mask.unsqueeze(-1);
+  return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0);
+}
+
 /// Hugging Face's BertForSequenceClassification: dropout and a Linear(H, num_labels) on the
-/// pooled output. Children `bert` (frozen) and `classifier` (trainable). num_labels 1 means
-/// regression (one score per example).
+/// pooled output (BERT's [CLS] pooler by default, or the mean of the token states). Children
+/// `bert` (frozen) and `classifier` (trainable). num_labels 1 means regression (one score per
+/// example).
 class BertForSequenceClassificationImpl : public torch::nn::Module {
  public:
-  BertForSequenceClassificationImpl(Bert backbone, int64_t num_labels)
+  BertForSequenceClassificationImpl(Bert backbone, int64_t num_labels,
+                                    Pooling pooling = Pooling::Cls)
       : torch::nn::Module("peft::models::BertForSequenceClassification"),
-        bert(register_module("bert", std::move(backbone))) {
+        bert(register_module("bert", std::move(backbone))),
+        pooling(pooling) {
     check(num_labels > 0, "models::bert", "num_labels must be positive, got {}", num_labels);
     const int64_t H = bert->config().hidden_size;
     dropout = register_module("dropout", torch::nn::Dropout(bert->config().hidden_dropout_prob));
@@ -40,16 +81,18 @@ class BertForSequenceClassificationImpl : public torch::nn::Module {
 
   /// A frozen backbone from a Hugging Face folder with a new head.
   static std::shared_ptr<BertForSequenceClassificationImpl> from_pretrained(
-      const std::filesystem::path& folder, int64_t num_labels) {
+      const std::filesystem::path& folder, int64_t num_labels, Pooling pooling = Pooling::Cls) {
     return std::make_shared<BertForSequenceClassificationImpl>(Bert::from_pretrained(folder),
-                                                               num_labels);
+                                                               num_labels, pooling);
   }
 
   /// Logits [N, num_labels] (see BertImpl::forward for the inputs).
   torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {},
                         const torch::Tensor& token_type_ids = {}) {
     auto hidden = bert->forward(input_ids, attention_mask, token_type_ids);
-    return classifier(dropout(bert->pool(hidden)));
+    auto pooled =
+        pooling == Pooling::Mean ? masked_mean(hidden, attention_mask) : bert->pool(hidden);
+    return classifier(dropout(pooled));
   }
 
   int64_t num_labels() const { return classifier->options.out_features(); }
@@ -57,6 +100,8 @@ class BertForSequenceClassificationImpl : public torch::nn::Module {
   Bert bert{nullptr};
   torch::nn::Dropout dropout{nullptr};
   torch::nn::Linear classifier{nullptr};
+  /// How hidden states become the classifier's input.
+  Pooling pooling = Pooling::Cls;
 };
 
 /// Module holder of BertForSequenceClassificationImpl, with from_pretrained().
@@ -68,9 +113,10 @@ class BertForSequenceClassification
 
   /// A frozen backbone from a Hugging Face folder with a new head of `num_labels` outputs.
   static BertForSequenceClassification from_pretrained(const std::filesystem::path& folder,
-                                                       int64_t num_labels) {
+                                                       int64_t num_labels,
+                                                       Pooling pooling = Pooling::Cls) {
     return BertForSequenceClassification(
-        BertForSequenceClassificationImpl::from_pretrained(folder, num_labels));
+        BertForSequenceClassificationImpl::from_pretrained(folder, num_labels, pooling));
   }
 };
 
