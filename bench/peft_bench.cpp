@@ -10,8 +10,12 @@
 //    "base_mb":...,"trainable_params":...,"stored_bytes":...,"first_loss":...}
 // step_ms is the median over the timed steps; peak_mb is the process's peak RSS (ru_maxrss) on
 // CPU or the CUDA allocator's peak on a GPU; base_mb is the RSS (or allocated CUDA memory) once
-// the model is ready, before the first step. Dropout is off (eval mode) so runs are deterministic
-// and comparable with bench/hf_step.py.
+// the model is ready, before the first step. stored_bytes is what the method saves: the adapter
+// folder save_adapter writes; for full and lst the trainable tensors; for propetl the library's
+// bit-packed storage (prototype + one bit per mask entry), with "layers", "sites" and
+// "unshared_bytes" (the same adapter in every layer without sharing) added to its line, so
+// stored_bytes / unshared_bytes can be checked against 1/layers + 1/32. Dropout is off (eval mode)
+// so runs are deterministic and comparable with bench/hf_step.py.
 
 #include <sys/resource.h>
 
@@ -30,6 +34,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <peft/peft.hpp>
@@ -43,7 +48,7 @@ namespace fs = std::filesystem;
 namespace {
 
 const std::vector<std::string> kTrainMethods = {"full",   "lora",   "adapter", "bitfit",
-                                                "prefix", "prompt", "lst"};
+                                                "prefix", "prompt", "propetl", "lst"};
 const std::vector<std::string> kInferMethods = {"infer-plain", "infer-lora", "infer-lora-merged"};
 
 struct Settings {
@@ -92,46 +97,13 @@ int64_t parameter_bytes(const std::vector<torch::Tensor>& params) {
   return bytes;
 }
 
-/// BERT's embeddings (word + position + token type, LayerNorm) of `ids` [N, L], as the
-/// sequence-first [L, N, H] the encoder takes. Ladder side-tuning feeds these to its backbone.
-torch::Tensor bert_embeddings(peft::models::BertImpl& bert, const torch::Tensor& ids) {
-  const int64_t N = ids.size(0), L = ids.size(1);
-  auto positions = torch::arange(L, ids.options()).unsqueeze(0).expand({N, L});
-  auto x = bert.word_embeddings(ids) + bert.position_embeddings(positions) +
-           bert.token_type_embeddings(torch::zeros_like(ids));
-  return bert.embeddings_norm(x).transpose(0, 1);
-}
-
-/// Ladder side-tuning over the real model: the frozen BERT (embeddings and encoder) feeds a side
-/// network; a new head reads the side network's first position.
-class LadderClassifierImpl : public torch::nn::Module {
- public:
-  LadderClassifierImpl(peft::models::Bert bert_, int64_t num_labels)
-      : bert(register_module("bert", std::move(bert_))),
-        ladder(register_module("ladder", peft::Ladder(bert->encoder, peft::LadderOptions()))),
-        classifier(register_module("classifier",
-                                   torch::nn::Linear(bert->config().hidden_size, num_labels))) {}
-
-  torch::Tensor forward(const torch::Tensor& ids) {
-    torch::Tensor x;
-    {
-      torch::NoGradGuard no_grad;
-      x = bert_embeddings(*bert, ids);
-    }
-    return classifier(ladder(x).select(0, 0));
-  }
-
-  peft::models::Bert bert;
-  peft::Ladder ladder;
-  torch::nn::Linear classifier;
-};
-TORCH_MODULE(LadderClassifier);
-
 /// The model under test: its root module (what is counted and optimised) and its forward.
 struct Subject {
   std::shared_ptr<torch::nn::Module> root;
   std::function<torch::Tensor(const torch::Tensor&)> logits;
   int64_t stored_bytes = 0;
+  /// Method-specific numbers appended to the JSON line.
+  std::vector<std::pair<std::string, int64_t>> extra;
 };
 
 /// The method's adapter written by save_adapter() into a fresh temporary folder: its size.
@@ -148,7 +120,9 @@ Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::
   Subject out;
   const std::string& m = s.method;
   if (m == "lst") {
-    LadderClassifier model(peft::models::Bert::from_pretrained(model_dir), 2);
+    // The frozen BERT's embeddings and encoder feed a side network; the head reads its first
+    // position.
+    auto model = peft::models::BertLadderForSequenceClassification::from_pretrained(model_dir, 2);
     model->to(device);
     model->eval();
     out.root = model.ptr();
@@ -172,6 +146,9 @@ Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::
     peft::attach(*model, peft::PrefixOptions(10));
   } else if (m == "prompt") {
     peft::attach(*model, peft::PromptOptions(20));
+  } else if (m == "propetl") {
+    // One Pfeiffer adapter prototype (one site per layer) shared by every layer, a mask per layer.
+    peft::attach(*model, peft::ProPETLOptions(peft::ProPETLBase::Adapter));
   } else if (m == "full") {
     peft::unfreeze(*model);
   } else if (m != "infer-plain") {
@@ -182,6 +159,14 @@ Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::
   model->eval();
   if (m == "full") {
     out.stored_bytes = parameter_bytes(peft::trainable_parameters(*model));
+  } else if (m == "propetl") {
+    // save_adapter has no format for ProPETL: the library's storage report, the prototype plus
+    // one bit per mask entry (no head), against the same adapter unshared in every layer.
+    const auto storage = peft::propetl_storage(*model);
+    out.stored_bytes = storage.total();
+    out.extra = {{"layers", model->bert->config().num_hidden_layers},
+                 {"sites", storage.sites},
+                 {"unshared_bytes", storage.unshared_bytes}};
   } else if (m != "infer-plain") {
     out.stored_bytes = saved_adapter_bytes(*model);
   }
@@ -292,6 +277,7 @@ int run_one(const Settings& s) {
        << ",\"step_ms\":" << median(times) << ",\"peak_mb\":" << device_memory_mb(device, true)
        << ",\"base_mb\":" << base_mb << ",\"trainable_params\":" << trainable
        << ",\"stored_bytes\":" << subject.stored_bytes << ",\"first_loss\":" << first_loss;
+  for (const auto& [key, value] : subject.extra) line << ",\"" << key << "\":" << value;
   line << "}";
   std::cout << line.str() << std::endl;
   return 0;

@@ -112,3 +112,120 @@ TEST_CASE("LST learns the scale task, only the side network trains", "[lst]") {
   INFO("head only " << baseline << ", lst " << tuned);
   CHECK(tuned <= 0.5 * baseline);
 }
+
+namespace {
+
+/// A tiny randomly initialised BERT (no files): width kDim, kLayers layers, a 30-token vocabulary.
+peft::models::Bert tiny_bert(uint64_t seed = 11) {
+  torch::manual_seed(seed);
+  peft::models::BertConfig config;
+  config.vocab_size = 30;
+  config.hidden_size = kDim;
+  config.num_hidden_layers = kLayers;
+  config.num_attention_heads = kHeads;
+  config.intermediate_size = kFF;
+  config.max_position_embeddings = 24;
+  return peft::models::Bert(config);
+}
+
+using peft::models::BertLadderForSequenceClassification;
+using peft::models::Pooling;
+
+}  // namespace
+
+TEST_CASE("LST over Bert: the logits a side network and head compute from BERT's embeddings",
+          "[lst]") {
+  auto bert = tiny_bert();
+  BertLadderForSequenceClassification model(bert, 3, peft::LadderOptions().reduction_factor(4));
+  model->eval();
+  auto ids = torch::tensor({2, 7, 9, 4, 3, 11, 5, 0}, torch::kLong).view({2, 4});
+  auto mask = ids.ne(0).to(torch::kLong);
+  auto types = torch::tensor({0, 0, 1, 1, 0, 1, 1, 0}, torch::kLong).view({2, 4});
+  // By hand from the stock pieces: BERT's embeddings, the ladder, the head on position 0.
+  auto positions = torch::arange(4).unsqueeze(0).expand({2, 4});
+  auto x = bert->embeddings_norm(bert->word_embeddings(ids) + bert->position_embeddings(positions) +
+                                 bert->token_type_embeddings(types));
+  CHECK(max_diff(bert->embed(ids, types), x) <= 1e-6);
+  auto side = model->ladder(x.transpose(0, 1), torch::Tensor(), mask.eq(0));
+  auto expected = model->classifier(side.select(0, 0));
+  auto logits = model(ids, mask, types);
+  CHECK(logits.sizes() == torch::IntArrayRef({2, 3}));
+  CHECK(max_diff(logits, expected) <= 1e-6);
+
+  // The ladder's backbone is BERT's encoder, listed once (under bert).
+  CHECK(model->ladder->backbone.get() == bert->encoder.get());
+  for (const auto& item : model->named_parameters()) {
+    INFO(item.key());
+    CHECK(item.key().rfind("ladder.backbone", 0) != 0);
+  }
+
+  CHECK_THROWS_WITH(BertLadderForSequenceClassification(tiny_bert(), 0),
+                    Catch::Contains("[peft::models::bert] num_labels must be positive, got 0"));
+  CHECK_THROWS_WITH(model(ids, mask.slice(1, 0, 3)),
+                    Catch::Contains("attention_mask has shape [2, 3], expected [2, 4]"));
+}
+
+TEST_CASE("LST over Bert: padding does not change a sentence's logits", "[lst]") {
+  for (auto pooling : {Pooling::Cls, Pooling::Mean}) {
+    INFO("pooling " << peft::models::to_string(pooling));
+    BertLadderForSequenceClassification model(tiny_bert(), 2,
+                                              peft::LadderOptions().reduction_factor(4), pooling);
+    model->eval();
+    torch::NoGradGuard no_grad;
+    auto sentence = torch::tensor({{2, 17, 8, 23, 3}}, torch::kLong);
+    auto alone = model(sentence, torch::ones_like(sentence));
+    // The same sentence padded to 8 in a batch with a longer one.
+    auto ids = torch::tensor({2, 17, 8, 23, 3, 0, 0, 0, 2, 5, 6, 7, 9, 10, 12, 3}, torch::kLong)
+                   .view({2, 8});
+    auto mask = ids.ne(0).to(torch::kLong);
+    auto batch = model(ids, mask);
+    CHECK(max_diff(batch.slice(0, 0, 1), alone) <= 1e-5);
+    // The mask is what keeps the padding out: attending to it changes the logits.
+    auto unmasked = model(ids, torch::ones_like(ids));
+    CHECK(max_diff(unmasked.slice(0, 0, 1), alone) > 1e-4);
+  }
+}
+
+TEST_CASE("LST over Bert: only the ladder and the head train, the backbone gets no gradient",
+          "[lst]") {
+  auto bert = tiny_bert();
+  BertLadderForSequenceClassification model(
+      bert, 2, peft::LadderOptions().reduction_factor(4).layers({1}), Pooling::Mean);
+  model->eval();
+  const auto frozen = snapshot(*bert);
+  auto ids = torch::tensor({2, 7, 9, 4, 3, 11, 5, 0}, torch::kLong).view({2, 4});
+  auto mask = ids.ne(0).to(torch::kLong);
+  auto labels = torch::tensor({0, 1}, torch::kLong);
+
+  const auto trainable = peft::named_trainable_parameters(*model);
+  int64_t expected_count = 0;
+  for (const auto& p : model->ladder->parameters()) expected_count += p.numel();
+  for (const auto& p : model->classifier->parameters()) expected_count += p.numel();
+  CHECK(peft::count_parameters(*model).trainable == expected_count);
+  CHECK(peft::count_parameters(*model).total ==
+        peft::count_parameters(*bert).total + expected_count);
+  CHECK(peft::count_parameters(*bert).trainable == 0);
+  for (const auto& [name, p] : trainable) {
+    INFO(name);
+    CHECK((name.rfind("ladder.", 0) == 0 || name.rfind("classifier.", 0) == 0));
+  }
+
+  auto before = model(ids, mask).detach();
+  torch::optim::AdamW opt(peft::trainable_parameters(*model), torch::optim::AdamWOptions(1e-2));
+  auto loss = torch::nn::functional::cross_entropy(model(ids, mask), labels);
+  loss.backward();
+  for (const auto& p : bert->parameters()) CHECK_FALSE(p.grad().defined());
+  for (const auto& [name, p] : trainable) {
+    INFO(name);
+    CHECK(p.grad().defined());
+  }
+  CHECK(model->ladder->gates.grad().abs().sum().item<double>() > 0);
+  opt.step();
+
+  // One step moves the logits and leaves every backbone tensor bit-identical.
+  auto after = model(ids, mask).detach();
+  CHECK(max_diff(after, before) > 1e-4);
+  const auto now = snapshot(*bert);
+  REQUIRE(now.size() == frozen.size());
+  for (size_t i = 0; i < now.size(); ++i) CHECK(torch::equal(now[i], frozen[i]));
+}

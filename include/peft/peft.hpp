@@ -30,6 +30,7 @@
 #include <peft/io/hf_config.hpp>
 #include <peft/models/bert.hpp>
 #include <peft/models/heads.hpp>
+#include <peft/models/ladder_heads.hpp>
 #include <peft/models/model_path.hpp>
 #include <peft/io/adapter_format.hpp>
 #include <peft/data/example.hpp>

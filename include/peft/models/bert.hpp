@@ -143,20 +143,22 @@ class BertImpl : public torch::nn::Module {
   /// Hugging Face's BERT does with PEFT's prefixes (they arrive as a key/value cache).
   torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {},
                         const torch::Tensor& token_type_ids = {}) {
-    check(input_ids.dim() == 2, "models::bert", "input_ids has shape {}, expected [N, L]",
-          peft::detail::shape(input_ids.sizes()));
-    const int64_t N = input_ids.size(0), L = input_ids.size(1);
-    auto same_shape = [&](const torch::Tensor& t, const char* name) {
-      check(!t.defined() || t.sizes() == input_ids.sizes(), "models::bert",
-            "{} has shape {}, expected {} like input_ids", name, peft::detail::shape(t.sizes()),
-            peft::detail::shape(input_ids.sizes()));
-    };
-    same_shape(attention_mask, "attention_mask");
-    same_shape(token_type_ids, "token_type_ids");
+    check_inputs(input_ids, attention_mask, "attention_mask");
+    auto x = embed(input_ids, token_type_ids);
+    auto h = encoder->forward(x.transpose(0, 1), {},
+                              key_padding_mask(attention_mask, x.size(1) - input_ids.size(1)));
+    return h.transpose(0, 1);
+  }
 
+  /// The embedding output [N, n + L, H] the encoder reads: word, position and token type
+  /// embeddings, LayerNorm and dropout, with the n = prompt_length() prompt rows in front of the
+  /// words (positions numbered as forward() describes). A model that runs its own network over
+  /// BERT's embeddings (Ladder Side-Tuning) starts here.
+  torch::Tensor embed(const torch::Tensor& input_ids, const torch::Tensor& token_type_ids = {}) {
+    check_inputs(input_ids, token_type_ids, "token_type_ids");
+    const int64_t N = input_ids.size(0), L = input_ids.size(1);
     auto x = word_embeddings(input_ids);
     auto types = token_type_ids.defined() ? token_type_ids : torch::zeros_like(input_ids);
-    auto padding = attention_mask.defined() ? attention_mask.eq(0) : torch::Tensor();
     auto rows = prompt->prompt_rows();
     const int64_t n = rows.defined() ? rows.size(0) : 0;
     // Hugging Face runs prefix tuning through the key/value cache, so BERT numbers the real
@@ -166,9 +168,6 @@ class BertImpl : public torch::nn::Module {
     if (n > 0) {
       x = torch::cat({rows.unsqueeze(0).expand({N, n, rows.size(1)}).to(x.scalar_type()), x}, 1);
       types = torch::cat({torch::zeros({N, n}, types.options()), types}, 1);
-      if (padding.defined()) {
-        padding = torch::cat({torch::zeros({N, n}, padding.options()), padding}, 1);
-      }
       // With a prompt Hugging Face PEFT passes inputs_embeds, whose positions simply count up.
       positions =
           torch::arange(past, past + n + L, input_ids.options()).unsqueeze(0).expand({N, n + L});
@@ -185,9 +184,17 @@ class BertImpl : public torch::nn::Module {
           "model has {} position embeddings",
           past + n + L, past, n, L, max_position, config_.max_position_embeddings);
     x = x + position_embeddings(positions) + token_type_embeddings(types);
-    x = embeddings_dropout(embeddings_norm(x));
-    auto h = encoder->forward(x.transpose(0, 1), {}, padding);
-    return h.transpose(0, 1);
+    return embeddings_dropout(embeddings_norm(x));
+  }
+
+  /// The encoder's key padding mask [N, extra + L] (true = padding) for an attention_mask [N, L]
+  /// (1 = token), with `extra` positions in front that are never padding (prompt rows); undefined
+  /// when attention_mask is.
+  static torch::Tensor key_padding_mask(const torch::Tensor& attention_mask, int64_t extra = 0) {
+    if (!attention_mask.defined()) return {};
+    auto padding = attention_mask.eq(0);
+    if (extra == 0) return padding;
+    return torch::cat({torch::zeros({padding.size(0), extra}, padding.options()), padding}, 1);
   }
 
   /// BERT's pooled output: tanh(dense(hidden[:, 0])), from a last hidden state [N, L, H].
@@ -260,6 +267,16 @@ class BertImpl : public torch::nn::Module {
   Site prompt{nullptr};
 
  private:
+  /// Checks input_ids [N, L] and an optional tensor of its shape.
+  static void check_inputs(const torch::Tensor& input_ids, const torch::Tensor& t,
+                           const char* name) {
+    check(input_ids.dim() == 2, "models::bert", "input_ids has shape {}, expected [N, L]",
+          peft::detail::shape(input_ids.sizes()));
+    check(!t.defined() || t.sizes() == input_ids.sizes(), "models::bert",
+          "{} has shape {}, expected {} like input_ids", name, peft::detail::shape(t.sizes()),
+          peft::detail::shape(input_ids.sizes()));
+  }
+
   BertConfig config_;
 };
 
