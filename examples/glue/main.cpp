@@ -6,7 +6,9 @@
 //
 // --data-dir is the task's folder of the official distribution (train.tsv, dev.tsv) or the
 // glue_data folder holding it. MNLI is evaluated on dev_matched and dev_mismatched.
-#include "../common/finetune.hpp"
+#include "../common/benchmark.hpp"
+
+#include <peft/data/glue.hpp>
 
 int main(int argc, char** argv) {
   namespace glue = peft::data::glue;
@@ -25,5 +27,5 @@ int main(int argc, char** argv) {
                   const std::string& split, const peft::data::ReadOptions& options) {
     return glue::read(task, dir, split, options);
   };
-  return finetune::main(bench, argc, argv);
+  return finetune::run_program(bench, argc, argv);
 }
