@@ -127,7 +127,11 @@ def run(args):
     optimizer = None if infer else torch.optim.AdamW(params, lr=args.lr)
     base_mb = current_rss_mb()
     times, first_loss = [], None
+    profiler = None
     for step in range(args.warmup + args.steps):
+        if step == args.warmup and args.profile:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            profiler.__enter__()
         start = time.perf_counter()
         if infer:
             with torch.no_grad():
@@ -143,6 +147,9 @@ def run(args):
             first_loss = value
         if step >= args.warmup:
             times.append(took)
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        profiler.export_chrome_trace(args.profile)
     times.sort()
     n = len(times)
     step_ms = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
@@ -170,6 +177,7 @@ def main():
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--profile", default="", help="write a Chrome trace of the timed steps")
     r.add_argument("--model", default="")
     args = parser.parse_args()
     prepare(args) if args.command == "prepare" else run(args)

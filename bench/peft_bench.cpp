@@ -20,6 +20,7 @@
 #include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -47,8 +48,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::vector<std::string> kTrainMethods = {"full",   "lora",   "adapter", "bitfit",
-                                                "prefix", "prompt", "propetl", "lst"};
+const std::vector<std::string> kTrainMethods = {
+    "full", "lora", "adapter", "adapterdrop", "bitfit", "prefix", "prompt", "propetl", "lst"};
 const std::vector<std::string> kInferMethods = {"infer-plain", "infer-lora", "infer-lora-merged"};
 
 struct Settings {
@@ -61,6 +62,7 @@ struct Settings {
   int64_t seq = 128;
   int64_t steps = 5;
   int64_t warmup = 2;
+  std::string profile;
   int64_t threads = 0;
   int64_t seed = 1234;
   double lr = 1e-3;
@@ -140,6 +142,13 @@ Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::
     peft::attach(*model, peft::LoRAOptions(8).alpha(16).targets({"query", "value"}));
   } else if (m == "adapter") {
     peft::attach(*model, peft::AdapterOptions(peft::AdapterKind::Houlsby));
+  } else if (m == "adapterdrop") {
+    // AdapterDrop: the same adapters, but none in the lower half of the layers, so the backward
+    // pass stops at the first adapted layer.
+    const int64_t L = model->bert->config().num_hidden_layers;
+    peft::attach(
+        *model,
+        peft::AdapterOptions(peft::AdapterKind::Houlsby).layers(peft::layers_from(L / 2, L)));
   } else if (m == "bitfit") {
     peft::attach(*model, peft::BitFitOptions());
   } else if (m == "prefix") {
@@ -170,6 +179,8 @@ Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::
   } else if (m != "infer-plain") {
     out.stored_bytes = saved_adapter_bytes(*model);
   }
+  if (m == "adapterdrop")
+    out.extra = {{"dropped_layers", model->bert->config().num_hidden_layers / 2}};
   out.root = model.ptr();
   out.logits = [model](const torch::Tensor& ids) mutable { return model->forward(ids); };
   return out;
@@ -250,7 +261,13 @@ int run_one(const Settings& s) {
   }
   std::vector<double> times;
   double first_loss = 0.0;
+  // --profile: LibTorch's profiler records every op of the timed steps (its overhead is in
+  // step_ms then) into a Chrome trace that bench/profile_ops.py sums per op.
+  std::unique_ptr<torch::autograd::profiler::RecordProfile> profile;
   for (int64_t step = 0; step < s.warmup + s.steps; ++step) {
+    if (step == s.warmup && !s.profile.empty()) {
+      profile = std::make_unique<torch::autograd::profiler::RecordProfile>(s.profile);
+    }
     const auto start = std::chrono::steady_clock::now();
     double loss_value = 0.0;
     if (infer) {
@@ -269,6 +286,7 @@ int run_one(const Settings& s) {
     if (step == 0) first_loss = loss_value;
     if (step >= s.warmup) times.push_back(took.count());
   }
+  profile.reset();
   std::ostringstream line;
   line.precision(10);
   line << "{\"method\":\"" << s.method << "\",\"mode\":\"" << (infer ? "infer" : "train")
@@ -348,6 +366,8 @@ int main(int argc, char** argv) {
   app.add_option("--seq", s.seq, "sequence length")->check(CLI::PositiveNumber);
   app.add_option("--steps", s.steps, "timed steps")->check(CLI::PositiveNumber);
   app.add_option("--warmup", s.warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
+  app.add_option("--profile", s.profile,
+                 "write a Chrome trace of the timed steps' ops to this file (one method only)");
   app.add_option("--threads", s.threads, "intra-op threads (0: LibTorch's default)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--lr", s.lr, "AdamW learning rate");

@@ -57,12 +57,13 @@ trap 'rm -rf "$work"' EXIT
 peft_log "writing inputs and adapters to $work"
 "$python" "$hf_step" prepare --out "$work" --configs "$configs"
 
-# Fewer steps where a step is long, to keep the run near 10 minutes on 2 busy cores.
+# Warm-up and timed steps per configuration: fewer where a step is long, so one repeat of the
+# four default configurations takes about 10 minutes on 2 quiet cores.
 steps_for() {
   case "$1" in
-    8x64) echo "2 5" ;;
-    8x128) echo "1 3" ;;
-    *) echo "1 2" ;;
+    8x64) echo "2 10" ;;
+    8x128) echo "2 6" ;;
+    *) echo "1 4" ;;
   esac
 }
 

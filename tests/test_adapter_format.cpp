@@ -2,6 +2,7 @@
 #include <peft/io/adapter_format.hpp>
 #include <peft/io/safetensors.hpp>
 #include <peft/models/bert.hpp>
+#include <peft/methods/ptuning.hpp>
 #include <peft/models/heads.hpp>
 
 #include <catch2/catch.hpp>
@@ -151,6 +152,18 @@ TEST_CASE("Adapter files round-trip bit for bit", "[adapter-format]") {
     auto fresh = tiny_model();
     peft::load_adapter(*fresh, dir.path);
     CHECK(peft::count_parameters(*fresh).trainable == kLayers * 2 * 4 * kH + 3 * kH + 3);
+  }
+  SECTION("P-tuning: the rows its encoder produces are saved as prompt tuning") {
+    auto model = tiny_model();
+    peft::attach(*model, peft::PTuningOptions(3).encoder_hidden_size(5));
+    check_round_trip(model, dir.path, /*same_trainable=*/false);
+    CHECK(read_config(dir.path)["peft_type"] == "PROMPT_TUNING");
+    peft::io::SafetensorsFile file(dir.path / "adapter_model.safetensors");
+    CHECK(file.shape("prompt_embeddings") == std::vector<int64_t>{3, kH});
+    // Loaded as 3 plain rows plus the head.
+    auto fresh = tiny_model();
+    peft::load_adapter(*fresh, dir.path);
+    CHECK(peft::count_parameters(*fresh).trainable == 3 * kH + 3 * kH + 3);
   }
   SECTION("bottleneck adapters") {
     auto model = tiny_model();

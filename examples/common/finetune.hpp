@@ -108,12 +108,13 @@ inline const std::vector<std::string>& available_methods() {
   return methods;
 }
 
-/// Whether save_adapter() has a file format (Hugging Face PEFT's layout) for the method. The
-/// others (P-tuning's encoder, ProPETL's prototype and mask scores, LST's side network, full
-/// fine-tuning) are saved as their trained tensors in model.safetensors.
+/// Whether save_adapter() has a file format (Hugging Face PEFT's layout) for the method; P-tuning
+/// is saved as the prompt rows its encoder produces (PEFT's PROMPT_TUNING). The others (ProPETL's
+/// prototype and mask scores, LST's side network, full fine-tuning) are saved as their trained
+/// tensors in model.safetensors.
 inline bool has_adapter_format(const std::string& method) {
   return method == "lora" || method == "adapter" || method == "bitfit" || method == "prefix" ||
-         method == "prompt";
+         method == "prompt" || method == "ptuning";
 }
 
 /// The learning rate a method trains well at on this model when --lr is not given: the

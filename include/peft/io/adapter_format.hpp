@@ -235,8 +235,10 @@ T config_value_or(const nlohmann::json& config, const char* key, T fallback,
 
 /// Writes the adapter `options.adapter_name()` of `model` to the folder `dir` (created if needed):
 /// `adapter_config.json` and `adapter_model.safetensors`, each replaced atomically. The adapter
-/// must consist of one method (LoRA, prefix, prompt, bottleneck adapter or BitFit); the modules
-/// to save (by default a `classifier` head) are written with it. The model is not changed.
+/// must consist of one method (LoRA, prefix, prompt, bottleneck adapter or BitFit; P-tuning is
+/// written as the prompt rows its encoder produces, PEFT's PROMPT_TUNING, and loads back as prompt
+/// tuning); the modules to save (by default a `classifier` head) are written with it. The model is
+/// not changed.
 ///
 ///     peft::save_adapter(*model, "out/sst2-lora");
 inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& dir,
@@ -326,13 +328,15 @@ inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& 
     config["alpha_pattern"] = nlohmann::json::object();
     config["layers_to_transform"] = nullptr;
     config["layers_pattern"] = nullptr;
-  } else if (method == "prompt" || method == "prefix") {
+  } else if (method == "prompt" || method == "ptuning" || method == "prefix") {
     save_prefix = "base_model.";
     const int64_t layers = static_cast<int64_t>(detail::attention_sites(model).size());
     const int64_t heads =
         bert != nullptr ? bert->config().num_attention_heads : detail::attention_heads(model);
     int64_t dim = 0, n = 0;
-    if (method == "prompt") {
+    if (method == "prompt" || method == "ptuning") {
+      // P-tuning is saved as the virtual tokens its encoder produces now: plain prompt tuning,
+      // which is how Hugging Face PEFT stores a P-tuning model for inference.
       check(methods.size() == 1, "save_adapter",
             "prompt adapter \"{}\" sits at {} sites; the file format holds one prompt", name,
             methods.size());
