@@ -58,6 +58,17 @@ inline torch::Tensor masked_mean(const torch::Tensor& hidden, const torch::Tenso
   return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0);
 }
 
+/// A new head Linear(hidden, num_labels), initialised as Hugging Face initialises one: N(0, 0.02)
+/// weights, zero bias. num_labels must be positive.
+inline torch::nn::Linear new_head(int64_t hidden, int64_t num_labels) {
+  check(num_labels > 0, "models::bert", "num_labels must be positive, got {}", num_labels);
+  torch::nn::Linear head(hidden, num_labels);
+  torch::NoGradGuard no_grad;
+  head->weight.normal_(0.0, 0.02);
+  head->bias.zero_();
+  return head;
+}
+
 /// Hugging Face's BertForSequenceClassification: dropout and a Linear(H, num_labels) on the
 /// pooled output (BERT's [CLS] pooler by default, or the mean of the token states). Children
 /// `bert` (frozen) and `classifier` (trainable). num_labels 1 means regression (one score per
@@ -69,14 +80,8 @@ class BertForSequenceClassificationImpl : public torch::nn::Module {
       : torch::nn::Module("peft::models::BertForSequenceClassification"),
         bert(register_module("bert", std::move(backbone))),
         pooling(pooling) {
-    check(num_labels > 0, "models::bert", "num_labels must be positive, got {}", num_labels);
-    const int64_t H = bert->config().hidden_size;
     dropout = register_module("dropout", torch::nn::Dropout(bert->config().hidden_dropout_prob));
-    classifier = register_module("classifier", torch::nn::Linear(H, num_labels));
-    // Hugging Face's initialisation of a new head: N(0, 0.02) weights, zero bias.
-    torch::NoGradGuard no_grad;
-    classifier->weight.normal_(0.0, 0.02);
-    classifier->bias.zero_();
+    classifier = register_module("classifier", new_head(bert->config().hidden_size, num_labels));
   }
 
   /// A frozen backbone from a Hugging Face folder with a new head.

@@ -41,16 +41,11 @@ class BertLadderForSequenceClassificationImpl : public torch::nn::Module {
         bert(register_module("bert", std::move(backbone))),
         pooling(pooling) {
     check(num_labels > 0, "models::bert", "num_labels must be positive, got {}", num_labels);
-    const int64_t H = bert->config().hidden_size;
     ladder = register_module("ladder", Ladder(bert->encoder, options));
     ladder->unregister_module("backbone");
     dropout = register_module("dropout", torch::nn::Dropout(bert->config().hidden_dropout_prob));
-    classifier = register_module("classifier", torch::nn::Linear(H, num_labels));
-    // Initialised like BertForSequenceClassification's head (Hugging Face's): N(0, 0.02), zero
-    // bias.
-    torch::NoGradGuard no_grad;
-    classifier->weight.normal_(0.0, 0.02);
-    classifier->bias.zero_();
+    // Initialised like BertForSequenceClassification's head.
+    classifier = register_module("classifier", new_head(bert->config().hidden_size, num_labels));
   }
 
   /// A frozen backbone from a Hugging Face folder with a new side network and head.
