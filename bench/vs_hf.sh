@@ -57,8 +57,8 @@ trap 'rm -rf "$work"' EXIT
 peft_log "writing inputs and adapters to $work"
 "$python" "$hf_step" prepare --out "$work" --configs "$configs"
 
-# Warm-up and timed steps per configuration: fewer where a step is long, so one repeat of the
-# four default configurations takes about 10 minutes on 2 quiet cores.
+# Warm-up and timed steps per configuration: fewer where a step is long (three repeats of 8x64
+# and 32x128 took 13 minutes on 2 quiet cores).
 steps_for() {
   case "$1" in
     8x64) echo "2 10" ;;

@@ -259,9 +259,9 @@ inline std::vector<std::string> attach_method(const Options& o,
   return {};
 }
 
-/// Trains BERT's pooler with the head. all-MiniLM-L6-v2 was trained for mean pooling, so its
-/// frozen [CLS] pooler is a poor fit for a classifier; Hugging Face PEFT does the same with
-/// modules_to_save=["classifier", "pooler"].
+/// Trains BERT's pooler with the head (Hugging Face PEFT: modules_to_save=["classifier",
+/// "pooler"]). On SST-2 with the default model it did not help (docs/RESULTS.md); --pooling mean
+/// is the other way around the untrained [CLS] pooler of a sentence-transformers model.
 inline void unfreeze_pooler(const Options& o, peft::models::BertForSequenceClassification& model) {
   if (o.train_pooler) peft::unfreeze(*model->bert->pooler);
 }
