@@ -16,6 +16,7 @@
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
+#include <peft/detail/linear.hpp>
 #include <peft/core/targets.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -105,8 +106,9 @@ class AdapterImpl : public MethodImpl {
 
   torch::Tensor apply(const torch::Tensor& input, const torch::Tensor& output) override {
     const auto& source = options_.kind() == AdapterKind::Parallel ? input : output;
-    return output +
-           adapter_up->forward(activation_(adapter_down->forward(source))) * options_.scaling();
+    return output + peft::detail::linear(activation_(peft::detail::linear(source, adapter_down)),
+                                         adapter_up) *
+                        options_.scaling();
   }
 
   const AdapterOptions& options() const { return options_; }

@@ -28,6 +28,7 @@
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
+#include <peft/detail/linear.hpp>
 #include <peft/detail/shape.hpp>
 #include <peft/methods/adapter.hpp>
 
@@ -341,14 +342,15 @@ class ProPETLImpl : public MethodImpl {
   bool masks_frozen() const { return !cached_.empty(); }
 
   torch::Tensor apply(const torch::Tensor& input, const torch::Tensor& output) override {
-    namespace F = torch::nn::functional;
     auto w = masked_weights();
     if (prototype_->base() == ProPETLBase::LoRA) {
-      return output + F::linear(F::linear(input, w[0]), w[1]) * lora_scaling();
+      return output +
+             peft::detail::linear(peft::detail::linear(input, w[0]), w[1]) * lora_scaling();
     }
     const auto& source = options_.adapter_kind() == AdapterKind::Parallel ? input : output;
-    auto down = activation_(F::linear(source, w[0], prototype_->adapter_down->bias));
-    return output + F::linear(down, w[1], prototype_->adapter_up->bias) * options_.scaling();
+    auto down = activation_(peft::detail::linear(source, w[0], prototype_->adapter_down->bias));
+    return output +
+           peft::detail::linear(down, w[1], prototype_->adapter_up->bias) * options_.scaling();
   }
 
   std::pair<torch::Tensor, torch::Tensor> prefix() override {

@@ -11,6 +11,7 @@
 #include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/core/site.hpp>
+#include <peft/detail/linear.hpp>
 #include <peft/detail/shape.hpp>
 #include <peft/functional/attention.hpp>
 
@@ -58,7 +59,6 @@ class MultiheadAttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& q_in, const torch::Tensor& k_in,
                         const torch::Tensor& v_in, const torch::Tensor& key_padding_mask = {},
                         const torch::Tensor& attn_mask = {}) {
-    namespace F = torch::nn::functional;
     const int64_t E = base->options.embed_dim();
     check(q_in.dim() == 3 && q_in.size(2) == E, "nn::MultiheadAttention",
           "query has shape {}, expected [L, N, {}]", peft::detail::shape(q_in.sizes()), E);
@@ -74,23 +74,23 @@ class MultiheadAttentionImpl : public torch::nn::Module {
     };
     torch::Tensor q, k, v;
     if (q_in.is_same(k_in) && k_in.is_same(v_in)) {
-      auto qkv = F::linear(q_in, w, b).chunk(3, -1);
+      auto qkv = peft::detail::linear(q_in, w, b).chunk(3, -1);
       q = qkv[0];
       k = qkv[1];
       v = qkv[2];
     } else {
       auto [wq, bq] = slice(0, E);
-      q = F::linear(q_in, wq, bq);
+      q = peft::detail::linear(q_in, wq, bq);
       if (k_in.is_same(v_in)) {
         auto [wkv, bkv] = slice(E, 2 * E);
-        auto kv = F::linear(k_in, wkv, bkv).chunk(2, -1);
+        auto kv = peft::detail::linear(k_in, wkv, bkv).chunk(2, -1);
         k = kv[0];
         v = kv[1];
       } else {
         auto [wk, bk] = slice(E, E);
         auto [wv, bv] = slice(2 * E, E);
-        k = F::linear(k_in, wk, bk);
-        v = F::linear(v_in, wv, bv);
+        k = peft::detail::linear(k_in, wk, bk);
+        v = peft::detail::linear(v_in, wv, bv);
       }
     }
     q = query->adapt(q_in, q);
@@ -113,7 +113,7 @@ class MultiheadAttentionImpl : public torch::nn::Module {
     }
     auto attended = functional::attention(q, k, v, base->options.num_heads(), mask, kpm,
                                           base->options.dropout(), is_training());
-    auto out = F::linear(attended, base->out_proj->weight, base->out_proj->bias);
+    auto out = peft::detail::linear(attended, base->out_proj->weight, base->out_proj->bias);
     return out_proj->adapt(attended, out);
   }
 

@@ -9,6 +9,7 @@
 #include <peft/config.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/core/site.hpp>
+#include <peft/detail/linear.hpp>
 #include <peft/detail/torch_compat.hpp>
 #include <peft/nn/attention.hpp>
 
@@ -42,14 +43,19 @@ class TransformerEncoderLayerImpl : public torch::nn::Module {
   }
 
   /// src [L, N, E]; src_mask [L, L]; src_key_padding_mask [N, L] (true = padding).
-  torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_mask = {},
+  ///
+  /// A non-contiguous src (e.g. a transposed batch-first tensor) is copied to contiguous memory
+  /// first: LibTorch's linear folds a contiguous 3-D input into one addmm with the bias fused,
+  /// but falls back to matmul plus a separate bias add otherwise, in every projection.
+  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& src_mask = {},
                         const torch::Tensor& src_key_padding_mask = {}) {
+    const auto src = input.contiguous();
     auto a = self_attn->forward(src, src, src, src_key_padding_mask, src_mask);
     a = attn_block->adapt(src, base->dropout1(a));
     auto x = base->norm1(src + a);
-    auto h = linear1->adapt(x, base->linear1(x));
+    auto h = linear1->adapt(x, peft::detail::linear(x, base->linear1));
     h = base->dropout(activation_(h));
-    auto f = linear2->adapt(h, base->linear2(h));
+    auto f = linear2->adapt(h, peft::detail::linear(h, base->linear2));
     f = ffn_block->adapt(x, base->dropout2(f));
     return base->norm2(x + f);
   }

@@ -6,6 +6,7 @@
 #include <peft/config.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/core/site.hpp>
+#include <peft/detail/linear.hpp>
 
 PEFT_NAMESPACE_BEGIN
 namespace nn {
@@ -22,7 +23,7 @@ class LinearImpl : public SiteImpl {
     set_frozen(base->weight, base->bias);
   }
 
-  torch::Tensor forward(const torch::Tensor& x) { return adapt(x, base->forward(x)); }
+  torch::Tensor forward(const torch::Tensor& x) { return adapt(x, peft::detail::linear(x, base)); }
 
   torch::nn::Linear base;
 };
