@@ -451,7 +451,7 @@ TEST_CASE("AdapterDrop at attach time: no adapter in the first k layers", "[adap
   CHECK(max_diff(states[3], expected[3]) > 1e-3);
 }
 
-TEST_CASE("AdapterDrop on attached adapters: the first k layers stop running and training",
+TEST_CASE("AdapterDrop on attached adapters: the first k layers lose them for good",
           "[adapterdrop]") {
   auto stock = deep_encoder(4);
   peft::nn::TransformerEncoder model(stock);
@@ -467,6 +467,11 @@ TEST_CASE("AdapterDrop on attached adapters: the first k layers stop running and
                                             "layers.1.attn_block", "layers.1.ffn_block",
                                             "layers.2.attn_block", "layers.2.ffn_block"});
   CHECK(peft::count_parameters(*model).trainable == 2 * per_adapter);
+  // Removed, not just switched off: not listed, not counted, not revived by set_adapter.
+  CHECK(peft::attached_methods(*model).size() == 2);
+  CHECK(peft::count_parameters(*model).total ==
+        peft::count_parameters(*stock).total + 2 * per_adapter);
+  peft::set_adapter(*model, {"default"});
   auto states = model->hidden_states(x);
   auto expected = stock_states(stock, x);
   std::vector<torch::Tensor> frozen;
@@ -487,6 +492,16 @@ TEST_CASE("AdapterDrop on attached adapters: the first k layers stop running and
   }
   CHECK_THROWS_WITH(peft::drop_adapters(*model, -1),
                     Catch::Contains("[peft::adapter_drop] k must not be negative, got -1"));
+
+  // ProPETL's prototype is shared by every layer: refused, nothing removed.
+  peft::nn::TransformerEncoder shared(deep_encoder(4));
+  peft::attach(*shared,
+               peft::ProPETLOptions(peft::ProPETLBase::Adapter, peft::AdapterKind::Pfeiffer));
+  const auto sites = peft::attached_methods(*shared).size();
+  CHECK_THROWS_WITH(
+      peft::drop_adapters(*shared, 2),
+      Catch::Contains("at \"layers.0.ffn_block\" is ProPETL, whose prototype all layers share"));
+  CHECK(peft::attached_methods(*shared).size() == sites);
 }
 
 // ------------------------------------------------------------------------------- AdapterFusion

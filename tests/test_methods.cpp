@@ -133,6 +133,56 @@ TEST_CASE("LoRA: several named adapters, switching and disabling", "[lora]") {
       Catch::Contains("adapter \"a\" is already attached at \"layers.0.self_attn.query\""));
 }
 
+TEST_CASE("delete_adapter removes one adapter for good and refuses merged or unknown names",
+          "[lora][core]") {
+  auto stock = stock_encoder();
+  peft::nn::TransformerEncoder model(stock);
+  peft::attach(*model, peft::LoRAOptions(2).adapter_name("a"));
+  peft::attach(*model, peft::LoRAOptions(2).adapter_name("b").targets({"linear1"}));
+  for (auto& [path, m] : peft::attached_methods(*model)) randomize(*m);
+  auto x = torch::randn({4, 2, kDim});
+  peft::set_adapter(*model, {"b"});
+  const auto only_b = model(x);
+  peft::set_adapter(*model, {"a", "b"});
+  const auto before = peft::count_parameters(*model);
+
+  // Expected from the options, r (in + out) per site: "a" at query and value, "b" at linear1.
+  const int64_t a_params = kLayers * 2 * 2 * (kDim + kDim);
+  const int64_t b_params = kLayers * 2 * (kDim + kFF);
+  CHECK(before.trainable == a_params + b_params);
+  auto removed = peft::delete_adapter(*model, "a");
+  CHECK(removed.size() == static_cast<size_t>(2 * kLayers));
+  CHECK(removed.front() == "layers.0.self_attn.query");
+  CHECK(peft::adapter_names(*model) == std::vector<std::string>{"b"});
+  CHECK(peft::count_parameters(*model).trainable == before.trainable - a_params);
+  CHECK(peft::count_parameters(*model).trainable == b_params);
+  CHECK(peft::count_parameters(*model).total == before.total - a_params);
+  for (const auto& p : model->named_parameters())
+    CHECK(p.key().find(".lora_a.") == std::string::npos);
+  // Only "b" runs now, and "a" cannot be switched back on.
+  CHECK(torch::equal(model(x), only_b));
+  CHECK_THROWS_WITH(peft::set_adapter(*model, {"a"}),
+                    Catch::Contains("no adapter named \"a\"; attached: b"));
+  CHECK_THROWS_WITH(peft::delete_adapter(*model, "a"),
+                    Catch::Contains("[peft::delete_adapter] no adapter named \"a\"; attached: b"));
+  // A merged adapter stays, and so does everything else.
+  peft::merge(*model);
+  CHECK_THROWS_WITH(
+      peft::delete_adapter(*model, "b"),
+      Catch::Contains("adapter \"b\" is merged at \"layers.0.linear1\"; unmerge first"));
+  CHECK(peft::adapter_names(*model) == std::vector<std::string>{"b"});
+  peft::unmerge(*model);
+  peft::delete_adapter(*model, "b");
+  CHECK(peft::attached_methods(*model).empty());
+  CHECK(peft::count_parameters(*model).trainable == 0);
+  CHECK(max_diff(model(x), peft::nn::TransformerEncoder(stock)(x)) <= 1e-6);
+
+  // The site-level call names what is missing.
+  auto site = model->layer(0)->self_attn->query;
+  CHECK_THROWS_WITH(site->remove("lora", "b"),
+                    Catch::Contains("adapter \"b\" has no lora at this linear site (\"query\")"));
+}
+
 TEST_CASE("LoRA: bad options and unknown targets name the option and the value", "[lora]") {
   peft::nn::TransformerEncoder model(stock_encoder());
   CHECK_THROWS_WITH(peft::attach(*model, peft::LoRAOptions(0)),

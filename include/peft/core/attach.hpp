@@ -171,6 +171,32 @@ inline void set_adapter(torch::nn::Module& model, const std::vector<std::string>
   }
 }
 
+/// Removes adapter `name` from `model`: every method of it leaves its site, with its parameters
+/// (so they are no longer trained, counted or saved). Returns the paths of the sites it left.
+/// Throws, leaving the model unchanged, on a name that is not attached or an adapter that is
+/// merged anywhere (unmerge first). LayerNorms that BitFit's layer_norm(true) unfroze stay
+/// trainable; an optimizer built before still holds the removed tensors.
+inline std::vector<std::string> delete_adapter(torch::nn::Module& model, const std::string& name) {
+  auto known = adapter_names(model);
+  check(std::find(known.begin(), known.end(), name) != known.end(), "delete_adapter",
+        "no adapter named \"{}\"; attached: {}", name,
+        known.empty() ? std::string("(none)") : fmt::format("{}", fmt::join(known, ", ")));
+  for (auto& [path, m] : attached_methods(model)) {
+    check(m->adapter() != name || !m->merged(), "delete_adapter",
+          "adapter \"{}\" is merged at \"{}\"; unmerge first", name, path);
+  }
+  std::vector<std::string> paths;
+  for (auto& ref : find_sites(model)) {
+    std::vector<std::string> kinds;
+    for (const auto& m : ref.site->methods()) {
+      if (m->adapter() == name) kinds.push_back(m->method());
+    }
+    for (const auto& kind : kinds) ref.site->remove(kind, name);
+    if (!kinds.empty()) paths.push_back(ref.path);
+  }
+  return paths;
+}
+
 /// Runs the model as if no method were attached (merged methods excepted), until
 /// enable_adapters(). Which adapters are active is remembered.
 inline void disable_adapters(torch::nn::Module& model) {

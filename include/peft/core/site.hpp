@@ -139,6 +139,25 @@ class SiteImpl : public torch::nn::Module {
   }
 
   const std::vector<std::shared_ptr<MethodImpl>>& methods() const { return methods_; }
+  /// Detaches the `method` of `adapter` from this site and returns it: its parameters leave the
+  /// model (parameters(), trainable_parameters(), adapter files) and forward no longer runs it.
+  /// Throws when there is none, or when it is merged (unmerge first: the frozen weights would
+  /// keep its change). An optimizer built before still holds the removed tensors.
+  std::shared_ptr<MethodImpl> remove(const std::string& method, const std::string& adapter) {
+    for (auto it = methods_.begin(); it != methods_.end(); ++it) {
+      if ((*it)->method() != method || (*it)->adapter() != adapter) continue;
+      check(!(*it)->merged(), method,
+            "adapter \"{}\" is merged at this {} site (\"{}\"); unmerge "
+            "first",
+            adapter, to_string(kind_), role_);
+      auto removed = *it;
+      unregister_module(method + "_" + adapter);
+      methods_.erase(it);
+      return removed;
+    }
+    fail(method, "adapter \"{}\" has no {} at this {} site (\"{}\")", adapter, method,
+         to_string(kind_), role_);
+  }
 
   /// Turns every method of this site off (or back on) without forgetting which are active.
   void set_enabled(bool enabled) { enabled_ = enabled; }

@@ -49,13 +49,14 @@ inline std::vector<int64_t> layers_from(int64_t k, int64_t num_layers) {
 }
 
 /// AdapterDrop on a model that already has adapters: every method at a Block site of layers < k
-/// (of `adapter` only, when given) stops running and training — it is deactivated and its
-/// parameters are frozen. Returns the paths of the affected sites. Note: peft::set_adapter()
-/// naming that adapter switches the dropped methods back on (frozen); to have no adapter there at
-/// all, attach with `.layers(layers_from(k, L))` instead.
+/// (of `adapter` only, when given) is removed from its site (SiteImpl::remove), so those layers
+/// run, train and save as if they never had one. Returns the paths of the affected sites. Throws,
+/// leaving the model unchanged, on a merged method there (unmerge first) and on ProPETL, whose
+/// prototype is shared by every layer (attach it with `.layers(layers_from(k, L))` instead).
 inline std::vector<std::string> drop_adapters(torch::nn::Module& model, int64_t k,
                                               const std::string& adapter = "") {
   check(k >= 0, "adapter_drop", "k must not be negative, got {}", k);
+  std::vector<std::pair<SiteImpl*, std::shared_ptr<MethodImpl>>> doomed;
   std::vector<std::string> paths;
   for (auto& ref : find_sites(model)) {
     if (ref.site->kind() != SiteKind::Block) continue;
@@ -66,12 +67,16 @@ inline std::vector<std::string> drop_adapters(torch::nn::Module& model, int64_t 
       if (!adapter.empty() && m->adapter() != adapter) continue;
       check(!m->merged(), "adapter_drop", "adapter \"{}\" is merged at \"{}\"; unmerge first",
             m->adapter(), ref.path);
-      set_method_state(*m, false, false);
-      freeze(*m);
+      check(m->method() != "propetl", "adapter_drop",
+            "adapter \"{}\" at \"{}\" is ProPETL, whose prototype all layers share; attach it with "
+            ".layers(peft::layers_from(k, L)) instead",
+            m->adapter(), ref.path);
+      doomed.emplace_back(ref.site.get(), m);
       touched = true;
     }
     if (touched) paths.push_back(ref.path);
   }
+  for (auto& [site, m] : doomed) site->remove(m->method(), m->adapter());
   return paths;
 }
 
@@ -138,6 +143,7 @@ class FusionImpl : public MethodImpl {
 
   /// The fused methods, in the order of fuse()'s names.
   const std::vector<std::shared_ptr<MethodImpl>>& fused() const { return fused_; }
+  const FusionOptions& options() const { return options_; }
 
   torch::nn::Linear query{nullptr}, key{nullptr}, value{nullptr};
 
