@@ -101,6 +101,97 @@ TEST_CASE("LST pruned initialisation keeps the highest-importance rows", "[lst]"
   CHECK(torch::equal(side->norm1->weight, stock->norm1->weight.index_select(0, units)));
 }
 
+TEST_CASE("LST Fisher importance is the mean squared gradient and steers the pruned rows",
+          "[lst]") {
+  torch::manual_seed(10);
+  auto stock = stock_encoder();
+  peft::nn::TransformerEncoder backbone(stock);
+  const std::vector<torch::Tensor> xs = {torch::randn({5, 2, kDim}), torch::randn({5, 2, kDim})};
+  auto loss = [&](int64_t i) { return backbone(xs[static_cast<size_t>(i)]).pow(3).sum(); };
+  auto fisher = peft::fisher_importance(*backbone, loss, 2);
+  REQUIRE(fisher.size() == static_cast<size_t>(kLayers));
+
+  // Independent expectation: the stock encoder's own autograd on a copy of it.
+  auto copy = std::dynamic_pointer_cast<torch::nn::TransformerEncoderImpl>(stock->clone());
+  std::vector<torch::Tensor> expected(2 * kLayers);
+  for (size_t b = 0; b < xs.size(); ++b) {
+    std::vector<torch::Tensor> ws;
+    for (size_t l = 0; l < static_cast<size_t>(kLayers); ++l) {
+      auto& layer = copy->layers->at<torch::nn::TransformerEncoderLayerImpl>(l);
+      ws.push_back(layer.self_attn->in_proj_weight.set_requires_grad(true));
+      ws.push_back(layer.linear1->weight.set_requires_grad(true));
+    }
+    auto grads = torch::autograd::grad({copy->forward(xs[b]).pow(3).sum()}, ws);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      auto sq = grads[i].square() / 2.0;
+      expected[i] = b == 0 ? sq : expected[i] + sq;
+    }
+  }
+  for (size_t l = 0; l < static_cast<size_t>(kLayers); ++l) {
+    INFO("layer " << l);
+    CHECK(torch::allclose(fisher[l].in_proj_weight, expected[2 * l], 1e-4, 1e-6));
+    CHECK(torch::allclose(fisher[l].linear1_weight, expected[2 * l + 1], 1e-4, 1e-6));
+    CHECK(fisher[l].in_proj_weight.abs().sum().item<double>() > 0);
+  }
+  // The backbone is frozen again with no gradients, also after a loss that fails.
+  auto frozen = [&] {
+    for (const auto& p : stock->parameters()) {
+      if (p.requires_grad() || p.grad().defined()) return false;
+    }
+    return true;
+  };
+  CHECK(frozen());
+  CHECK_THROWS_WITH(
+      peft::fisher_importance(
+          *backbone, [&](int64_t i) { return i == 0 ? loss(0) : loss(0) + std::nan(""); }, 2),
+      Catch::Contains("[peft::lst] fisher_importance: loss(1) is nan"));
+  CHECK(frozen());
+  CHECK_THROWS_WITH(peft::fisher_importance(*backbone, loss, 0),
+                    Catch::Contains("needs at least one batch, got 0"));
+
+  // The ladder prunes by the given importance: identical to pruning with it by hand, and (for
+  // crafted scores) the units, attention rows and FFN rows with the highest scores.
+  peft::Ladder ladder(backbone, peft::LadderOptions().reduction_factor(8).importance(fisher));
+  auto by_hand = torch::nn::TransformerEncoderLayer(
+      torch::nn::TransformerEncoderLayerOptions(2, 1).dim_feedforward(kFF / 8));
+  peft::detail::prune_into(stock->layers->at<torch::nn::TransformerEncoderLayerImpl>(1), *by_hand,
+                           fisher[1]);
+  auto side1 = ladder->side->ptr<torch::nn::TransformerEncoderLayerImpl>(1);
+  CHECK(torch::equal(side1->self_attn->in_proj_weight, by_hand->self_attn->in_proj_weight));
+  CHECK(torch::equal(side1->linear2->weight, by_hand->linear2->weight));
+
+  const auto& layer0 = stock->layers->at<torch::nn::TransformerEncoderLayerImpl>(0);
+  peft::LayerImportance crafted{torch::zeros({3 * kDim, kDim}), torch::zeros({kFF, kDim})};
+  crafted.in_proj_weight.select(1, 4).fill_(1);
+  crafted.in_proj_weight.select(1, 7).fill_(1);
+  for (int64_t part = 0; part < 3; ++part) {
+    crafted.in_proj_weight[part * kDim + 1] += 0.5;
+    crafted.in_proj_weight[part * kDim + 12] += 0.5;
+  }
+  crafted.linear1_weight[6] += 1;
+  crafted.linear1_weight[20] += 1;
+  auto side = torch::nn::TransformerEncoderLayer(
+      torch::nn::TransformerEncoderLayerOptions(2, 1).dim_feedforward(2));
+  peft::detail::prune_into(layer0, *side, crafted);
+  const auto units = torch::tensor({4, 7}, torch::kLong);
+  const auto rows = torch::tensor({1, 12}, torch::kLong);
+  const auto ffn = torch::tensor({6, 20}, torch::kLong);
+  auto k = layer0.self_attn->in_proj_weight.narrow(0, kDim, kDim);
+  CHECK(torch::equal(side->self_attn->in_proj_weight.narrow(0, 2, 2),
+                     k.index_select(0, rows).index_select(1, units)));
+  CHECK(torch::equal(side->linear1->weight,
+                     layer0.linear1->weight.index_select(0, ffn).index_select(1, units)));
+
+  CHECK_THROWS_WITH(
+      peft::Ladder(backbone, peft::LadderOptions().importance({fisher[0]})),
+      Catch::Contains("importance has 1 entries, expected one per backbone layer (2)"));
+  auto bad = fisher;
+  bad[0].linear1_weight = torch::zeros({3, 3});
+  CHECK_THROWS_WITH(
+      peft::Ladder(backbone, peft::LadderOptions().reduction_factor(8).importance(bad)),
+      Catch::Contains("importance of linear1.weight has shape [3, 3], expected [32, 16]"));
+}
+
 TEST_CASE("LST learns the scale task, only the side network trains", "[lst]") {
   peft::Ladder ladder(peft::nn::TransformerEncoder(stock_encoder()),
                       peft::LadderOptions().reduction_factor(4));

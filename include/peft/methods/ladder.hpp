@@ -7,6 +7,7 @@
 // transformer blocks and is upsampled back to the model width for the task head.
 
 #include <torch/arg.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
@@ -16,12 +17,15 @@
 #include <torch/utils.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
+#include <peft/detail/linear.hpp>
 #include <peft/detail/shape.hpp>
 #include <peft/nn/encoder.hpp>
 
@@ -31,6 +35,13 @@ PEFT_NAMESPACE_BEGIN
 enum class LadderInit {
   Random,  ///< fresh initialisation of every side weight
   Pruned,  ///< structured pruning of the backbone layer each side block sits beside
+};
+
+/// Per-weight importance scores of one backbone layer, shaped like its weights: what structured
+/// pruning ranks rows and columns by. Weight magnitude |w| unless given (see fisher_importance()).
+struct LayerImportance {
+  torch::Tensor in_proj_weight;  ///< [3E, E], like self_attn.in_proj_weight
+  torch::Tensor linear1_weight;  ///< [F, E], like linear1.weight
 };
 
 /// Options of Ladder Side-Tuning.
@@ -45,6 +56,9 @@ struct LadderOptions {
   /// at most the backbone's head count).
   TORCH_ARG(int64_t, side_heads) = 0;
   TORCH_ARG(LadderInit, init) = LadderInit::Pruned;
+  /// Pruned init: per-weight importance of each backbone layer (one entry per backbone layer,
+  /// e.g. from peft::fisher_importance()); empty = weight magnitude.
+  TORCH_ARG(std::vector<LayerImportance>, importance);
 
  public:
   static constexpr const char* method = "lst";
@@ -66,24 +80,32 @@ inline torch::Tensor top_indices(const torch::Tensor& importance, int64_t count)
   return std::get<0>(picked.sort());
 }
 
-/// Copies a pruned version of a stock layer into a narrower stock layer. Importance is weight
-/// magnitude: model-width units by the L1 norm of the columns that read them (q/k/v and FFN in),
-/// attention rows by the summed L1 norms of their q, k and v rows (pruned together, so heads keep
-/// matching queries, keys and values), FFN rows by their L1 norm; every next matrix keeps the
-/// columns that follow the kept rows.
+/// Copies a pruned version of a stock layer into a narrower stock layer. Every score is a sum of
+/// per-weight importances (`importance`, or |w| where it is undefined): model-width units by the
+/// importance of the q/k/v and FFN-in columns that read them, attention rows by the summed
+/// importance of their q, k and v rows (pruned together, so heads keep matching queries, keys and
+/// values), FFN rows by theirs; every next matrix keeps the columns that follow the kept rows.
 inline void prune_into(const torch::nn::TransformerEncoderLayerImpl& from,
-                       torch::nn::TransformerEncoderLayerImpl& to) {
+                       torch::nn::TransformerEncoderLayerImpl& to,
+                       const LayerImportance& importance = LayerImportance()) {
   torch::NoGradGuard no_grad;
   const int64_t D = from.options.d_model(), d = to.options.d_model();
   const int64_t f = to.options.dim_feedforward();
   const auto& w = from.self_attn->in_proj_weight;
   const auto& b = from.self_attn->in_proj_bias;
-  auto wq = w.narrow(0, 0, D), wk = w.narrow(0, D, D), wv = w.narrow(0, 2 * D, D);
-  auto units = top_indices(w.abs().sum(0) + from.linear1->weight.abs().sum(0), d);
-  auto qkv_rows =
-      top_indices((wq.index_select(1, units).abs().sum(1) + wk.index_select(1, units).abs().sum(1) +
-                   wv.index_select(1, units).abs().sum(1)),
-                  d);
+  auto score = [](const torch::Tensor& given, const torch::Tensor& weight, const char* name) {
+    if (!given.defined()) return weight.abs();
+    check(given.sizes() == weight.sizes(), LadderOptions::method,
+          "importance of {} has shape {}, expected {}", name, detail::shape(given.sizes()),
+          detail::shape(weight.sizes()));
+    return given.to(weight.device(), weight.scalar_type());
+  };
+  auto s_in = score(importance.in_proj_weight, w, "in_proj_weight");
+  auto s_ffn = score(importance.linear1_weight, from.linear1->weight, "linear1.weight");
+  auto units = top_indices(s_in.sum(0) + s_ffn.sum(0), d);
+  auto s_units = s_in.index_select(1, units).sum(1);  // [3D]
+  auto qkv_rows = top_indices(
+      s_units.narrow(0, 0, D) + s_units.narrow(0, D, D) + s_units.narrow(0, 2 * D, D), d);
   auto& tw = to.self_attn->in_proj_weight;
   auto& tb = to.self_attn->in_proj_bias;
   for (int64_t part = 0; part < 3; ++part) {
@@ -94,7 +116,7 @@ inline void prune_into(const torch::nn::TransformerEncoderLayerImpl& from,
   to.self_attn->out_proj->weight.copy_(
       from.self_attn->out_proj->weight.index_select(0, units).index_select(1, qkv_rows));
   to.self_attn->out_proj->bias.copy_(from.self_attn->out_proj->bias.index_select(0, units));
-  auto ffn_rows = top_indices(from.linear1->weight.index_select(1, units).abs().sum(1), f);
+  auto ffn_rows = top_indices(s_ffn.index_select(1, units).sum(1), f);
   to.linear1->weight.copy_(from.linear1->weight.index_select(0, ffn_rows).index_select(1, units));
   to.linear1->bias.copy_(from.linear1->bias.index_select(0, ffn_rows));
   to.linear2->weight.copy_(from.linear2->weight.index_select(0, units).index_select(1, ffn_rows));
@@ -106,6 +128,64 @@ inline void prune_into(const torch::nn::TransformerEncoderLayerImpl& from,
 }
 
 }  // namespace detail
+
+/// Empirical Fisher information of each backbone layer's in_proj_weight and linear1.weight, the
+/// importance LST's pruned initialisation can rank by (LadderOptions::importance): the mean over
+/// `batches` calls of the squared gradient of `loss(i)` (i = 0 .. batches-1), a scalar computed
+/// through `backbone` (e.g. a task loss of a model built around it). The weights take gradients
+/// only inside this call: their requires_grad flags and .grad are as before afterwards, also when
+/// loss throws; no tensor's .grad is touched (loss() must not call backward itself).
+///
+///     auto importance = peft::fisher_importance(bert->encoder, [&](int64_t i) {
+///       auto batch = batches[i];
+///       return torch::nn::functional::cross_entropy(model(batch.ids, batch.mask), batch.labels);
+///     }, 8);
+///     peft::LadderOptions options = peft::LadderOptions().importance(importance);
+inline std::vector<LayerImportance> fisher_importance(
+    peft::nn::TransformerEncoderImpl& backbone, const std::function<torch::Tensor(int64_t)>& loss,
+    int64_t batches) {
+  check(batches > 0, LadderOptions::method, "fisher_importance needs at least one batch, got {}",
+        batches);
+  std::vector<torch::Tensor> weights;
+  for (size_t i = 0; i < backbone.base->layers->size(); ++i) {
+    auto& layer = backbone.base->layers->at<torch::nn::TransformerEncoderLayerImpl>(i);
+    weights.push_back(layer.self_attn->in_proj_weight);
+    weights.push_back(layer.linear1->weight);
+  }
+  // torch::autograd::grad leaves .grad alone; only the requires_grad flags need restoring.
+  struct Restore {
+    std::vector<torch::Tensor>& weights;
+    std::vector<bool> before;
+    ~Restore() {
+      for (size_t i = 0; i < before.size(); ++i) weights[i].set_requires_grad(before[i]);
+    }
+  } restore{weights, {}};
+  std::vector<torch::Tensor> sums;
+  for (auto& w : weights) {
+    restore.before.push_back(w.requires_grad());
+    w.set_requires_grad(true);
+    sums.push_back(torch::zeros_like(w));
+  }
+  for (int64_t b = 0; b < batches; ++b) {
+    auto value = loss(b);
+    check(value.defined() && value.numel() == 1, LadderOptions::method,
+          "fisher_importance: loss({}) must return a scalar, got shape {}", b,
+          value.defined() ? detail::shape(value.sizes()) : std::string("(undefined)"));
+    check(std::isfinite(value.template item<double>()), LadderOptions::method,
+          "fisher_importance: loss({}) is {}", b, value.template item<double>());
+    auto grads = torch::autograd::grad({value}, weights, {}, false, false, /*allow_unused=*/true);
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      if (grads[i].defined()) sums[i].add_(grads[i].square());
+    }
+  }
+  std::vector<LayerImportance> out;
+  for (size_t i = 0; i < sums.size(); i += 2) {
+    out.push_back(
+        {sums[i] / static_cast<double>(batches), sums[i + 1] / static_cast<double>(batches)});
+  }
+  return out;
+}
 
 /// A frozen peft::nn::TransformerEncoder with a trainable ladder side network.
 ///
@@ -140,6 +220,9 @@ class LadderImpl : public torch::nn::Module {
       check(i == 0 || selected_[i] > selected_[i - 1], LadderOptions::method,
             "layers must be increasing, got {} after {}", selected_[i], selected_[i - 1]);
     }
+    check(options.importance().empty() || static_cast<int64_t>(options.importance().size()) == L,
+          LadderOptions::method, "importance has {} entries, expected one per backbone layer ({})",
+          options.importance().size(), L);
     int64_t heads = options.side_heads();
     if (heads == 0) {
       heads = 1;
@@ -161,8 +244,10 @@ class LadderImpl : public torch::nn::Module {
               .activation(first.activation());
       torch::nn::TransformerEncoderLayer block(block_options);
       if (options.init() == LadderInit::Pruned) {
-        detail::prune_into(stock_layers->at<torch::nn::TransformerEncoderLayerImpl>(selected_[i]),
-                           *block);
+        const auto layer = static_cast<size_t>(selected_[i]);
+        detail::prune_into(
+            stock_layers->at<torch::nn::TransformerEncoderLayerImpl>(layer), *block,
+            options.importance().empty() ? LayerImportance() : options.importance()[layer]);
       }
       side->push_back(block);
     }
@@ -186,19 +271,24 @@ class LadderImpl : public torch::nn::Module {
     }
     check(extra == 0 || !mask.defined(), LadderOptions::method,
           "a src_mask together with prompts in the backbone is not supported");
-    auto h = downsample->ptr<torch::nn::LinearImpl>(0)->forward(states[0]);
+    auto down = [&](size_t i, const torch::Tensor& x) {
+      const auto& m = *downsample->ptr<torch::nn::LinearImpl>(i);
+      return peft::detail::linear(x, m.weight, m.bias);
+    };
+    auto h = down(0, states[0]);
     for (size_t i = 0; i < selected_.size(); ++i) {
       auto mu = torch::sigmoid(gates[static_cast<int64_t>(i)] / options_.gate_temperature());
-      auto ladder = downsample->ptr<torch::nn::LinearImpl>(i + 1)->forward(
-          states[static_cast<size_t>(selected_[i]) + 1]);
+      auto ladder = down(i + 1, states[static_cast<size_t>(selected_[i]) + 1]);
       h = mu * h + (1 - mu) * ladder;
       h = side->ptr<torch::nn::TransformerEncoderLayerImpl>(i)->forward(h, mask, kpm);
     }
-    return upsample->forward(h);
+    return peft::detail::linear(h, upsample);
   }
 
   /// The backbone layers that feed the side network.
   const std::vector<int64_t>& selected_layers() const { return selected_; }
+  /// The options the ladder was built with.
+  const LadderOptions& options() const { return options_; }
 
   peft::nn::TransformerEncoder backbone;
   torch::nn::ModuleList downsample{nullptr}, side{nullptr};
