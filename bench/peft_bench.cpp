@@ -129,8 +129,8 @@ Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::
     model->eval();
     out.root = model.ptr();
     out.logits = [model](const torch::Tensor& ids) mutable { return model->forward(ids); };
-    // save_adapter has no format for a side network: count the bytes of what trains.
-    out.stored_bytes = parameter_bytes(peft::trainable_parameters(*model));
+    // The folder save_adapter writes: side network, head and config.
+    out.stored_bytes = saved_adapter_bytes(*model);
     return out;
   }
   auto model = peft::models::BertForSequenceClassification::from_pretrained(model_dir, 2);
@@ -169,13 +169,15 @@ Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::
   if (m == "full") {
     out.stored_bytes = parameter_bytes(peft::trainable_parameters(*model));
   } else if (m == "propetl") {
-    // save_adapter has no format for ProPETL: the library's storage report, the prototype plus
-    // one bit per mask entry (no head), against the same adapter unshared in every layer.
+    // The library's storage report, the prototype plus one bit per mask entry (no head, no
+    // config), against the same adapter unshared in every layer; file_bytes is the whole folder
+    // save_adapter writes (head and config included).
     const auto storage = peft::propetl_storage(*model);
     out.stored_bytes = storage.total();
     out.extra = {{"layers", model->bert->config().num_hidden_layers},
                  {"sites", storage.sites},
-                 {"unshared_bytes", storage.unshared_bytes}};
+                 {"unshared_bytes", storage.unshared_bytes},
+                 {"file_bytes", saved_adapter_bytes(*model)}};
   } else if (m != "infer-plain") {
     out.stored_bytes = saved_adapter_bytes(*model);
   }

@@ -108,15 +108,6 @@ inline const std::vector<std::string>& available_methods() {
   return methods;
 }
 
-/// Whether save_adapter() has a file format (Hugging Face PEFT's layout) for the method; P-tuning
-/// is saved as the prompt rows its encoder produces (PEFT's PROMPT_TUNING). The others (ProPETL's
-/// prototype and mask scores, LST's side network, full fine-tuning) are saved as their trained
-/// tensors in model.safetensors.
-inline bool has_adapter_format(const std::string& method) {
-  return method == "lora" || method == "adapter" || method == "bitfit" || method == "prefix" ||
-         method == "prompt" || method == "ptuning";
-}
-
 /// The learning rate a method trains well at on this model when --lr is not given: the
 /// added-parameter methods start from zero or small random values and need a larger step than
 /// full fine-tuning, which would wreck the pretrained weights at those rates.
@@ -367,13 +358,14 @@ inline void prepare_output(const Options& o, const std::string& program) {
   for (const auto& p : earlier) fs::remove_all(p, ec);
 }
 
-/// Writes the trained parameters to --output: the adapter in Hugging Face PEFT's layout, or for a
-/// method without one (see has_adapter_format) every trained tensor, head included.
+/// Writes the trained parameters to --output: the adapter folder save_adapter() writes, or for a
+/// method without a file format (peft::has_adapter_format; full fine-tuning) every trained
+/// tensor, head included.
 inline void save_result(const Options& o, const Classifier& model, const std::string& line) {
   if (o.output.empty()) return;
   const fs::path out(o.output);
   fs::create_directories(out);
-  if (!has_adapter_format(o.method)) {
+  if (!peft::has_adapter_format(o.method)) {
     peft::io::save_safetensors(out / "model.safetensors",
                                peft::named_trainable_parameters(*model.root), {{"format", "pt"}});
   } else {
@@ -474,7 +466,7 @@ inline int run(const Benchmark& bench, const Options& o) {
         storage.prototype_bytes, storage.sites, storage.mask_bytes / storage.sites, storage.total(),
         storage.ratio(), storage.unshared_bytes, storage.sites);
   }
-  if (!o.output.empty() && !has_adapter_format(o.method)) {
+  if (!o.output.empty() && !peft::has_adapter_format(o.method)) {
     std::cout << fmt::format(
         "--output gets model.safetensors with every trained tensor{}\n",
         o.method == "full" ? ""

@@ -3,15 +3,18 @@
 // Adapter files: `adapter_config.json` + `adapter_model.safetensors` in a folder, as Hugging Face
 // PEFT writes them. LoRA, prefix tuning and prompt tuning use PEFT's own key names and config
 // fields, so the folders load with `PeftModel.from_pretrained` and PEFT's folders load here;
-// bottleneck adapters and BitFit, which PEFT does not have, use the same two files with peft's
-// own `peft_type` and module paths (see docs/ADAPTER_FORMAT.md).
+// the methods PEFT does not have (bottleneck adapters, BitFit, ProPETL, Compacter, AdapterFusion,
+// Ladder Side-Tuning) use the same two files with peft's own `peft_type` and module paths (see
+// docs/ADAPTER_FORMAT.md).
 
 #include <torch/arg.h>
 #include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -32,6 +35,7 @@
 #include <peft/config.hpp>
 #include <peft/core/attach.hpp>
 #include <peft/core/error.hpp>
+#include <peft/core/parameters.hpp>
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
 #include <peft/detail/shape.hpp>
@@ -39,10 +43,15 @@
 #include <peft/io/safetensors.hpp>
 #include <peft/methods/adapter.hpp>
 #include <peft/methods/bitfit.hpp>
+#include <peft/methods/compacter.hpp>
+#include <peft/methods/fusion.hpp>
+#include <peft/methods/ladder.hpp>
 #include <peft/methods/lora.hpp>
 #include <peft/methods/prefix.hpp>
 #include <peft/methods/prompt.hpp>
+#include <peft/methods/propetl.hpp>
 #include <peft/models/bert.hpp>
+#include <peft/models/ladder_heads.hpp>
 #include <peft/nn/attention.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -57,6 +66,30 @@ struct SaveAdapterOptions {
   /// when the model has a child of that name.
   TORCH_ARG(std::optional<std::vector<std::string>>, modules_to_save);
 };
+
+/// The methods (MethodImpl::method(), plus "lst" for Ladder Side-Tuning) save_adapter() can
+/// write, each as the `peft_type` it is stored under. P-tuning is stored as prompt tuning.
+inline const std::vector<std::pair<std::string, std::string>>& adapter_formats() {
+  static const std::vector<std::pair<std::string, std::string>> formats{
+      {"lora", "LORA"},
+      {"prompt", "PROMPT_TUNING"},
+      {"ptuning", "PROMPT_TUNING"},
+      {"prefix", "PREFIX_TUNING"},
+      {"adapter", "BOTTLENECK_ADAPTER"},
+      {"bitfit", "BITFIT"},
+      {"propetl", "PROPETL"},
+      {"compacter", "COMPACTER"},
+      {"fusion", "ADAPTER_FUSION"},
+      {"lst", "LADDER_SIDE_TUNING"}};
+  return formats;
+}
+
+/// Whether save_adapter() has a file format for `method` ("lora", "propetl", "lst", ...).
+inline bool has_adapter_format(const std::string& method) {
+  const auto& formats = adapter_formats();
+  return std::any_of(formats.begin(), formats.end(),
+                     [&](const auto& f) { return f.first == method; });
+}
 
 namespace detail {
 
@@ -131,11 +164,34 @@ inline void write_text_atomically(const std::filesystem::path& path, const std::
   }
 }
 
+/// The peft_types load_adapter() reads, for error messages.
+inline std::string adapter_format_types() {
+  std::vector<std::string> types;
+  for (const auto& f : adapter_formats()) {
+    if (std::find(types.begin(), types.end(), f.second) == types.end()) types.push_back(f.second);
+  }
+  return fmt::format("{}", fmt::join(types, ", "));
+}
+
 /// One tensor an adapter file must hold: its key, the shape it must have, and where it goes.
 struct Slot {
+  using Convert = std::function<torch::Tensor(const torch::Tensor&, const std::string&)>;
+  Slot(std::string key, std::vector<int64_t> shape, std::function<torch::Tensor()> target,
+       c10::ScalarType dtype = c10::ScalarType::Undefined, Convert convert = nullptr)
+      : key(std::move(key)),
+        shape(std::move(shape)),
+        target(std::move(target)),
+        dtype(dtype),
+        convert(std::move(convert)) {}
+
   std::string key;
   std::vector<int64_t> shape;
   std::function<torch::Tensor()> target;  ///< resolved after the methods are attached
+  /// The dtype the file must store; Undefined = any floating-point type.
+  c10::ScalarType dtype;
+  /// Turns the stored tensor (read from the named file) into what is copied to the target, e.g.
+  /// unpacks a bit mask; runs before the model changes and may throw.
+  Convert convert;
 };
 
 inline std::string shape_of(const std::vector<int64_t>& shape) {
@@ -153,9 +209,15 @@ inline void check_slots(const io::SafetensorsFile& file, const std::vector<Slot>
     const auto found = file.shape(slot.key);
     check(found == slot.shape, "load_adapter", "{}: key \"{}\" has shape {}, expected {}",
           file.path(), slot.key, shape_of(found), shape_of(slot.shape));
-    check(c10::isFloatingType(file.dtype(slot.key)), "load_adapter",
-          "{}: key \"{}\" has dtype {}, expected a floating-point type", file.path(), slot.key,
-          file.entry(slot.key).dtype_name);
+    if (slot.dtype == c10::ScalarType::Undefined) {
+      check(c10::isFloatingType(file.dtype(slot.key)), "load_adapter",
+            "{}: key \"{}\" has dtype {}, expected a floating-point type", file.path(), slot.key,
+            file.entry(slot.key).dtype_name);
+    } else {
+      check(file.dtype(slot.key) == slot.dtype, "load_adapter",
+            "{}: key \"{}\" has dtype {}, expected {}", file.path(), slot.key,
+            file.entry(slot.key).dtype_name, c10::toString(slot.dtype));
+    }
   }
   for (const auto& name : file.names()) {
     check(expected.count(name) != 0, "load_adapter",
@@ -231,14 +293,522 @@ T config_value_or(const nlohmann::json& config, const char* key, T fallback,
   return config_value<T>(config, key, file);
 }
 
+/// AdapterKind from its name in a config.
+inline AdapterKind adapter_kind_from(const std::string& name, const std::string& file) {
+  if (name == "houlsby") return AdapterKind::Houlsby;
+  if (name == "pfeiffer") return AdapterKind::Pfeiffer;
+  if (name == "parallel") return AdapterKind::Parallel;
+  fail("load_adapter", "{}: adapter_kind \"{}\" is unknown (houlsby, pfeiffer or parallel)", file,
+       name);
+}
+
+/// The method `method` of adapter `adapter` at site `path`, as M (attached by load_adapter).
+template <class M>
+std::shared_ptr<M> method_of(torch::nn::Module& model, const std::string& path,
+                             const std::string& method, const std::string& adapter) {
+  for (auto& [p, m] : attached_methods(model)) {
+    if (p == path && m->adapter() == adapter && m->method() == method) {
+      if (auto typed = std::dynamic_pointer_cast<M>(m)) return typed;
+    }
+  }
+  fail("load_adapter", "internal: no {} attached at \"{}\"", method, path);
+}
+
+/// The parameter `key` (a dotted path) of `module`.
+inline torch::Tensor parameter(const torch::nn::Module& module, const std::string& key) {
+  auto params = module.named_parameters(/*recurse=*/true);
+  const auto* found = params.find(key);
+  check(found != nullptr, "load_adapter", "internal: no parameter \"{}\" in {}", key,
+        module.name());
+  return *found;
+}
+
+/// The ladder classifier inside `model` and its path ("" for the model itself), if there is one.
+inline std::pair<std::string, models::BertLadderForSequenceClassificationImpl*> find_ladder_model(
+    torch::nn::Module& model) {
+  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
+    if (auto* m =
+            dynamic_cast<models::BertLadderForSequenceClassificationImpl*>(item.value().get())) {
+      return {item.key(), m};
+    }
+  }
+  return {"", nullptr};
+}
+
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+using SiteMethods = std::vector<std::pair<std::string, std::shared_ptr<MethodImpl>>>;
+
+/// What load_adapter() does for one peft_type: the tensors it expects, how it attaches the method
+/// (after every check passed) and what it does once the tensors are copied.
+struct LoadPlan {
+  std::vector<Slot> slots;
+  std::function<void()> apply;
+  std::function<void()> finish;
+};
+
+// ------------------------------------------------------------------------------------ ProPETL
+
+/// ProPETL: the shared prototype once (`prototype.<parameter>`) and, per site, each mask packed
+/// one bit per entry (`<site>.mask_<weight>`, uint8); the float scores are not stored.
+inline void save_propetl(const SiteMethods& methods, nlohmann::json& config,
+                         NamedTensors& tensors) {
+  auto first = std::dynamic_pointer_cast<ProPETLImpl>(methods.front().second);
+  auto prototype = first->prototype();
+  const auto& o = first->options();
+  std::vector<std::string> targets;
+  for (const auto& [path, m] : methods) {
+    auto p = std::dynamic_pointer_cast<ProPETLImpl>(m);
+    check(p->prototype().get() == prototype.get() && p->options().keep_ratio() == o.keep_ratio(),
+          "save_adapter",
+          "ProPETL at \"{}\" does not share the prototype and keep_ratio of \"{}\"; a file holds "
+          "one prototype (give each attach() its own adapter_name)",
+          path, methods.front().first);
+    targets.push_back(path);
+    const auto masks = p->masks();
+    for (size_t i = 0; i < masks.size(); ++i) {
+      tensors.emplace_back(path + ".mask_" + prototype->weight_names()[i], pack_mask(masks[i]));
+    }
+  }
+  for (const auto& item : prototype->named_parameters()) {
+    tensors.emplace_back("prototype." + item.key(), item.value());
+  }
+  nlohmann::json shapes = nlohmann::json::object();
+  for (size_t i = 0; i < prototype->weights().size(); ++i) {
+    shapes[prototype->weight_names()[i]] = prototype->weights()[i].sizes().vec();
+  }
+  config["peft_type"] = "PROPETL";
+  config["base"] = to_string(prototype->base());
+  config["keep_ratio"] = o.keep_ratio();
+  switch (prototype->base()) {
+    case ProPETLBase::Adapter:
+      config["adapter_kind"] = to_string(o.adapter_kind());
+      config["bottleneck"] = prototype->adapter_down->weight.size(0);
+      config["activation"] = o.activation();
+      config["scaling"] = o.scaling();
+      break;
+    case ProPETLBase::LoRA:
+      config["r"] = prototype->lora_A->weight.size(0);
+      config["lora_alpha"] = number(o.alpha());
+      break;
+    case ProPETLBase::Prefix:
+      config["num_virtual_tokens"] = prototype->prefix_keys.size(0);
+      break;
+  }
+  config["target_modules"] = targets;
+  config["mask_shapes"] = shapes;
+}
+
+inline LoadPlan plan_propetl(torch::nn::Module& model, const nlohmann::json& config,
+                             const std::string& cfg_name, const std::string& adapter_name) {
+  const auto base_name = config_value<std::string>(config, "base", cfg_name);
+  ProPETLBase base = ProPETLBase::Adapter;
+  if (base_name == "lora") {
+    base = ProPETLBase::LoRA;
+  } else if (base_name == "prefix") {
+    base = ProPETLBase::Prefix;
+  } else {
+    check(base_name == "adapter", "load_adapter",
+          "{}: base \"{}\" is unknown (adapter, lora or prefix)", cfg_name, base_name);
+  }
+  const AdapterKind kind =
+      base == ProPETLBase::Adapter
+          ? adapter_kind_from(config_value<std::string>(config, "adapter_kind", cfg_name), cfg_name)
+          : AdapterKind::Pfeiffer;
+  ProPETLOptions options(base, kind);
+  options.keep_ratio(config_value<double>(config, "keep_ratio", cfg_name));
+  switch (base) {
+    case ProPETLBase::Adapter:
+      options.bottleneck(config_value<int64_t>(config, "bottleneck", cfg_name))
+          .activation(config_value<std::string>(config, "activation", cfg_name))
+          .scaling(config_value<double>(config, "scaling", cfg_name));
+      check(options.bottleneck() > 0, "load_adapter", "{}: bottleneck must be positive, got {}",
+            cfg_name, options.bottleneck());
+      break;
+    case ProPETLBase::LoRA:
+      options.r(config_value<int64_t>(config, "r", cfg_name))
+          .alpha(config_value<double>(config, "lora_alpha", cfg_name));
+      break;
+    case ProPETLBase::Prefix:
+      options.num_virtual_tokens(config_value<int64_t>(config, "num_virtual_tokens", cfg_name));
+      break;
+  }
+  const auto targets = config_value<std::vector<std::string>>(config, "target_modules", cfg_name);
+  check(!targets.empty(), "load_adapter", "{}: target_modules is empty", cfg_name);
+  options.adapter_name(adapter_name);
+  options.targets(targets);
+  try {
+    options.validate();
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  auto sites = sites_by_path(model);
+  std::shared_ptr<SiteImpl> first;
+  for (const auto& path : targets) {
+    auto it = sites.find(path);
+    check(it != sites.end() && options.fits_base(*it->second), "load_adapter",
+          "{}: target \"{}\" is no {} site of this model", cfg_name, path,
+          to_string(propetl_site_kind(base)));
+    if (!first) first = it->second;
+    check(it->second->in_features() == first->in_features() &&
+              it->second->out_features() == first->out_features(),
+          "load_adapter", "{}: target \"{}\" has sizes {} -> {}, unlike \"{}\" ({} -> {})",
+          cfg_name, path, it->second->in_features(), it->second->out_features(), targets.front(),
+          first->in_features(), first->out_features());
+  }
+  // A prototype built from the settings, off the model, gives the expected keys and shapes.
+  std::shared_ptr<ProPETLPrototypeImpl> probe;
+  try {
+    probe = std::make_shared<ProPETLPrototypeImpl>(options, first->in_features(),
+                                                   first->out_features());
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  const auto shapes =
+      config_value<std::map<std::string, std::vector<int64_t>>>(config, "mask_shapes", cfg_name);
+  check(shapes.size() == probe->weights().size(), "load_adapter",
+        "{}: mask_shapes lists {} masks; a {} prototype has {} ({})", cfg_name, shapes.size(),
+        base_name, probe->weights().size(),
+        fmt::format("{}", fmt::join(probe->weight_names(), ", ")));
+  for (size_t i = 0; i < probe->weights().size(); ++i) {
+    const auto& name = probe->weight_names()[i];
+    const auto expected = probe->weights()[i].sizes().vec();
+    auto it = shapes.find(name);
+    check(it != shapes.end(), "load_adapter", "{}: mask_shapes has no \"{}\"", cfg_name, name);
+    check(it->second == expected, "load_adapter",
+          "{}: mask_shapes \"{}\" is {}, but the prototype these settings build has {}", cfg_name,
+          name, shape_of(it->second), shape_of(expected));
+  }
+
+  LoadPlan plan;
+  const std::string head = targets.front();
+  for (const auto& item : probe->named_parameters()) {
+    const std::string key = item.key();
+    plan.slots.push_back(
+        {"prototype." + key, item.value().sizes().vec(), [&model, head, adapter_name, key] {
+           auto p = method_of<ProPETLImpl>(model, head, "propetl", adapter_name);
+           return parameter(*p->prototype(), key);
+         }});
+  }
+  const double keep_ratio = options.keep_ratio();
+  for (const auto& path : targets) {
+    for (size_t i = 0; i < probe->weights().size(); ++i) {
+      const auto shape = probe->weights()[i].sizes().vec();
+      const int64_t numel = probe->weights()[i].numel();
+      const int64_t keep =
+          static_cast<int64_t>(std::llround(keep_ratio * static_cast<double>(numel)));
+      const std::string key = path + ".mask_" + probe->weight_names()[i];
+      Slot slot{key, {(numel + 7) / 8}, [&model, path, adapter_name, i] {
+                  return method_of<ProPETLImpl>(model, path, "propetl", adapter_name)->scores()[i];
+                }};
+      slot.dtype = torch::kByte;
+      // Scores equal to the 0/1 mask make top_k_mask() give that mask back, as long as it keeps
+      // exactly as many entries as keep_ratio does.
+      slot.convert = [cfg_name, key, shape, keep, numel, keep_ratio](const torch::Tensor& packed,
+                                                                     const std::string& file) {
+        auto mask = unpack_mask(packed, torch::IntArrayRef(shape));
+        const auto ones = mask.sum().item<double>();
+        check(ones == static_cast<double>(keep), "load_adapter",
+              "{}: mask \"{}\" keeps {} of {} entries, but keep_ratio {} (in {}) keeps {}", file,
+              key, static_cast<int64_t>(ones), numel, keep_ratio, cfg_name, keep);
+        return mask;
+      };
+      plan.slots.push_back(std::move(slot));
+    }
+  }
+  plan.apply = [&model, options] { attach(model, options); };
+  plan.finish = [&model, targets, adapter_name] {
+    for (const auto& path : targets) {
+      method_of<ProPETLImpl>(model, path, "propetl", adapter_name)->freeze_masks();
+    }
+  };
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------- Compacter
+
+/// Compacter: each site's PHM parameters (`<site>.adapter_down.W_left`, ...) and the shared rules
+/// once (`phm_rule`), or each layer's own rules (`<site>.adapter_down.phm_rule`) when not shared.
+inline void save_compacter(const SiteMethods& methods, nlohmann::json& config,
+                           NamedTensors& tensors) {
+  auto first = std::dynamic_pointer_cast<CompacterImpl>(methods.front().second);
+  const auto& o = first->options();
+  const int64_t m = first->adapter_down->b.size(0);
+  const int64_t rank = first->adapter_down->W_left.size(2);
+  std::vector<std::string> targets;
+  for (const auto& [path, method] : methods) {
+    auto c = std::dynamic_pointer_cast<CompacterImpl>(method);
+    const auto& co = c->options();
+    check(co.kind() == o.kind() && co.phm_dim() == o.phm_dim() &&
+              co.shared_phm_rule() == o.shared_phm_rule() && co.activation() == o.activation() &&
+              co.scaling() == o.scaling() && c->adapter_down->b.size(0) == m &&
+              c->adapter_down->W_left.size(2) == rank &&
+              (!o.shared_phm_rule() ||
+               c->adapter_down->phm_rule.is_same(first->adapter_down->phm_rule)),
+          "save_adapter",
+          "Compacter at \"{}\" is set up unlike the one at \"{}\" (or has other shared rules); one "
+          "file holds one setting",
+          path, methods.front().first);
+    targets.push_back(path);
+    for (const auto& item : c->named_parameters()) {
+      if (o.shared_phm_rule() && item.key() == "phm_rule") continue;
+      tensors.emplace_back(path + "." + item.key(), item.value());
+    }
+  }
+  if (o.shared_phm_rule()) tensors.emplace_back("phm_rule", first->adapter_down->phm_rule);
+  config["peft_type"] = "COMPACTER";
+  config["adapter_kind"] = to_string(o.kind());
+  config["bottleneck"] = m;
+  config["phm_dim"] = o.phm_dim();
+  config["phm_rank"] = rank;
+  config["shared_phm_rule"] = o.shared_phm_rule();
+  config["activation"] = o.activation();
+  config["scaling"] = o.scaling();
+  config["target_modules"] = targets;
+}
+
+inline LoadPlan plan_compacter(torch::nn::Module& model, const nlohmann::json& config,
+                               const std::string& cfg_name, const std::string& adapter_name) {
+  const auto targets = config_value<std::vector<std::string>>(config, "target_modules", cfg_name);
+  check(!targets.empty(), "load_adapter", "{}: target_modules is empty", cfg_name);
+  auto options =
+      CompacterOptions(
+          adapter_kind_from(config_value<std::string>(config, "adapter_kind", cfg_name), cfg_name))
+          .bottleneck(config_value<int64_t>(config, "bottleneck", cfg_name))
+          .phm_dim(config_value<int64_t>(config, "phm_dim", cfg_name))
+          .rank(config_value<int64_t>(config, "phm_rank", cfg_name))
+          .shared_phm_rule(config_value<bool>(config, "shared_phm_rule", cfg_name))
+          .activation(config_value<std::string>(config, "activation", cfg_name))
+          .scaling(config_value<double>(config, "scaling", cfg_name));
+  options.adapter_name(adapter_name);
+  options.targets(targets);
+  try {
+    options.validate();
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  check(options.bottleneck() > 0, "load_adapter", "{}: bottleneck must be positive, got {}",
+        cfg_name, options.bottleneck());
+  auto sites = sites_by_path(model);
+  LoadPlan plan;
+  const std::string head = targets.front();
+  for (const auto& path : targets) {
+    auto it = sites.find(path);
+    check(it != sites.end() && CompacterOptions::fits(*it->second), "load_adapter",
+          "{}: target \"{}\" is no block site of this model", cfg_name, path);
+    // A Compacter built for the site, off the model, gives the expected keys and shapes.
+    std::shared_ptr<CompacterImpl> probe;
+    try {
+      probe = std::make_shared<CompacterImpl>(*it->second, options);
+    } catch (const Error& e) {
+      fail("load_adapter", "{}: {}", cfg_name, e.what());
+    }
+    for (const auto& item : probe->named_parameters()) {
+      const std::string key = item.key();
+      if (options.shared_phm_rule() && key == "phm_rule") {
+        if (path == head) {
+          plan.slots.push_back(
+              {"phm_rule", item.value().sizes().vec(), [&model, head, adapter_name] {
+                 return method_of<CompacterImpl>(model, head, "compacter", adapter_name)
+                     ->adapter_down->phm_rule;
+               }});
+        }
+        continue;
+      }
+      plan.slots.push_back(
+          {path + "." + key, item.value().sizes().vec(), [&model, path, adapter_name, key] {
+             return parameter(*method_of<CompacterImpl>(model, path, "compacter", adapter_name),
+                              key);
+           }});
+    }
+  }
+  plan.apply = [&model, options] { attach(model, options); };
+  return plan;
+}
+
+// ------------------------------------------------------------------------------ AdapterFusion
+
+/// AdapterFusion: each site's `query`, `key` and `value` layers; the fused adapters are named in
+/// the config and saved in their own folders.
+inline void save_fusion(const SiteMethods& methods, nlohmann::json& config, NamedTensors& tensors) {
+  auto first = std::dynamic_pointer_cast<FusionImpl>(methods.front().second);
+  std::vector<std::string> names;
+  for (const auto& m : first->fused()) names.push_back(m->adapter());
+  std::vector<std::string> targets;
+  for (const auto& [path, m] : methods) {
+    auto f = std::dynamic_pointer_cast<FusionImpl>(m);
+    std::vector<std::string> here;
+    for (const auto& fused : f->fused()) here.push_back(fused->adapter());
+    check(here == names && f->options().temperature() == first->options().temperature(),
+          "save_adapter", "the fusion at \"{}\" fuses {} unlike the one at \"{}\" ({})", path,
+          fmt::format("{}", fmt::join(here, ", ")), methods.front().first,
+          fmt::format("{}", fmt::join(names, ", ")));
+    targets.push_back(path);
+    for (const auto& item : f->named_parameters()) {
+      tensors.emplace_back(path + "." + item.key(), item.value());
+    }
+  }
+  config["peft_type"] = "ADAPTER_FUSION";
+  config["fused_adapters"] = names;
+  config["temperature"] = first->options().temperature();
+  config["target_modules"] = targets;
+}
+
+inline LoadPlan plan_fusion(torch::nn::Module& model, const nlohmann::json& config,
+                            const std::string& cfg_name, const std::string& adapter_name) {
+  const auto names = config_value<std::vector<std::string>>(config, "fused_adapters", cfg_name);
+  check(!names.empty(), "load_adapter", "{}: fused_adapters is empty", cfg_name);
+  const auto targets = config_value<std::vector<std::string>>(config, "target_modules", cfg_name);
+  auto options = FusionOptions()
+                     .adapter_name(adapter_name)
+                     .temperature(config_value<double>(config, "temperature", cfg_name));
+  try {
+    options.validate();
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  const auto known = adapter_names(model);
+  for (const auto& name : names) {
+    check(std::find(known.begin(), known.end(), name) != known.end(), "load_adapter",
+          "{}: the fusion combines adapter \"{}\", which is not attached; load each fused adapter "
+          "from its own folder first (attached: {})",
+          cfg_name, name,
+          known.empty() ? std::string("(none)") : fmt::format("{}", fmt::join(known, ", ")));
+  }
+  // fuse() fuses every block site holding the adapters: those must be the file's sites.
+  std::set<std::string> holding;
+  std::map<std::string, int64_t> widths;
+  for (auto& ref : find_sites(model)) {
+    if (ref.site->kind() != SiteKind::Block) continue;
+    widths[ref.path] = ref.site->out_features();
+    for (const auto& m : ref.site->methods()) {
+      if (std::find(names.begin(), names.end(), m->adapter()) != names.end()) {
+        holding.insert(ref.path);
+      }
+    }
+  }
+  const std::set<std::string> wanted(targets.begin(), targets.end());
+  check(holding == wanted, "load_adapter",
+        "{}: the fusion sits at {}, but the adapters {} sit at {} in this model", cfg_name,
+        fmt::format("{}", fmt::join(wanted, ", ")), fmt::format("{}", fmt::join(names, ", ")),
+        fmt::format("{}", fmt::join(holding, ", ")));
+  LoadPlan plan;
+  for (const auto& path : targets) {
+    const int64_t d = widths[path];
+    for (const char* layer : {"query", "key", "value"}) {
+      for (const char* part : {"weight", "bias"}) {
+        const std::string key = std::string(layer) + "." + part;
+        std::vector<int64_t> shape = {d, d};
+        if (std::string(part) == "bias") shape = {d};
+        plan.slots.push_back(
+            {path + "." + key, shape, [&model, path, adapter_name, key] {
+               return parameter(*method_of<FusionImpl>(model, path, "fusion", adapter_name), key);
+             }});
+      }
+    }
+  }
+  plan.apply = [&model, names, options] { fuse(model, names, options); };
+  return plan;
+}
+
+// ------------------------------------------------------------------------ Ladder Side-Tuning
+
+/// Ladder Side-Tuning: the side network's parameters under `ladder.` (downsamples, gates, side
+/// blocks, upsample) and what it takes to rebuild it beside the same backbone.
+inline void save_ladder(const std::string& path,
+                        const models::BertLadderForSequenceClassificationImpl& model,
+                        nlohmann::json& config, NamedTensors& tensors) {
+  const auto& ladder = *model.ladder;
+  const int64_t E = ladder.upsample->weight.size(0), width = ladder.upsample->weight.size(1);
+  const auto& block = ladder.side->at<torch::nn::TransformerEncoderLayerImpl>(0).options;
+  config["peft_type"] = "LADDER_SIDE_TUNING";
+  config["reduction_factor"] = E / width;
+  config["layers"] = ladder.selected_layers();
+  config["gate_temperature"] = ladder.options().gate_temperature();
+  config["side_block"] = "transformer_encoder_layer";
+  config["side_width"] = width;
+  config["side_heads"] = block.nhead();
+  config["side_dim_feedforward"] = block.dim_feedforward();
+  config["pooling"] = models::to_string(model.pooling);
+  const std::string prefix = path.empty() ? "ladder." : path + ".ladder.";
+  for (const auto& item : ladder.named_parameters()) {
+    tensors.emplace_back(prefix + item.key(), item.value());
+  }
+}
+
+inline LoadPlan plan_ladder(torch::nn::Module& model, const nlohmann::json& config,
+                            const std::string& cfg_name) {
+  auto [path, target] = find_ladder_model(model);
+  check(target != nullptr, "load_adapter",
+        "{}: LADDER_SIDE_TUNING loads into a models::BertLadderForSequenceClassification, which "
+        "this model neither is nor contains",
+        cfg_name);
+  const auto block = config_value<std::string>(config, "side_block", cfg_name);
+  check(block == "transformer_encoder_layer", "load_adapter",
+        "{}: side_block \"{}\" is unknown (transformer_encoder_layer)", cfg_name, block);
+  auto options = LadderOptions()
+                     .reduction_factor(config_value<int64_t>(config, "reduction_factor", cfg_name))
+                     .gate_temperature(config_value<double>(config, "gate_temperature", cfg_name))
+                     .layers(config_value<std::vector<int64_t>>(config, "layers", cfg_name))
+                     .side_heads(config_value<int64_t>(config, "side_heads", cfg_name))
+                     // The stored weights replace any initialisation; skip the pruning.
+                     .init(LadderInit::Random);
+  models::Pooling pooling = models::Pooling::Cls;
+  try {
+    pooling = models::pooling_from_string(config_value<std::string>(config, "pooling", cfg_name));
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  // The new side network is built beside the backbone but installed only by apply(). Building
+  // it freezes the backbone, which must not change what trains there now.
+  auto encoder = target->bert->encoder;
+  struct RestoreGrads {
+    std::vector<std::pair<torch::Tensor, bool>> saved;
+    ~RestoreGrads() {
+      for (auto& [t, g] : saved) t.set_requires_grad(g);
+    }
+  } restore;
+  for (auto& p : encoder->parameters()) restore.saved.emplace_back(p, p.requires_grad());
+  Ladder fresh{nullptr};
+  try {
+    fresh = Ladder(encoder, options);
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  fresh->unregister_module("backbone");
+  const auto width = config_value<int64_t>(config, "side_width", cfg_name);
+  const auto ff = config_value<int64_t>(config, "side_dim_feedforward", cfg_name);
+  const auto& first = fresh->side->at<torch::nn::TransformerEncoderLayerImpl>(0).options;
+  check(first.d_model() == width && first.dim_feedforward() == ff, "load_adapter",
+        "{}: side blocks of width {} and feed-forward size {}, but this backbone gives {} and {}",
+        cfg_name, width, ff, first.d_model(), first.dim_feedforward());
+  const auto& reference = target->ladder->upsample->weight;
+  fresh->to(reference.device(), reference.scalar_type());
+  fresh->train(target->is_training());
+
+  LoadPlan plan;
+  const std::string prefix = path.empty() ? "ladder." : path + ".ladder.";
+  for (const auto& item : fresh->named_parameters()) {
+    auto tensor = item.value();
+    plan.slots.push_back({prefix + item.key(), tensor.sizes().vec(), [tensor] { return tensor; }});
+  }
+  auto* owner = target;
+  plan.apply = [owner, fresh, pooling] {
+    owner->ladder = Ladder(owner->replace_module("ladder", fresh));
+    owner->pooling = pooling;
+  };
+  return plan;
+}
+
 }  // namespace detail
 
 /// Writes the adapter `options.adapter_name()` of `model` to the folder `dir` (created if needed):
 /// `adapter_config.json` and `adapter_model.safetensors`, each replaced atomically. The adapter
-/// must consist of one method (LoRA, prefix, prompt, bottleneck adapter or BitFit; P-tuning is
-/// written as the prompt rows its encoder produces, PEFT's PROMPT_TUNING, and loads back as prompt
-/// tuning); the modules to save (by default a `classifier` head) are written with it. The model is
-/// not changed.
+/// must consist of one method with a file format (see adapter_formats(); P-tuning is written as
+/// the prompt rows its encoder produces, PEFT's PROMPT_TUNING, and loads back as prompt tuning;
+/// an AdapterFusion file holds the fusion layers, each fused adapter is saved on its own); the
+/// modules to save (by default a `classifier` head) are written with it. A
+/// models::BertLadderForSequenceClassification without a method of that name is saved as its
+/// ladder side network. The model is not changed.
 ///
 ///     peft::save_adapter(*model, "out/sst2-lora");
 inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& dir,
@@ -252,16 +822,18 @@ inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& 
     methods.emplace_back(path, m);
     kinds.insert(m->method());
   }
-  if (methods.empty()) {
+  auto [ladder_path, ladder_model] = detail::find_ladder_model(model);
+  if (methods.empty() && ladder_model == nullptr) {
     auto known = adapter_names(model);
     fail("save_adapter", "no adapter named \"{}\"; attached: {}", name,
          known.empty() ? std::string("(none)") : fmt::format("{}", fmt::join(known, ", ")));
   }
-  check(kinds.size() == 1, "save_adapter",
+  check(kinds.size() <= 1, "save_adapter",
         "adapter \"{}\" combines {}; an adapter file holds one method (give each its own "
         "adapter_name)",
         name, fmt::format("{}", fmt::join(kinds, " and ")));
-  const std::string method = *kinds.begin();
+  // Ladder Side-Tuning is no attached method: the side network is saved when no method is.
+  const std::string method = methods.empty() ? "lst" : *kinds.begin();
 
   auto [bert_path, bert] = detail::find_bert(model);
   std::vector<std::string> to_save;
@@ -414,8 +986,17 @@ inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& 
     config["peft_type"] = "BITFIT";
     config["target_modules"] = targets;
     config["layer_norm_modules"] = norms;
+  } else if (method == "propetl") {
+    detail::save_propetl(methods, config, tensors);
+  } else if (method == "compacter") {
+    detail::save_compacter(methods, config, tensors);
+  } else if (method == "fusion") {
+    detail::save_fusion(methods, config, tensors);
+  } else if (method == "lst") {
+    detail::save_ladder(ladder_path, *ladder_model, config, tensors);
   } else {
-    fail("save_adapter", "adapter \"{}\" is a {}, which has no file format", name, method);
+    fail("save_adapter", "adapter \"{}\" is a {}, which has no file format (formats: {})", name,
+         method, detail::adapter_format_types());
   }
   for (auto& [key, t] : detail::module_parameters(model, to_save)) {
     tensors.emplace_back(save_prefix + key, t);
@@ -458,8 +1039,10 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
   auto [bert_path, bert] = detail::find_bert(model);
   auto sites = detail::sites_by_path(model);
   std::vector<detail::Slot> slots;
-  // Each adapter type fills `slots` and `apply` (which attaches and returns the targets).
+  // Each adapter type fills `slots`, `apply` (which attaches the method) and perhaps `finish`
+  // (which runs once the tensors are in place).
   std::function<void()> apply;
+  std::function<void()> finish;
   std::string save_prefix;
 
   // Methods created by apply(), by site path, to resolve slots' targets afterwards.
@@ -603,17 +1186,8 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
   } else if (peft_type == "BOTTLENECK_ADAPTER") {
     const auto targets =
         detail::config_value<std::vector<std::string>>(config, "target_modules", cfg_name);
-    const auto kind_name = detail::config_value<std::string>(config, "adapter_kind", cfg_name);
-    AdapterKind kind = AdapterKind::Houlsby;
-    if (kind_name == "pfeiffer") {
-      kind = AdapterKind::Pfeiffer;
-    } else if (kind_name == "parallel") {
-      kind = AdapterKind::Parallel;
-    } else {
-      check(kind_name == "houlsby", "load_adapter",
-            "{}: adapter_kind \"{}\" is unknown (houlsby, pfeiffer or parallel)", cfg_name,
-            kind_name);
-    }
+    const AdapterKind kind = detail::adapter_kind_from(
+        detail::config_value<std::string>(config, "adapter_kind", cfg_name), cfg_name);
     auto options =
         AdapterOptions(kind)
             .bottleneck(detail::config_value<int64_t>(config, "bottleneck", cfg_name))
@@ -681,11 +1255,19 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
       attach(model, options);
       for (auto t : norm_params) t.set_requires_grad(true);
     };
+  } else if (peft_type == "PROPETL" || peft_type == "COMPACTER" || peft_type == "ADAPTER_FUSION" ||
+             peft_type == "LADDER_SIDE_TUNING") {
+    auto plan =
+        peft_type == "PROPETL"     ? detail::plan_propetl(model, config, cfg_name, adapter_name)
+        : peft_type == "COMPACTER" ? detail::plan_compacter(model, config, cfg_name, adapter_name)
+        : peft_type == "ADAPTER_FUSION" ? detail::plan_fusion(model, config, cfg_name, adapter_name)
+                                        : detail::plan_ladder(model, config, cfg_name);
+    slots = std::move(plan.slots);
+    apply = std::move(plan.apply);
+    finish = std::move(plan.finish);
   } else {
-    fail("load_adapter",
-         "{}: peft_type \"{}\" is not supported (LORA, PREFIX_TUNING, "
-         "PROMPT_TUNING, BOTTLENECK_ADAPTER, BITFIT)",
-         cfg_name, peft_type);
+    fail("load_adapter", "{}: peft_type \"{}\" is not supported ({})", cfg_name, peft_type,
+         detail::adapter_format_types());
   }
 
   // Modules to save: every parameter of each listed module the model has.
@@ -702,7 +1284,10 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
 
   detail::check_slots(file, slots);
   std::vector<torch::Tensor> values;
-  for (const auto& slot : slots) values.push_back(file.tensor(slot.key));
+  for (const auto& slot : slots) {
+    auto value = file.tensor(slot.key);
+    values.push_back(slot.convert ? slot.convert(value, file.path()) : value);
+  }
 
   apply();
   torch::NoGradGuard no_grad;
@@ -721,6 +1306,7 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
       prefix->prefix_values.copy_(values[i].narrow(1, static_cast<int64_t>(2 * l + 1) * E, E));
     }
   }
+  if (finish) finish();
 }
 
 PEFT_NAMESPACE_END
