@@ -293,6 +293,16 @@ T config_value_or(const nlohmann::json& config, const char* key, T fallback,
   return config_value<T>(config, key, file);
 }
 
+/// options.validate(), with the config file named in the error.
+template <class Options>
+void validate_from_file(const Options& options, const std::string& cfg_name) {
+  try {
+    options.validate();
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+}
+
 /// AdapterKind from its name in a config.
 inline AdapterKind adapter_kind_from(const std::string& name, const std::string& file) {
   if (name == "houlsby") return AdapterKind::Houlsby;
@@ -436,11 +446,7 @@ inline LoadPlan plan_propetl(torch::nn::Module& model, const nlohmann::json& con
   check(!targets.empty(), "load_adapter", "{}: target_modules is empty", cfg_name);
   options.adapter_name(adapter_name);
   options.targets(targets);
-  try {
-    options.validate();
-  } catch (const Error& e) {
-    fail("load_adapter", "{}: {}", cfg_name, e.what());
-  }
+  detail::validate_from_file(options, cfg_name);
   auto sites = sites_by_path(model);
   std::shared_ptr<SiteImpl> first;
   for (const auto& path : targets) {
@@ -581,11 +587,7 @@ inline LoadPlan plan_compacter(torch::nn::Module& model, const nlohmann::json& c
           .scaling(config_value<double>(config, "scaling", cfg_name));
   options.adapter_name(adapter_name);
   options.targets(targets);
-  try {
-    options.validate();
-  } catch (const Error& e) {
-    fail("load_adapter", "{}: {}", cfg_name, e.what());
-  }
+  detail::validate_from_file(options, cfg_name);
   check(options.bottleneck() > 0, "load_adapter", "{}: bottleneck must be positive, got {}",
         cfg_name, options.bottleneck());
   auto sites = sites_by_path(model);
@@ -661,11 +663,7 @@ inline LoadPlan plan_fusion(torch::nn::Module& model, const nlohmann::json& conf
   auto options = FusionOptions()
                      .adapter_name(adapter_name)
                      .temperature(config_value<double>(config, "temperature", cfg_name));
-  try {
-    options.validate();
-  } catch (const Error& e) {
-    fail("load_adapter", "{}: {}", cfg_name, e.what());
-  }
+  detail::validate_from_file(options, cfg_name);
   const auto known = adapter_names(model);
   for (const auto& name : names) {
     check(std::find(known.begin(), known.end(), name) != known.end(), "load_adapter",
@@ -1075,11 +1073,7 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
     const auto rslora = detail::config_value_or<bool>(config, "use_rslora", false, cfg_name);
     auto options = LoRAOptions(r).alpha(alpha).dropout(dropout).rslora(rslora);
     options.adapter_name(adapter_name);
-    try {
-      options.validate();
-    } catch (const Error& e) {
-      fail("load_adapter", "{}: {}", cfg_name, e.what());
-    }
+    detail::validate_from_file(options, cfg_name);
     // The file's keys say which projections carry LoRA.
     std::map<std::string, std::string> ours;  // Hugging Face module path -> our site path
     for (auto& [path, site] : sites) {
@@ -1195,11 +1189,7 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
             .scaling(detail::config_value<double>(config, "scaling", cfg_name));
     options.adapter_name(adapter_name);
     options.targets(targets);
-    try {
-      options.validate();
-    } catch (const Error& e) {
-      fail("load_adapter", "{}: {}", cfg_name, e.what());
-    }
+    detail::validate_from_file(options, cfg_name);
     const int64_t m = options.bottleneck();
     for (const auto& path : targets) {
       auto it = sites.find(path);
