@@ -113,7 +113,7 @@ inline const std::vector<std::string>& available_methods() {
 /// full fine-tuning, which would wreck the pretrained weights at those rates.
 inline double default_lr(const std::string& method) {
   static const std::map<std::string, double> rates{
-      {"lora", 5e-4},    {"adapter", 1e-3}, {"bitfit", 1e-3}, {"prefix", 1e-2}, {"prompt", 3e-2},
+      {"lora", 2e-3},    {"adapter", 1e-3}, {"bitfit", 1e-3}, {"prefix", 1e-2}, {"prompt", 3e-2},
       {"ptuning", 1e-3}, {"propetl", 1e-3}, {"lst", 3e-3},    {"full", 5e-5},
   };
   return rates.at(method);
@@ -595,7 +595,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
   app.add_option("--eval-batch-size", o.eval_batch_size, "evaluation batch size")
       ->check(CLI::PositiveNumber);
   app.add_option("--lr", o.lr,
-                 "learning rate (default by method: lora 5e-4, adapter 1e-3, bitfit 1e-3, "
+                 "learning rate (default by method: lora 2e-3, adapter 1e-3, bitfit 1e-3, "
                  "prefix 1e-2, prompt 3e-2, ptuning 1e-3, propetl 1e-3, lst 3e-3, full 5e-5)")
       ->check(CLI::PositiveNumber);
   app.add_option("--head-lr", o.head_lr, "learning rate of the classifier head (default: --lr)")
