@@ -500,7 +500,7 @@ TEST_CASE("AdapterDrop on attached adapters: the first k layers lose them for go
   const auto sites = peft::attached_methods(*shared).size();
   CHECK_THROWS_WITH(
       peft::drop_adapters(*shared, 2),
-      Catch::Contains("at \"layers.0.ffn_block\" is ProPETL, whose prototype all layers share"));
+      Catch::Contains("at \"layers.0.ffn_block\" is a propetl, which shares its weights"));
   CHECK(peft::attached_methods(*shared).size() == sites);
 }
 

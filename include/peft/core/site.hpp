@@ -81,6 +81,9 @@ class MethodImpl : public torch::nn::Module {
   virtual torch::Tensor delta_bias() { return {}; }
   /// Replaces training-only reparameterisations by the plain parameters they produce.
   virtual void fold() {}
+  /// Whether this instance shares trained state with the instances at its adapter's other
+  /// sites (ProPETL's prototype), so it cannot leave one site alone.
+  virtual bool shared_across_sites() const { return false; }
 
  private:
   friend class SiteImpl;

@@ -96,14 +96,18 @@ namespace detail {
 inline constexpr const char* kAdapterConfig = "adapter_config.json";
 inline constexpr const char* kAdapterWeights = "adapter_model.safetensors";
 
-/// The models::Bert inside `model` and its path ("" for the model itself), if there is one.
-inline std::pair<std::string, models::BertImpl*> find_bert(torch::nn::Module& model) {
+/// The first module of type T inside `model` and its path ("" for the model itself), if any.
+template <class T>
+std::pair<std::string, T*> find_module(torch::nn::Module& model) {
   for (const auto& item : model.named_modules("", /*include_self=*/true)) {
-    if (auto* bert = dynamic_cast<models::BertImpl*>(item.value().get())) {
-      return {item.key(), bert};
-    }
+    if (auto* found = dynamic_cast<T*>(item.value().get())) return {item.key(), found};
   }
   return {"", nullptr};
+}
+
+/// The models::Bert inside `model` and its path ("" for the model itself), if there is one.
+inline std::pair<std::string, models::BertImpl*> find_bert(torch::nn::Module& model) {
+  return find_module<models::BertImpl>(model);
 }
 
 /// Hugging Face's module path for one of our projection sites inside a Bert
@@ -336,13 +340,7 @@ inline torch::Tensor parameter(const torch::nn::Module& module, const std::strin
 /// The ladder classifier inside `model` and its path ("" for the model itself), if there is one.
 inline std::pair<std::string, models::BertLadderForSequenceClassificationImpl*> find_ladder_model(
     torch::nn::Module& model) {
-  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
-    if (auto* m =
-            dynamic_cast<models::BertLadderForSequenceClassificationImpl*>(item.value().get())) {
-      return {item.key(), m};
-    }
-  }
-  return {"", nullptr};
+  return find_module<models::BertLadderForSequenceClassificationImpl>(model);
 }
 
 using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;

@@ -51,8 +51,9 @@ inline std::vector<int64_t> layers_from(int64_t k, int64_t num_layers) {
 /// AdapterDrop on a model that already has adapters: every method at a Block site of layers < k
 /// (of `adapter` only, when given) is removed from its site (SiteImpl::remove), so those layers
 /// run, train and save as if they never had one. Returns the paths of the affected sites. Throws,
-/// leaving the model unchanged, on a merged method there (unmerge first) and on ProPETL, whose
-/// prototype is shared by every layer (attach it with `.layers(layers_from(k, L))` instead).
+/// leaving the model unchanged, on a merged method there (unmerge first) and on a method sharing
+/// its weights across layers (ProPETL's prototype) (attach it with `.layers(layers_from(k, L))`
+/// instead).
 inline std::vector<std::string> drop_adapters(torch::nn::Module& model, int64_t k,
                                               const std::string& adapter = "") {
   check(k >= 0, "adapter_drop", "k must not be negative, got {}", k);
@@ -67,10 +68,10 @@ inline std::vector<std::string> drop_adapters(torch::nn::Module& model, int64_t 
       if (!adapter.empty() && m->adapter() != adapter) continue;
       check(!m->merged(), "adapter_drop", "adapter \"{}\" is merged at \"{}\"; unmerge first",
             m->adapter(), ref.path);
-      check(m->method() != "propetl", "adapter_drop",
-            "adapter \"{}\" at \"{}\" is ProPETL, whose prototype all layers share; attach it with "
-            ".layers(peft::layers_from(k, L)) instead",
-            m->adapter(), ref.path);
+      check(!m->shared_across_sites(), "adapter_drop",
+            "adapter \"{}\" at \"{}\" is a {}, which shares its weights with the adapter's other "
+            "layers; attach it with .layers(peft::layers_from(k, L)) instead",
+            m->adapter(), ref.path, m->method());
       doomed.emplace_back(ref.site.get(), m);
       touched = true;
     }

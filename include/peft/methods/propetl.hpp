@@ -338,6 +338,8 @@ class ProPETLImpl : public MethodImpl {
     for (auto& w : weights) cached_.push_back(w.detach().clone());
     for (auto& s : scores_) s.set_requires_grad(false);
   }
+  /// The prototype is shared by every site of the attach() call.
+  bool shared_across_sites() const override { return true; }
   /// Whether freeze_masks() is in effect.
   bool masks_frozen() const { return !cached_.empty(); }
 
