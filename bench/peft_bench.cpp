@@ -48,8 +48,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::vector<std::string> kTrainMethods = {
-    "full", "lora", "adapter", "adapterdrop", "bitfit", "prefix", "prompt", "propetl", "lst"};
+const std::vector<std::string> kTrainMethods = {"full",   "lora",   "adapter", "adapterdrop",
+                                                "bitfit", "prefix", "prompt",  "propetl",
+                                                "lst",    "lst-t5"};
 const std::vector<std::string> kInferMethods = {"infer-plain", "infer-lora", "infer-lora-merged"};
 
 struct Settings {
@@ -121,10 +122,13 @@ int64_t saved_adapter_bytes(torch::nn::Module& model) {
 Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::Device& device) {
   Subject out;
   const std::string& m = s.method;
-  if (m == "lst") {
-    // The frozen BERT's embeddings and encoder feed a side network; the head reads its first
-    // position.
-    auto model = peft::models::BertLadderForSequenceClassification::from_pretrained(model_dir, 2);
+  if (m == "lst" || m == "lst-t5") {
+    // The frozen BERT's embeddings and encoder feed a side network (of stock post-norm blocks,
+    // or the paper's T5 blocks); the head reads its first position.
+    auto model = peft::models::BertLadderForSequenceClassification::from_pretrained(
+        model_dir, 2,
+        peft::LadderOptions().block(m == "lst-t5" ? peft::LadderBlock::T5
+                                                  : peft::LadderBlock::PostNorm));
     model->to(device);
     model->eval();
     out.root = model.ptr();

@@ -706,6 +706,37 @@ TEST_CASE("Ladder side networks are rebuilt on a fresh backbone", "[adapter-form
   CHECK(peft::count_parameters(*fresh->bert).trainable == 0);
 }
 
+TEST_CASE("Ladder T5 side blocks round-trip through adapter files", "[adapter-format][lst]") {
+  TempDir dir;
+  auto model = tiny_ladder(
+      peft::LadderOptions().reduction_factor(2).layers({0, 1}).block(peft::LadderBlock::T5));
+  randomize(*model);
+  const auto expected = logits(model);
+  peft::save_adapter(*model, dir.path);
+  auto config = read_config(dir.path);
+  CHECK(config["side_block"] == "t5");
+  peft::io::SafetensorsFile file(dir.path / "adapter_model.safetensors");
+  CHECK(file.shape("ladder.final_norm") == std::vector<int64_t>{kH / 2});
+  CHECK(file.shape("ladder.side.1.in_proj_weight") == std::vector<int64_t>{3 * kH / 2, kH / 2});
+  CHECK_FALSE(file.contains("ladder.side.0.self_attn.in_proj_bias"));
+
+  // A model with stock side blocks takes the T5 ones from the file.
+  auto fresh = tiny_ladder(peft::LadderOptions());
+  CHECK_FALSE(torch::equal(logits(fresh), expected));
+  peft::load_adapter(*fresh, dir.path);
+  CHECK(fresh->ladder->options().block() == peft::LadderBlock::T5);
+  CHECK(torch::equal(logits(fresh), expected));
+
+  auto bad = config;
+  bad["side_block"] = "t6";
+  write_config(dir.path, bad);
+  auto other = tiny_ladder(peft::LadderOptions());
+  const auto before = logits(other);
+  CHECK_THAT(error_of([&] { peft::load_adapter(*other, dir.path); }),
+             Catch::Contains("side block \"t6\" is unknown (transformer_encoder_layer, t5)"));
+  CHECK(torch::equal(logits(other), before));
+}
+
 TEST_CASE("A bad ladder file is refused before the model changes", "[adapter-format][lst]") {
   TempDir dir;
   auto model = tiny_ladder(peft::LadderOptions().reduction_factor(2).layers({0, 1}));

@@ -206,6 +206,135 @@ TEST_CASE("LST learns the scale task, only the side network trains", "[lst]") {
 
 namespace {
 
+/// T5's RMS norm written out: x / sqrt(mean of squares + 1e-6) * w.
+torch::Tensor rms_by_hand(const torch::Tensor& x, const torch::Tensor& w) {
+  const auto width = static_cast<double>(x.size(-1));
+  return x / ((x * x).sum(-1, true) / width + 1e-6).sqrt() * w;
+}
+
+/// The T5 side block computed head by head and sentence by sentence with plain tensor ops;
+/// `relu`: the block's activation is ReLU (else GELU).
+torch::Tensor t5_block_by_hand(const peft::T5SideBlockImpl& b, const torch::Tensor& x,
+                               const torch::Tensor& padding, int64_t heads, bool relu) {
+  const int64_t L = x.size(0), N = x.size(1), d = x.size(2), hd = d / heads;
+  auto wq = b.in_proj_weight.narrow(0, 0, d), wk = b.in_proj_weight.narrow(0, d, d),
+       wv = b.in_proj_weight.narrow(0, 2 * d, d);
+  std::vector<torch::Tensor> sentences;
+  for (int64_t n = 0; n < N; ++n) {
+    auto xn = x.select(1, n);  // [L, d]
+    auto z = rms_by_hand(xn, b.norm1_weight);
+    std::vector<torch::Tensor> per_head;
+    for (int64_t h = 0; h < heads; ++h) {
+      auto q = torch::mm(z, wq.narrow(0, h * hd, hd).t());
+      auto k = torch::mm(z, wk.narrow(0, h * hd, hd).t());
+      auto v = torch::mm(z, wv.narrow(0, h * hd, hd).t());
+      auto scores = torch::mm(q, k.t()) / std::sqrt(static_cast<double>(hd));
+      scores = scores.masked_fill(padding[n].view({1, L}), -1e30);
+      per_head.push_back(torch::mm(torch::softmax(scores, 1), v));
+    }
+    auto h1 = xn + torch::mm(torch::cat(per_head, 1), b.out_proj_weight.t());
+    auto f = torch::mm(rms_by_hand(h1, b.norm2_weight), b.linear1_weight.t());
+    f = relu ? torch::relu(f) : torch::gelu(f);
+    sentences.push_back(h1 + torch::mm(f, b.linear2_weight.t()));
+  }
+  return torch::stack(sentences, 1);
+}
+
+}  // namespace
+
+TEST_CASE("LST T5 side block: pre-norm RMS attention and FFN without biases", "[lst]") {
+  torch::manual_seed(21);
+  peft::T5SideBlock block(8, 2, 12, 0.0, torch::kGELU);
+  {
+    torch::NoGradGuard no_grad;
+    block->norm1_weight.uniform_(0.5, 1.5);
+    block->norm2_weight.uniform_(0.5, 1.5);
+  }
+  CHECK(block->parameters().size() == 6);
+  for (const auto& p : block->parameters()) CHECK(p.dim() >= 1);
+  auto x = torch::randn({5, 3, 8});
+  auto padding = padding_mask(3, 5);
+  auto expected = t5_block_by_hand(*block, x, padding, 2, /*relu=*/false);
+  CHECK(max_diff(block(x, torch::Tensor(), padding), expected) <= 1e-5);
+  // The residual stream is not normalised at the block's output (pre-norm): scaling the input
+  // far up leaves the output scaled too, unlike a post-norm block's.
+  auto big = block(x * 100, torch::Tensor(), padding);
+  CHECK(big.abs().mean().item<double>() > 10 * expected.abs().mean().item<double>());
+
+  CHECK_THROWS_WITH(peft::T5SideBlock(9, 2, 12, 0.0, torch::kGELU),
+                    Catch::Contains("width 9, heads 2"));
+}
+
+TEST_CASE("LST with T5 side blocks: the ladder by hand, pruned start, side-only gradients",
+          "[lst]") {
+  torch::manual_seed(22);
+  auto stock = stock_encoder();
+  const auto options =
+      peft::LadderOptions().reduction_factor(2).layers({1}).block(peft::LadderBlock::T5);
+  peft::Ladder ladder(peft::nn::TransformerEncoder(stock), options);
+  ladder->eval();
+  stock->eval();
+  REQUIRE(ladder->side->size() == 1);
+  auto& block = *ladder->side->ptr<peft::T5SideBlockImpl>(0);
+  // Pruned from backbone layer 1: the same matrices the stock-block ladder starts from.
+  peft::Ladder post(peft::nn::TransformerEncoder(stock_encoder()),
+                    peft::LadderOptions().reduction_factor(2).layers({1}));
+  auto reference = torch::nn::TransformerEncoderLayer(
+      torch::nn::TransformerEncoderLayerOptions(kDim / 2, ladder->side_heads())
+          .dim_feedforward(ladder->side_dim_feedforward()));
+  peft::detail::prune_into(stock->layers->at<torch::nn::TransformerEncoderLayerImpl>(1),
+                           *reference);
+  CHECK(torch::equal(block.in_proj_weight, reference->self_attn->in_proj_weight));
+  CHECK(torch::equal(block.out_proj_weight, reference->self_attn->out_proj->weight));
+  CHECK(torch::equal(block.linear1_weight, reference->linear1->weight));
+  CHECK(torch::equal(block.linear2_weight, reference->linear2->weight));
+  CHECK(torch::equal(block.norm1_weight, torch::ones({kDim / 2})));
+  CHECK(torch::equal(ladder->final_norm, torch::ones({kDim / 2})));
+  CHECK_FALSE(post->final_norm.defined());
+  {
+    torch::NoGradGuard no_grad;
+    ladder->gates.fill_(-0.1);  // mu = sigmoid(-1)
+    ladder->final_norm.uniform_(0.5, 1.5);
+  }
+  auto x = torch::randn({4, 2, kDim});
+  auto padding = padding_mask(2, 4);
+  auto layer0 = stock->layers->at<torch::nn::TransformerEncoderLayerImpl>(0).forward(
+      x, torch::Tensor(), padding);
+  auto layer1 = stock->layers->at<torch::nn::TransformerEncoderLayerImpl>(1).forward(
+      layer0, torch::Tensor(), padding);
+  const double mu = 1.0 / (1.0 + std::exp(1.0));
+  auto h = mu * ladder->downsample->ptr<torch::nn::LinearImpl>(0)->forward(x) +
+           (1 - mu) * ladder->downsample->ptr<torch::nn::LinearImpl>(1)->forward(layer1);
+  // The stock test layers use ReLU, which the side blocks take over.
+  h = t5_block_by_hand(block, h, padding, ladder->side_heads(), /*relu=*/true);
+  auto expected = ladder->upsample(rms_by_hand(h, ladder->final_norm));
+  auto out = ladder(x, torch::Tensor(), padding);
+  CHECK(max_diff(out, expected) <= 1e-5);
+
+  ladder->train();
+  out = ladder(x, torch::Tensor(), padding);
+  out.pow(2).mean().backward();
+  for (const auto& p : stock->parameters()) CHECK_FALSE(p.grad().defined());
+  for (const auto& [name, p] : peft::named_trainable_parameters(*ladder)) {
+    INFO(name);
+    CHECK(name.rfind("backbone", 0) != 0);
+    REQUIRE(p.grad().defined());
+    CHECK(p.grad().abs().sum().item<double>() > 0);
+  }
+}
+
+TEST_CASE("LST with T5 side blocks learns the scale task", "[lst]") {
+  peft::Ladder ladder(peft::nn::TransformerEncoder(stock_encoder()),
+                      peft::LadderOptions().reduction_factor(4).block(peft::LadderBlock::T5));
+  const double baseline = head_only_baseline();
+  const double tuned = train_scale_task([&](const torch::Tensor& in) { return ladder(in); },
+                                        peft::trainable_parameters(*ladder));
+  INFO("head only " << baseline << ", lst t5 " << tuned);
+  CHECK(tuned <= 0.5 * baseline);
+}
+
+namespace {
+
 /// A tiny randomly initialised BERT (no files): width kDim, kLayers layers, a 30-token vocabulary.
 peft::models::Bert tiny_bert(uint64_t seed = 11) {
   torch::manual_seed(seed);

@@ -200,6 +200,9 @@ TEST_CASE("AdamW groups exclude biases and norms from decay, the optimizer check
   CHECK(groups[2].weight_decay == 0.01);
   CHECK(groups[3].names == std::vector<std::string>{"head.bias"});
   CHECK(groups[3].weight_decay == 0.0);
+  // ProPETL's mask scores only rank weights (decay would shrink them all alike); no decay either.
+  CHECK(peft::no_decay("encoder.layers.0.ffn_block.propetl.mask_scores_down"));
+  CHECK_FALSE(peft::no_decay("encoder.layers.0.ffn_block.propetl.prototype.down"));
 
   auto opt = peft::make_adamw(
       *net, peft::ParamGroupOptions().lr(1e-3).weight_decay(0.01).lr_for("head", 1e-2));

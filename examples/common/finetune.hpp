@@ -99,6 +99,8 @@ struct Options {
   // Ladder side-tuning
   int64_t lst_reduction = 8;
   std::vector<int64_t> lst_layers;
+  std::string lst_block = "transformer_encoder_layer", lst_init = "magnitude";
+  int64_t lst_fisher_batches = 8;
 };
 
 /// Methods this build can attach, in the order --help lists them.
@@ -257,16 +259,56 @@ inline void unfreeze_pooler(const Options& o, peft::models::BertForSequenceClass
   if (o.train_pooler) peft::unfreeze(*model->bert->pooler);
 }
 
+/// The training loss of a batch's logits: mean squared error for regression (one output),
+/// cross-entropy otherwise.
+inline torch::Tensor task_loss(const torch::Tensor& logits, const Batch& b, bool regression) {
+  if (regression) return torch::mse_loss(logits.squeeze(-1), b.labels);
+  return torch::nn::functional::cross_entropy(logits, b.labels);
+}
+
+/// LST's options from the command line. With --lst-init fisher the pruned start ranks weights by
+/// their empirical Fisher information: the squared gradients of the task loss over the first
+/// --lst-fisher-batches training batches, through a throwaway classifier (the same pretrained
+/// weights, a fresh head, dropout off) that is gone before training starts.
+inline peft::LadderOptions ladder_options(const Options& o, const fs::path& model_dir,
+                                          int64_t num_labels, peft::models::Pooling pooling,
+                                          const std::vector<Batch>& train_batches,
+                                          bool regression) {
+  auto options = peft::LadderOptions()
+                     .reduction_factor(o.lst_reduction)
+                     .layers(o.lst_layers)
+                     .block(peft::ladder_block_from_string(o.lst_block));
+  if (o.lst_init == "random") options.init(peft::LadderInit::Random);
+  if (o.lst_init != "fisher") return options;
+  const auto batches =
+      std::min<int64_t>(o.lst_fisher_batches, static_cast<int64_t>(train_batches.size()));
+  std::cout << fmt::format("LST init: Fisher information from {} training batch{}\n", batches,
+                           batches == 1 ? "" : "es")
+            << std::flush;
+  auto probe =
+      peft::models::BertForSequenceClassification::from_pretrained(model_dir, num_labels, pooling);
+  probe->eval();
+  options.importance(peft::fisher_importance(
+      *probe->bert->encoder,
+      [&](int64_t i) {
+        const auto& b = train_batches[static_cast<size_t>(i)];
+        return task_loss(probe(b.input_ids, b.attention_mask, b.token_type_ids), b, regression);
+      },
+      batches));
+  return options;
+}
+
 /// The model of the run with its method: BertForSequenceClassification with the method attached,
-/// or for LST BertLadderForSequenceClassification.
-inline Classifier build_classifier(const Options& o, const fs::path& model_dir,
-                                   int64_t num_labels) {
+/// or for LST BertLadderForSequenceClassification (`train_batches` and `regression` serve
+/// --lst-init fisher).
+inline Classifier build_classifier(const Options& o, const fs::path& model_dir, int64_t num_labels,
+                                   const std::vector<Batch>& train_batches, bool regression) {
   const auto pooling = peft::models::pooling_from_string(o.pooling);
   Classifier c;
   if (o.method == "lst") {
     auto model = peft::models::BertLadderForSequenceClassification::from_pretrained(
         model_dir, num_labels,
-        peft::LadderOptions().reduction_factor(o.lst_reduction).layers(o.lst_layers), pooling);
+        ladder_options(o, model_dir, num_labels, pooling, train_batches, regression), pooling);
     c.root = model.ptr();
     c.logits = [model](const Batch& b) mutable {
       return model(b.input_ids, b.attention_mask, b.token_type_ids);
@@ -322,8 +364,9 @@ inline std::string describe_method(const Options& o) {
   if (o.method == "lst") {
     std::vector<std::string> layers;
     for (auto l : o.lst_layers) layers.push_back(std::to_string(l));
-    return fmt::format("side network of width / {} fed by {} layers", o.lst_reduction,
-                       layers.empty() ? std::string("all") : join(layers));
+    return fmt::format("side network of width / {} fed by {} layers, {} blocks, {} init",
+                       o.lst_reduction, layers.empty() ? std::string("all") : join(layers),
+                       o.lst_block, o.lst_init);
   }
   return "every backbone parameter trains";
 }
@@ -437,7 +480,8 @@ inline int run(const Benchmark& bench, const Options& o) {
   // The seed fixes the new head's and the method's initial values, so --resume rebuilds the
   // same model before loading the checkpoint into it.
   torch::manual_seed(static_cast<uint64_t>(o.seed));
-  const auto model = build_classifier(o, model_dir, task.num_labels);
+  const auto model =
+      build_classifier(o, model_dir, task.num_labels, train_batches, task.is_regression());
   const auto& sites = model.sites;
 
   const std::string labels =
@@ -475,11 +519,7 @@ inline int run(const Benchmark& bench, const Options& o) {
   std::cout << std::flush;
 
   const bool regression = task.is_regression();
-  auto loss_fn = [&](const Batch& b) {
-    auto logits = model.logits(b);
-    if (regression) return torch::mse_loss(logits.squeeze(-1), b.labels);
-    return torch::nn::functional::cross_entropy(logits, b.labels);
-  };
+  auto loss_fn = [&](const Batch& b) { return task_loss(model.logits(b), b, regression); };
   auto options = peft::TrainerOptions()
                      .epochs(o.epochs)
                      .max_steps(o.max_steps > 0 ? o.max_steps : -1)
@@ -688,6 +728,17 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                  "backbone layers feeding the side network, comma-separated, increasing (default: "
                  "all)")
       ->delimiter(',');
+  app.add_option("--lst-block", o.lst_block,
+                 "side blocks: transformer_encoder_layer (the backbone's post-norm kind) or t5 "
+                 "(the LST paper's pre-norm T5 block)")
+      ->check(CLI::IsMember({"transformer_encoder_layer", "t5"}));
+  app.add_option("--lst-init", o.lst_init,
+                 "side network start: magnitude (prune the backbone by |w|), fisher (prune by "
+                 "Fisher information from training batches) or random")
+      ->check(CLI::IsMember({"magnitude", "fisher", "random"}));
+  app.add_option("--lst-fisher-batches", o.lst_fisher_batches,
+                 "training batches --lst-init fisher estimates the Fisher information from")
+      ->check(CLI::PositiveNumber);
 
   try {
     app.parse(argc, argv);

@@ -715,15 +715,14 @@ inline void save_ladder(const std::string& path,
                         nlohmann::json& config, NamedTensors& tensors) {
   const auto& ladder = *model.ladder;
   const int64_t E = ladder.upsample->weight.size(0), width = ladder.upsample->weight.size(1);
-  const auto& block = ladder.side->at<torch::nn::TransformerEncoderLayerImpl>(0).options;
   config["peft_type"] = "LADDER_SIDE_TUNING";
   config["reduction_factor"] = E / width;
   config["layers"] = ladder.selected_layers();
   config["gate_temperature"] = ladder.options().gate_temperature();
-  config["side_block"] = "transformer_encoder_layer";
+  config["side_block"] = to_string(ladder.options().block());
   config["side_width"] = width;
-  config["side_heads"] = block.nhead();
-  config["side_dim_feedforward"] = block.dim_feedforward();
+  config["side_heads"] = ladder.side_heads();
+  config["side_dim_feedforward"] = ladder.side_dim_feedforward();
   config["pooling"] = models::to_string(model.pooling);
   const std::string prefix = path.empty() ? "ladder." : path + ".ladder.";
   for (const auto& item : ladder.named_parameters()) {
@@ -738,10 +737,15 @@ inline LoadPlan plan_ladder(torch::nn::Module& model, const nlohmann::json& conf
         "{}: LADDER_SIDE_TUNING loads into a models::BertLadderForSequenceClassification, which "
         "this model neither is nor contains",
         cfg_name);
-  const auto block = config_value<std::string>(config, "side_block", cfg_name);
-  check(block == "transformer_encoder_layer", "load_adapter",
-        "{}: side_block \"{}\" is unknown (transformer_encoder_layer)", cfg_name, block);
+  const auto block_name = config_value<std::string>(config, "side_block", cfg_name);
+  LadderBlock block = LadderBlock::PostNorm;
+  try {
+    block = ladder_block_from_string(block_name);
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
   auto options = LadderOptions()
+                     .block(block)
                      .reduction_factor(config_value<int64_t>(config, "reduction_factor", cfg_name))
                      .gate_temperature(config_value<double>(config, "gate_temperature", cfg_name))
                      .layers(config_value<std::vector<int64_t>>(config, "layers", cfg_name))
@@ -773,10 +777,9 @@ inline LoadPlan plan_ladder(torch::nn::Module& model, const nlohmann::json& conf
   fresh->unregister_module("backbone");
   const auto width = config_value<int64_t>(config, "side_width", cfg_name);
   const auto ff = config_value<int64_t>(config, "side_dim_feedforward", cfg_name);
-  const auto& first = fresh->side->at<torch::nn::TransformerEncoderLayerImpl>(0).options;
-  check(first.d_model() == width && first.dim_feedforward() == ff, "load_adapter",
+  check(fresh->side_width() == width && fresh->side_dim_feedforward() == ff, "load_adapter",
         "{}: side blocks of width {} and feed-forward size {}, but this backbone gives {} and {}",
-        cfg_name, width, ff, first.d_model(), first.dim_feedforward());
+        cfg_name, width, ff, fresh->side_width(), fresh->side_dim_feedforward());
   const auto& reference = target->ladder->upsample->weight;
   fresh->to(reference.device(), reference.scalar_type());
   fresh->train(target->is_training());

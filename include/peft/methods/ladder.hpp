@@ -8,6 +8,7 @@
 
 #include <torch/arg.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/nn/functional/dropout.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
@@ -27,6 +28,8 @@
 #include <peft/core/error.hpp>
 #include <peft/detail/linear.hpp>
 #include <peft/detail/shape.hpp>
+#include <peft/detail/torch_compat.hpp>
+#include <peft/functional/attention.hpp>
 #include <peft/nn/encoder.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -37,12 +40,37 @@ enum class LadderInit {
   Pruned,  ///< structured pruning of the backbone layer each side block sits beside
 };
 
+/// What the side network's blocks are.
+enum class LadderBlock {
+  /// The backbone's own kind: a stock post-norm TransformerEncoderLayer (attention + FFN, with
+  /// biases and LayerNorms). Saved as side_block "transformer_encoder_layer".
+  PostNorm,
+  /// The LST paper's block (its side network is made of T5 blocks): pre-norm residual sub-layers
+  /// x + attn(rms(x)), x + ffn(rms(x)) with T5's RMS norm (scale only), projections without
+  /// biases, and one more RMS norm after the last block. Saved as side_block "t5". See T5SideBlock.
+  T5,
+};
+
 /// Per-weight importance scores of one backbone layer, shaped like its weights: what structured
 /// pruning ranks rows and columns by. Weight magnitude |w| unless given (see fisher_importance()).
 struct LayerImportance {
   torch::Tensor in_proj_weight;  ///< [3E, E], like self_attn.in_proj_weight
   torch::Tensor linear1_weight;  ///< [F, E], like linear1.weight
 };
+
+/// The name of a side block kind in adapter files and on command lines: "transformer_encoder_layer"
+/// (PostNorm) or "t5".
+inline std::string to_string(LadderBlock block) {
+  return block == LadderBlock::T5 ? "t5" : "transformer_encoder_layer";
+}
+
+/// The LadderBlock called `name` (see to_string(LadderBlock)); throws peft::Error naming the
+/// known names otherwise.
+inline LadderBlock ladder_block_from_string(const std::string& name) {
+  if (name == "t5") return LadderBlock::T5;
+  if (name == "transformer_encoder_layer") return LadderBlock::PostNorm;
+  fail("lst", "side block \"{}\" is unknown (transformer_encoder_layer, t5)", name);
+}
 
 /// Options of Ladder Side-Tuning.
 struct LadderOptions {
@@ -56,6 +84,7 @@ struct LadderOptions {
   /// at most the backbone's head count).
   TORCH_ARG(int64_t, side_heads) = 0;
   TORCH_ARG(LadderInit, init) = LadderInit::Pruned;
+  TORCH_ARG(LadderBlock, block) = LadderBlock::PostNorm;
   /// Pruned init: per-weight importance of each backbone layer (one entry per backbone layer,
   /// e.g. from peft::fisher_importance()); empty = weight magnitude.
   TORCH_ARG(std::vector<LayerImportance>, importance);
@@ -80,17 +109,22 @@ inline torch::Tensor top_indices(const torch::Tensor& importance, int64_t count)
   return std::get<0>(picked.sort());
 }
 
-/// Copies a pruned version of a stock layer into a narrower stock layer. Every score is a sum of
-/// per-weight importances (`importance`, or |w| where it is undefined): model-width units by the
-/// importance of the q/k/v and FFN-in columns that read them, attention rows by the summed
+/// The narrower copies of one stock layer's tensors that structured pruning keeps. Every score is
+/// a sum of per-weight importances (`importance`, or |w| where it is undefined): model-width units
+/// by the importance of the q/k/v and FFN-in columns that read them, attention rows by the summed
 /// importance of their q, k and v rows (pruned together, so heads keep matching queries, keys and
 /// values), FFN rows by theirs; every next matrix keeps the columns that follow the kept rows.
-inline void prune_into(const torch::nn::TransformerEncoderLayerImpl& from,
-                       torch::nn::TransformerEncoderLayerImpl& to,
-                       const LayerImportance& importance = LayerImportance()) {
+struct PrunedLayer {
+  torch::Tensor in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias;
+  torch::Tensor linear1_weight, linear1_bias, linear2_weight, linear2_bias;
+  torch::Tensor norm1_weight, norm1_bias, norm2_weight, norm2_bias;
+};
+
+/// Prunes `from` to width `d` and feed-forward size `f` (see PrunedLayer).
+inline PrunedLayer prune_layer(const torch::nn::TransformerEncoderLayerImpl& from, int64_t d,
+                               int64_t f, const LayerImportance& importance = LayerImportance()) {
   torch::NoGradGuard no_grad;
-  const int64_t D = from.options.d_model(), d = to.options.d_model();
-  const int64_t f = to.options.dim_feedforward();
+  const int64_t D = from.options.d_model();
   const auto& w = from.self_attn->in_proj_weight;
   const auto& b = from.self_attn->in_proj_bias;
   auto score = [](const torch::Tensor& given, const torch::Tensor& weight, const char* name) {
@@ -106,28 +140,135 @@ inline void prune_into(const torch::nn::TransformerEncoderLayerImpl& from,
   auto s_units = s_in.index_select(1, units).sum(1);  // [3D]
   auto qkv_rows = top_indices(
       s_units.narrow(0, 0, D) + s_units.narrow(0, D, D) + s_units.narrow(0, 2 * D, D), d);
-  auto& tw = to.self_attn->in_proj_weight;
-  auto& tb = to.self_attn->in_proj_bias;
+  PrunedLayer out;
+  std::vector<torch::Tensor> in_w, in_b;
   for (int64_t part = 0; part < 3; ++part) {
-    tw.narrow(0, part * d, d)
-        .copy_(w.narrow(0, part * D, D).index_select(0, qkv_rows).index_select(1, units));
-    tb.narrow(0, part * d, d).copy_(b.narrow(0, part * D, D).index_select(0, qkv_rows));
+    in_w.push_back(w.narrow(0, part * D, D).index_select(0, qkv_rows).index_select(1, units));
+    in_b.push_back(b.narrow(0, part * D, D).index_select(0, qkv_rows));
   }
-  to.self_attn->out_proj->weight.copy_(
-      from.self_attn->out_proj->weight.index_select(0, units).index_select(1, qkv_rows));
-  to.self_attn->out_proj->bias.copy_(from.self_attn->out_proj->bias.index_select(0, units));
+  out.in_proj_weight = torch::cat(in_w, 0);
+  out.in_proj_bias = torch::cat(in_b, 0);
+  out.out_proj_weight =
+      from.self_attn->out_proj->weight.index_select(0, units).index_select(1, qkv_rows);
+  out.out_proj_bias = from.self_attn->out_proj->bias.index_select(0, units);
   auto ffn_rows = top_indices(s_ffn.index_select(1, units).sum(1), f);
-  to.linear1->weight.copy_(from.linear1->weight.index_select(0, ffn_rows).index_select(1, units));
-  to.linear1->bias.copy_(from.linear1->bias.index_select(0, ffn_rows));
-  to.linear2->weight.copy_(from.linear2->weight.index_select(0, units).index_select(1, ffn_rows));
-  to.linear2->bias.copy_(from.linear2->bias.index_select(0, units));
-  to.norm1->weight.copy_(from.norm1->weight.index_select(0, units));
-  to.norm1->bias.copy_(from.norm1->bias.index_select(0, units));
-  to.norm2->weight.copy_(from.norm2->weight.index_select(0, units));
-  to.norm2->bias.copy_(from.norm2->bias.index_select(0, units));
+  out.linear1_weight = from.linear1->weight.index_select(0, ffn_rows).index_select(1, units);
+  out.linear1_bias = from.linear1->bias.index_select(0, ffn_rows);
+  out.linear2_weight = from.linear2->weight.index_select(0, units).index_select(1, ffn_rows);
+  out.linear2_bias = from.linear2->bias.index_select(0, units);
+  out.norm1_weight = from.norm1->weight.index_select(0, units);
+  out.norm1_bias = from.norm1->bias.index_select(0, units);
+  out.norm2_weight = from.norm2->weight.index_select(0, units);
+  out.norm2_bias = from.norm2->bias.index_select(0, units);
+  return out;
+}
+
+/// Copies a pruned version of a stock layer into a narrower stock layer (see PrunedLayer).
+inline void prune_into(const torch::nn::TransformerEncoderLayerImpl& from,
+                       torch::nn::TransformerEncoderLayerImpl& to,
+                       const LayerImportance& importance = LayerImportance()) {
+  auto p = prune_layer(from, to.options.d_model(), to.options.dim_feedforward(), importance);
+  torch::NoGradGuard no_grad;
+  to.self_attn->in_proj_weight.copy_(p.in_proj_weight);
+  to.self_attn->in_proj_bias.copy_(p.in_proj_bias);
+  to.self_attn->out_proj->weight.copy_(p.out_proj_weight);
+  to.self_attn->out_proj->bias.copy_(p.out_proj_bias);
+  to.linear1->weight.copy_(p.linear1_weight);
+  to.linear1->bias.copy_(p.linear1_bias);
+  to.linear2->weight.copy_(p.linear2_weight);
+  to.linear2->bias.copy_(p.linear2_bias);
+  to.norm1->weight.copy_(p.norm1_weight);
+  to.norm1->bias.copy_(p.norm1_bias);
+  to.norm2->weight.copy_(p.norm2_weight);
+  to.norm2->bias.copy_(p.norm2_bias);
+}
+
+/// T5's layer norm: x / sqrt(mean(x^2) + eps) * weight over the last dimension; no mean is
+/// subtracted and there is no bias.
+inline torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight,
+                              double eps = 1e-6) {
+  return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight;
 }
 
 }  // namespace detail
+
+/// The LST paper's side block, T5-style (see LadderBlock::T5): for x [L, N, d],
+///
+///     x = x + dropout(out_proj(attention(in_proj(rms(x; norm1)))))
+///     x = x + dropout(linear2(dropout(act(linear1(rms(x; norm2))))))
+///
+/// with bias-free projections, rms(x; w) = x / sqrt(mean(x^2) + 1e-6) * w, and peft's multi-head
+/// attention (scores scaled by 1/sqrt(head size), as in the backbone whose pruned weights it may
+/// start from; T5 folds that scale into its initialisation instead). T5's relative position bias
+/// is left out: the side network reads downsampled backbone states that already carry the
+/// backbone's positions. The activation is the backbone's (ReLU in T5 v1.0, GELU in BERT).
+/// Parameters: `in_proj_weight` [3d, d] (q, k, v rows), `out_proj_weight` [d, d],
+/// `linear1_weight` [f, d], `linear2_weight` [d, f], `norm1_weight`, `norm2_weight` [d].
+class T5SideBlockImpl : public torch::nn::Module {
+ public:
+  T5SideBlockImpl(int64_t width, int64_t heads, int64_t dim_feedforward, double dropout,
+                  const torch::nn::activation_t& activation)
+      : torch::nn::Module("peft::T5SideBlock"), heads_(heads), dropout_(dropout) {
+    check(width > 0 && heads > 0 && width % heads == 0 && dim_feedforward > 0,
+          LadderOptions::method,
+          "a side block needs a positive width divisible by its heads and a positive "
+          "feed-forward size, got width {}, heads {}, feed-forward {}",
+          width, heads, dim_feedforward);
+    // Like torch::nn::Linear's default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    auto linear_init = [](int64_t out, int64_t in) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+      return torch::empty({out, in}).uniform_(-bound, bound);
+    };
+    in_proj_weight = register_parameter("in_proj_weight", linear_init(3 * width, width));
+    out_proj_weight = register_parameter("out_proj_weight", linear_init(width, width));
+    linear1_weight = register_parameter("linear1_weight", linear_init(dim_feedforward, width));
+    linear2_weight = register_parameter("linear2_weight", linear_init(width, dim_feedforward));
+    norm1_weight = register_parameter("norm1_weight", torch::ones({width}));
+    norm2_weight = register_parameter("norm2_weight", torch::ones({width}));
+    activation_ = detail::layer_activation(activation);
+  }
+
+  /// x [L, N, d]; mask [L, L] (float additive or bool, true = may not attend);
+  /// key_padding_mask [N, L] (true = padding). Returns [L, N, d].
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
+                        const torch::Tensor& key_padding_mask = {}) {
+    namespace F = torch::nn::functional;
+    auto drop = [&](const torch::Tensor& t) {
+      return F::dropout(t, F::DropoutFuncOptions().p(dropout_).training(is_training()));
+    };
+    auto qkv = peft::detail::linear(detail::rms_norm(x, norm1_weight), in_proj_weight).chunk(3, -1);
+    auto a = functional::attention(qkv[0], qkv[1], qkv[2], heads_, mask, key_padding_mask, dropout_,
+                                   is_training());
+    auto h = x + drop(peft::detail::linear(a, out_proj_weight));
+    auto f =
+        drop(activation_(peft::detail::linear(detail::rms_norm(h, norm2_weight), linear1_weight)));
+    return h + drop(peft::detail::linear(f, linear2_weight));
+  }
+
+  /// Copies the weight matrices of a pruned backbone layer (biases and LayerNorm parameters have
+  /// no place in this block; the RMS scales start at 1).
+  void load_pruned(const detail::PrunedLayer& pruned) {
+    torch::NoGradGuard no_grad;
+    in_proj_weight.copy_(pruned.in_proj_weight);
+    out_proj_weight.copy_(pruned.out_proj_weight);
+    linear1_weight.copy_(pruned.linear1_weight);
+    linear2_weight.copy_(pruned.linear2_weight);
+    norm1_weight.fill_(1.0);
+    norm2_weight.fill_(1.0);
+  }
+
+  int64_t heads() const { return heads_; }
+  int64_t dim_feedforward() const { return linear1_weight.size(0); }
+
+  torch::Tensor in_proj_weight, out_proj_weight, linear1_weight, linear2_weight;
+  torch::Tensor norm1_weight, norm2_weight;
+
+ private:
+  int64_t heads_;
+  double dropout_;
+  std::function<torch::Tensor(const torch::Tensor&)> activation_;
+};
+TORCH_MODULE(T5SideBlock);
 
 /// Empirical Fisher information of each backbone layer's in_proj_weight and linear1.weight, the
 /// importance LST's pruned initialisation can rank by (LadderOptions::importance): the mean over
@@ -192,8 +333,9 @@ inline std::vector<LayerImportance> fisher_importance(
 /// forward(src [L, N, E], src_mask, src_key_padding_mask) runs the backbone under NoGradGuard,
 /// then the side network, and returns [L (+prompt), N, E]: the side state upsampled to E.
 /// Submodules: `backbone` (frozen), `downsample.<i>` (Linear E -> E/r for the input and each
-/// selected layer), `gates` (alpha, one per side block), `side.<i>` (stock TransformerEncoderLayer
-/// of width E/r), `upsample` (Linear E/r -> E).
+/// selected layer), `gates` (alpha, one per side block), `side.<i>` (width E/r: a stock
+/// TransformerEncoderLayer, or a T5SideBlock with LadderBlock::T5, which adds `final_norm`),
+/// `upsample` (Linear E/r -> E).
 class LadderImpl : public torch::nn::Module {
  public:
   LadderImpl(peft::nn::TransformerEncoder backbone_, const LadderOptions& options)
@@ -236,21 +378,39 @@ class LadderImpl : public torch::nn::Module {
     side = register_module("side", torch::nn::ModuleList());
     for (size_t i = 0; i <= selected_.size(); ++i)
       downsample->push_back(torch::nn::Linear(E, width));
+    heads_ = heads;
+    dim_feedforward_ = std::max<int64_t>(1, F / options.reduction_factor());
     for (size_t i = 0; i < selected_.size(); ++i) {
-      auto block_options =
-          torch::nn::TransformerEncoderLayerOptions(width, heads)
-              .dim_feedforward(std::max<int64_t>(1, F / options.reduction_factor()))
-              .dropout(first.dropout())
-              .activation(first.activation());
+      const auto layer = static_cast<size_t>(selected_[i]);
+      const auto& importance =
+          options.importance().empty() ? LayerImportance() : options.importance()[layer];
+      if (options.block() == LadderBlock::T5) {
+        T5SideBlock block(width, heads, dim_feedforward_, first.dropout(), first.activation());
+        if (options.init() == LadderInit::Pruned) {
+          block->load_pruned(
+              detail::prune_layer(stock_layers->at<torch::nn::TransformerEncoderLayerImpl>(layer),
+                                  width, dim_feedforward_, importance));
+        }
+        side->push_back(block);
+        continue;
+      }
+      auto block_options = torch::nn::TransformerEncoderLayerOptions(width, heads)
+                               .dim_feedforward(dim_feedforward_)
+                               .dropout(first.dropout())
+                               .activation(first.activation());
       torch::nn::TransformerEncoderLayer block(block_options);
       if (options.init() == LadderInit::Pruned) {
-        const auto layer = static_cast<size_t>(selected_[i]);
-        detail::prune_into(
-            stock_layers->at<torch::nn::TransformerEncoderLayerImpl>(layer), *block,
-            options.importance().empty() ? LayerImportance() : options.importance()[layer]);
+        detail::prune_into(stock_layers->at<torch::nn::TransformerEncoderLayerImpl>(layer), *block,
+                           importance);
       }
       side->push_back(block);
     }
+    if (options.block() == LadderBlock::T5) {
+      final_norm = register_parameter("final_norm", torch::ones({width}));
+    }
+    // The importance scores served the initialisation; keeping them would hold two backbone-sized
+    // tensors per layer for the ladder's lifetime.
+    options_.importance({});
     gates = register_parameter("gates", torch::zeros({static_cast<int64_t>(selected_.size())}));
     upsample = register_module("upsample", torch::nn::Linear(width, E));
   }
@@ -280,24 +440,45 @@ class LadderImpl : public torch::nn::Module {
       auto mu = torch::sigmoid(gates[static_cast<int64_t>(i)] / options_.gate_temperature());
       auto ladder = down(i + 1, states[static_cast<size_t>(selected_[i]) + 1]);
       h = mu * h + (1 - mu) * ladder;
-      h = side->ptr<torch::nn::TransformerEncoderLayerImpl>(i)->forward(h, mask, kpm);
+      if (options_.block() == LadderBlock::T5) {
+        h = side->ptr<T5SideBlockImpl>(i)->forward(h, mask, kpm);
+      } else {
+        h = side->ptr<torch::nn::TransformerEncoderLayerImpl>(i)->forward(h, mask, kpm);
+      }
+    }
+    if (final_norm.defined()) {
+      namespace F = torch::nn::functional;
+      const double p =
+          backbone->base->layers->at<torch::nn::TransformerEncoderLayerImpl>(0).options.dropout();
+      h = F::dropout(detail::rms_norm(h, final_norm),
+                     F::DropoutFuncOptions().p(p).training(is_training()));
     }
     return peft::detail::linear(h, upsample);
   }
 
   /// The backbone layers that feed the side network.
   const std::vector<int64_t>& selected_layers() const { return selected_; }
-  /// The options the ladder was built with.
+  /// The options the ladder was built with (without importance(), which is released once the
+  /// side blocks are initialised).
   const LadderOptions& options() const { return options_; }
+  /// Width of the side network (model width / reduction_factor).
+  int64_t side_width() const { return upsample->weight.size(1); }
+  /// Attention heads of each side block.
+  int64_t side_heads() const { return heads_; }
+  /// Feed-forward size of each side block.
+  int64_t side_dim_feedforward() const { return dim_feedforward_; }
 
   peft::nn::TransformerEncoder backbone;
   torch::nn::ModuleList downsample{nullptr}, side{nullptr};
   torch::Tensor gates;
+  /// RMS scale after the last side block (LadderBlock::T5 only; undefined otherwise).
+  torch::Tensor final_norm;
   torch::nn::Linear upsample{nullptr};
 
  private:
   LadderOptions options_;
   std::vector<int64_t> selected_;
+  int64_t heads_ = 0, dim_feedforward_ = 0;
 };
 TORCH_MODULE(Ladder);
 

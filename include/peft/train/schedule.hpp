@@ -60,12 +60,16 @@ struct ParamGroupOptions {
 
 /// Whether the parameter called `name` is exempt from weight decay: biases (names ending in
 /// "bias") and normalisation weights (names containing "norm" or "LayerNorm"), as in the
-/// Hugging Face training scripts. Decaying a LayerNorm gain towards 0 fights the normalisation.
+/// Hugging Face training scripts — decaying a LayerNorm gain towards 0 fights the normalisation —
+/// and ProPETL's mask scores (names containing "mask_scores"), which are no weights: they only
+/// rank the prototype's entries, and decay would pull every score towards the 0 the ranking
+/// does not care about.
 inline bool no_decay(std::string_view name) {
   const std::string_view bias = "bias";
   const bool is_bias = name.size() >= bias.size() && name.substr(name.size() - bias.size()) == bias;
   return is_bias || name.find("norm") != std::string_view::npos ||
-         name.find("LayerNorm") != std::string_view::npos;
+         name.find("LayerNorm") != std::string_view::npos ||
+         name.find("mask_scores") != std::string_view::npos;
 }
 
 /// One parameter group as named_param_groups() decided it, with the names of its tensors.
