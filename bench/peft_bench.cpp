@@ -64,6 +64,7 @@ struct Settings {
   int64_t steps = 5;
   int64_t warmup = 2;
   std::string profile;
+  bool stock_adamw = false;
   int64_t threads = 0;
   int64_t seed = 1234;
   double lr = 1e-3;
@@ -263,7 +264,12 @@ int run_one(const Settings& s) {
   const double base_mb = device_memory_mb(device, false);
   std::unique_ptr<torch::optim::AdamW> optimizer;
   if (!infer) {
-    optimizer = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(s.lr));
+    // peft::AdamW (fused kernels where LibTorch has them), what peft's trainer uses; LibTorch's
+    // own with --stock-adamw.
+    optimizer =
+        s.stock_adamw
+            ? std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(s.lr))
+            : std::make_unique<peft::AdamW>(params, torch::optim::AdamWOptions(s.lr));
   }
   std::vector<double> times;
   double first_loss = 0.0;
@@ -377,6 +383,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", s.threads, "intra-op threads (0: LibTorch's default)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--lr", s.lr, "AdamW learning rate");
+  app.add_flag("--stock-adamw", s.stock_adamw,
+               "LibTorch's torch::optim::AdamW instead of peft::AdamW (fused where available)");
   app.add_option("--seed", s.seed, "seed of the random token ids and labels");
   app.add_option("--inputs", s.inputs,
                  "safetensors file with input_ids [N, L] and labels [N] (overrides --batch/--seq)");

@@ -181,6 +181,87 @@ TEST_CASE("schedules match hand-computed factors", "[trainer]") {
                     Contains("1 base learning rates but the optimizer has 2 parameter groups"));
 }
 
+TEST_CASE("peft::AdamW follows torch::optim::AdamW step for step and shares its state",
+          "[trainer]") {
+  for (const bool amsgrad : {false, true}) {
+    INFO("amsgrad " << amsgrad);
+    auto ours_net = make_net(3), stock_net = make_net(3);
+    auto groups = [&](Net& net) {
+      std::vector<torch::optim::OptimizerParamGroup> out;
+      auto decayed = std::make_unique<torch::optim::AdamWOptions>(
+          torch::optim::AdamWOptions(3e-2).weight_decay(0.1).amsgrad(amsgrad));
+      auto plain = std::make_unique<torch::optim::AdamWOptions>(
+          torch::optim::AdamWOptions(1e-2).weight_decay(0.0).betas({0.8, 0.99}).amsgrad(amsgrad));
+      out.emplace_back(std::vector<torch::Tensor>{net->hidden->weight, net->head->weight},
+                       std::move(decayed));
+      out.emplace_back(std::vector<torch::Tensor>{net->hidden->bias, net->head->bias},
+                       std::move(plain));
+      return out;
+    };
+    ours_net->eval();  // no dropout: both nets see the same function
+    stock_net->eval();
+    peft::AdamW ours(groups(ours_net));
+    torch::optim::AdamW stock(groups(stock_net));
+    const auto x = torch::randn({4, 6});
+    const auto y = torch::tensor({0, 2, 1, 1}, torch::kLong);
+    auto step = [&](Net& net, torch::optim::Optimizer& opt, bool head_bias_grad) {
+      opt.zero_grad();
+      loss_of(net, {x, y}).backward();
+      // A tensor without a gradient is skipped (no decay, no state).
+      if (!head_bias_grad) net->head->bias.mutable_grad().reset();
+      opt.step();
+    };
+    auto trained = [](Net& net) {
+      return std::vector<torch::Tensor>{net->hidden->weight, net->head->weight, net->hidden->bias,
+                                        net->head->bias};
+    };
+    auto same = [&](Net& a, Net& b) {
+      const auto ta = trained(a), tb = trained(b);
+      for (size_t i = 0; i < ta.size(); ++i) {
+        INFO("tensor " << i);
+        CHECK(torch::allclose(ta[i], tb[i], 1e-5, 1e-7));
+      }
+    };
+    const auto start = trained(ours_net);
+    std::vector<torch::Tensor> before;
+    for (const auto& t : start) before.push_back(t.detach().clone());
+    for (int i = 0; i < 6; ++i) {
+      step(ours_net, ours, i != 2);
+      step(stock_net, stock, i != 2);
+    }
+    CHECK(ours.fusable() == (PEFT_HAS_FUSED_ADAMW == 1));
+    same(ours_net, stock_net);
+    for (size_t i = 0; i < before.size(); ++i) {
+      CHECK((trained(ours_net)[i] - before[i]).abs().max().item<double>() > 1e-3);  // it moved
+    }
+    // The state is LibTorch's: what peft::AdamW saves loads into torch::optim::AdamW.
+    torch::serialize::OutputArchive out;
+    ours.save(out);
+    std::stringstream bytes;
+    out.save_to(bytes);
+    auto resumed_net = make_net(3);
+    resumed_net->eval();
+    {
+      torch::NoGradGuard no_grad;
+      const auto from = trained(ours_net), to = trained(resumed_net);
+      for (size_t i = 0; i < from.size(); ++i) to[i].copy_(from[i]);
+    }
+    torch::optim::AdamW resumed(groups(resumed_net));
+    torch::serialize::InputArchive in;
+    in.load_from(bytes);
+    resumed.load(in);
+    step(ours_net, ours, true);
+    step(resumed_net, resumed, true);
+    same(ours_net, resumed_net);
+  }
+  // A non-contiguous parameter takes LibTorch's own path.
+  auto t = torch::randn({3, 4}).t().set_requires_grad(true);
+  peft::AdamW odd(std::vector<torch::Tensor>{t});
+  t.sum().backward();
+  CHECK_FALSE(odd.fusable());
+  CHECK_NOTHROW(odd.step());
+}
+
 TEST_CASE("AdamW groups exclude biases and norms from decay, the optimizer check is strict",
           "[trainer]") {
   auto net = make_net();

@@ -30,6 +30,7 @@
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
+#include <peft/train/adamw.hpp>
 
 PEFT_NAMESPACE_BEGIN
 
@@ -128,9 +129,9 @@ inline std::vector<NamedParamGroup> named_param_groups(const torch::nn::Module& 
   return groups;
 }
 
-/// An AdamW optimizer over exactly the trainable parameters of `module`, grouped by
-/// named_param_groups(). `adamw` supplies betas, eps and amsgrad; its lr and weight_decay are
-/// replaced by each group's.
+/// An AdamW optimizer (peft::AdamW: fused kernels where LibTorch has them) over exactly the
+/// trainable parameters of `module`, grouped by named_param_groups(). `adamw` supplies betas, eps
+/// and amsgrad; its lr and weight_decay are replaced by each group's.
 inline std::unique_ptr<torch::optim::AdamW> make_adamw(
     const torch::nn::Module& module, const ParamGroupOptions& options,
     torch::optim::AdamWOptions adamw = torch::optim::AdamWOptions()) {
@@ -141,7 +142,7 @@ inline std::unique_ptr<torch::optim::AdamW> make_adamw(
     groups.emplace_back(g.params, std::move(group_options));
   }
   adamw.lr(options.lr()).weight_decay(options.weight_decay());
-  return std::make_unique<torch::optim::AdamW>(std::move(groups), adamw);
+  return std::make_unique<peft::AdamW>(std::move(groups), adamw);
 }
 
 /// Throws peft::Error unless `optimizer` holds every trainable parameter of `module` exactly
