@@ -11,11 +11,13 @@
 // step_ms is the median over the timed steps; peak_mb is the process's peak RSS (ru_maxrss) on
 // CPU or the CUDA allocator's peak on a GPU; base_mb is the RSS (or allocated CUDA memory) once
 // the model is ready, before the first step. stored_bytes is what the method saves: the adapter
-// folder save_adapter writes; for full and lst the trainable tensors; for propetl the library's
+// folder save_adapter writes (lst and lst-t5 — LST with the paper's T5 side blocks — included);
+// for full the trainable tensors; for propetl the library's
 // bit-packed storage (prototype + one bit per mask entry), with "layers", "sites" and
 // "unshared_bytes" (the same adapter in every layer without sharing) added to its line, so
 // stored_bytes / unshared_bytes can be checked against 1/layers + 1/32. Dropout is off (eval mode)
-// so runs are deterministic and comparable with bench/hf_step.py.
+// so runs are deterministic and comparable with bench/hf_step.py. Training steps use
+// peft::AdamW (fused kernel where LibTorch has one); --stock-adamw uses torch::optim::AdamW.
 
 #include <sys/resource.h>
 
