@@ -8,11 +8,13 @@
       head, so that a first step means something. peft-bench loads the same files.
 
   hf_step.py run --method lora|prefix|prompt|infer-lora-merged --inputs F --adapter DIR
-      [--steps N --warmup W --threads T --lr LR]
+      [--steps N --warmup W --threads T --lr LR --device cpu|cuda]
       one JSON line like peft-bench's: median step time after warm-up (forward, cross-entropy,
       backward, AdamW over the parameters that require grad; or forward only under no_grad after
-      merge_and_unload for infer-lora-merged), peak RSS (ru_maxrss), RSS before the first step,
-      trainable parameters and the first step's loss.
+      merge_and_unload for infer-lora-merged), peak memory, memory before the first step,
+      trainable parameters and the first step's loss. Memory is the process's RSS (peak:
+      ru_maxrss) on CPU and the CUDA caching allocator's allocated bytes (peak since the model was
+      ready) with --device cuda, as peft-bench measures them.
 
 Dropout is off (model.eval()) so both libraries compute the same deterministic step.
 """
@@ -104,9 +106,13 @@ def run(args):
     quiet()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("hf_step.py: --device cuda, but torch sees no CUDA device")
+    device = torch.device(args.device)
     folder = model_folder(args.model)
     inputs = load_file(args.inputs)
-    ids, labels = inputs["input_ids"], inputs["labels"]
+    ids, labels = inputs["input_ids"].to(device), inputs["labels"].to(device)
     infer = args.method.startswith("infer-")
     prompt_learning = args.method in ("prefix", "prompt")
     # PEFT refuses to load a prompt-learning adapter as trainable; load it frozen and turn its
@@ -121,11 +127,17 @@ def run(args):
         model = model.merge_and_unload()
     elif infer:
         sys.exit(f"hf_step.py: unknown --method {args.method}")
+    model.to(device)
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     optimizer = None if infer else torch.optim.AdamW(params, lr=args.lr)
-    base_mb = current_rss_mb()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mb = torch.cuda.memory_allocated() / (1024.0 * 1024.0)
+    else:
+        base_mb = current_rss_mb()
     times, first_loss = [], None
     profiler = None
     for step in range(args.warmup + args.steps):
@@ -142,6 +154,8 @@ def run(args):
             loss.backward()
             optimizer.step()
         value = loss.item()
+        if cuda:
+            torch.cuda.synchronize()
         took = (time.perf_counter() - start) * 1000.0
         if step == 0:
             first_loss = value
@@ -153,9 +167,13 @@ def run(args):
     times.sort()
     n = len(times)
     step_ms = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated() / (1024.0 * 1024.0)
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps({
-        "method": args.method, "mode": "infer" if infer else "train", "batch": ids.shape[0],
+        "method": args.method, "mode": "infer" if infer else "train", "device": args.device,
+        "batch": ids.shape[0],
         "seq": ids.shape[1], "threads": torch.get_num_threads(), "step_ms": step_ms,
         "peak_mb": peak_mb, "base_mb": base_mb, "trainable_params": trainable,
         "first_loss": first_loss}), flush=True)
@@ -177,6 +195,7 @@ def main():
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     r.add_argument("--profile", default="", help="write a Chrome trace of the timed steps")
     r.add_argument("--model", default="")
     args = parser.parse_args()

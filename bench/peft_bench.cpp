@@ -18,6 +18,10 @@
 // stored_bytes / unshared_bytes can be checked against 1/layers + 1/32. Dropout is off (eval mode)
 // so runs are deterministic and comparable with bench/hf_step.py. Training steps use
 // peft::AdamW (fused kernel where LibTorch has one); --stock-adamw uses torch::optim::AdamW.
+// BERT classifiers run their last layer for [CLS] alone unless --full-last-layer is given.
+//
+//   peft-bench --method infer-interleaved   plain and merged-LoRA forward alternating in one
+//                                           process: {"plain_ms","merged_ms","merged_vs_plain"}
 
 #include <sys/resource.h>
 
@@ -67,6 +71,7 @@ struct Settings {
   int64_t warmup = 2;
   std::string profile;
   bool stock_adamw = false;
+  bool full_last_layer = false;
   int64_t threads = 0;
   int64_t seed = 1234;
   double lr = 1e-3;
@@ -110,6 +115,8 @@ struct Subject {
   int64_t stored_bytes = 0;
   /// Method-specific numbers appended to the JSON line.
   std::vector<std::pair<std::string, int64_t>> extra;
+  /// "cls" or "full": which positions the last encoder layer ran for (BERT classifiers only).
+  std::string last_layer;
 };
 
 /// The method's adapter written by save_adapter() into a fresh temporary folder: its size.
@@ -171,6 +178,9 @@ Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::
     peft::fail("bench", "unknown --method \"{}\"", m);
   }
   if (m == "infer-lora-merged") peft::merge(*model);
+  // Hugging Face computes the last layer for every position; peft only for [CLS] unless asked.
+  model->cls_only_last_layer = !s.full_last_layer;
+  out.last_layer = s.full_last_layer ? "full" : "cls";
   model->to(device);
   model->eval();
   if (m == "full") {
@@ -244,11 +254,17 @@ double device_memory_mb(const torch::Device& device, bool peak) {
   return peak ? peak_rss_mb() : current_rss_mb();
 }
 
-int run_one(const Settings& s) {
+/// Applies --threads and returns the --device, refusing cuda where LibTorch sees no GPU.
+torch::Device prepare_device(const Settings& s) {
   if (s.threads > 0) torch::set_num_threads(static_cast<int>(s.threads));
   const torch::Device device(s.device == "cuda" ? torch::kCUDA : torch::kCPU, 0);
   peft::check(!device.is_cuda() || torch::cuda::is_available(), "bench",
               "--device cuda, but LibTorch sees no CUDA device");
+  return device;
+}
+
+int run_one(const Settings& s) {
+  const torch::Device device = prepare_device(s);
   const auto model_dir = peft::models::default_model_dir(s.model);
   Subject subject = make_subject(s, model_dir, device);
   const int64_t vocab = peft::models::BertConfig::from_file(model_dir / "config.json").vocab_size;
@@ -310,7 +326,45 @@ int run_one(const Settings& s) {
        << ",\"base_mb\":" << base_mb << ",\"trainable_params\":" << trainable
        << ",\"stored_bytes\":" << subject.stored_bytes << ",\"first_loss\":" << first_loss;
   for (const auto& [key, value] : subject.extra) line << ",\"" << key << "\":" << value;
+  if (!subject.last_layer.empty()) line << ",\"last_layer\":\"" << subject.last_layer << "\"";
   line << "}";
+  std::cout << line.str() << std::endl;
+  return 0;
+}
+
+/// --method infer-interleaved: the plain model and the merged-LoRA model in one process, their
+/// forward passes alternating step by step (plain, merged, plain, ...), so that drift in the
+/// machine's speed hits both alike. Prints the medians and their ratio; no peak memory (one
+/// process holds both models).
+int run_interleaved(const Settings& s) {
+  const torch::Device device = prepare_device(s);
+  const auto model_dir = peft::models::default_model_dir(s.model);
+  Settings plain_settings = s, merged_settings = s;
+  plain_settings.method = "infer-plain";
+  merged_settings.method = "infer-lora-merged";
+  Subject plain = make_subject(plain_settings, model_dir, device);
+  Subject merged = make_subject(merged_settings, model_dir, device);
+  const int64_t vocab = peft::models::BertConfig::from_file(model_dir / "config.json").vocab_size;
+  auto ids = make_inputs(s, vocab).first.to(device);
+  std::vector<double> plain_ms, merged_ms;
+  torch::NoGradGuard no_grad;
+  for (int64_t step = 0; step < s.warmup + s.steps; ++step) {
+    for (Subject* subject : {&plain, &merged}) {
+      const auto start = std::chrono::steady_clock::now();
+      subject->logits(ids);
+      synchronize(device);
+      const std::chrono::duration<double, std::milli> took =
+          std::chrono::steady_clock::now() - start;
+      if (step >= s.warmup) (subject == &plain ? plain_ms : merged_ms).push_back(took.count());
+    }
+  }
+  std::ostringstream line;
+  line.precision(10);
+  line << "{\"method\":\"infer-interleaved\",\"mode\":\"infer\",\"device\":\"" << s.device
+       << "\",\"batch\":" << ids.size(0) << ",\"seq\":" << ids.size(1)
+       << ",\"threads\":" << torch::get_num_threads() << ",\"steps\":" << s.steps
+       << ",\"plain_ms\":" << median(plain_ms) << ",\"merged_ms\":" << median(merged_ms)
+       << ",\"merged_vs_plain\":" << median(merged_ms) / median(plain_ms) << "}";
   std::cout << line.str() << std::endl;
   return 0;
 }
@@ -368,6 +422,7 @@ int main(int argc, char** argv) {
   CLI::App app{"peft-bench: training step time and peak memory per fine-tuning method"};
   std::vector<std::string> all = kTrainMethods;
   all.insert(all.end(), kInferMethods.begin(), kInferMethods.end());
+  all.push_back("infer-interleaved");
   all.push_back("all");
   all.push_back("infer");
   app.add_option("--method", s.method,
@@ -387,6 +442,9 @@ int main(int argc, char** argv) {
   app.add_option("--lr", s.lr, "AdamW learning rate");
   app.add_flag("--stock-adamw", s.stock_adamw,
                "LibTorch's torch::optim::AdamW instead of peft::AdamW (fused where available)");
+  app.add_flag("--full-last-layer", s.full_last_layer,
+               "run the last encoder layer for every position, as Hugging Face does (default: "
+               "only for [CLS], the one position the classifier reads)");
   app.add_option("--seed", s.seed, "seed of the random token ids and labels");
   app.add_option("--inputs", s.inputs,
                  "safetensors file with input_ids [N, L] and labels [N] (overrides --batch/--seq)");
@@ -399,6 +457,7 @@ int main(int argc, char** argv) {
       return run_all(std::vector<std::string>(argv, argv + argc),
                      s.method == "all" ? kTrainMethods : kInferMethods);
     }
+    if (s.method == "infer-interleaved") return run_interleaved(s);
     return run_one(s);
   } catch (const std::exception& e) {
     std::cerr << e.what() << "\n";

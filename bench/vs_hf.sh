@@ -5,6 +5,10 @@
 #
 #   bench/vs_hf.sh [--repeats N] [--configs 8x64,8x128,32x64,32x128] [--out results.jsonl]
 #                  [--no-build]   (use build/pip/bench/peft-bench as it is)
+#                  [--full-last-layer]   (C++ runs BERT's last layer for every position, as Python
+#                                         does; by default only for [CLS], the one position read)
+#                  [--device cpu|cuda]   (cuda: both sides on the GPU; needs a CUDA build of torch,
+#                                         whose LibTorch peft-bench is then built against)
 #
 # Installs what is missing (scripts/common.sh), builds peft-bench, then for each configuration and
 # method runs C++ and Python alternately (who goes first alternates too), each in its own process
@@ -13,7 +17,8 @@
 #    "ratio_mem","cpp_trainable","hf_trainable", ...}
 # (ratios are C++ / Python; step times are medians after warm-up). Before any number counts, both
 # sides' first-step losses must agree within 1e-4; otherwise the script says so and exits 1.
-# Dropout is off on both sides (eval mode), so the step is deterministic.
+# Dropout is off on both sides (eval mode), so the step is deterministic. Memory is each process's
+# peak RSS on CPU and the CUDA caching allocator's peak allocated bytes with --device cuda.
 set -euo pipefail
 source "$(dirname "$0")/../scripts/common.sh"
 
@@ -21,12 +26,19 @@ repeats=1
 configs=8x64,8x128,32x64,32x128
 out=""
 build_it=1
+cpp_extra=()
+device=cpu
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --repeats) repeats="$2"; shift 2 ;;
     --configs) configs="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --no-build) build_it=0; shift ;;
+    --full-last-layer) cpp_extra+=(--full-last-layer); shift ;;
+    --device)
+      device="$2"
+      [[ "$device" == cpu || "$device" == cuda ]] || { peft_log "--device must be cpu or cuda"; exit 2; }
+      shift 2 ;;
     *) peft_log "unknown argument $1"; exit 2 ;;
   esac
 done
@@ -46,6 +58,10 @@ fi
 [[ -x "$bench" ]] || { peft_log "$bench not found (run without --no-build)"; exit 1; }
 python="$(peft_python)"
 hf_step="$PEFT_ROOT/bench/hf_step.py"
+if [[ "$device" == cuda ]]; then
+  "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' ||
+    { peft_log "--device cuda: Python's torch sees no CUDA device"; exit 1; }
+fi
 
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
 export HF_HUB_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1
@@ -82,7 +98,7 @@ line = {"method": method, "batch": cpp["batch"], "seq": cpp["seq"],
         "cpp_trainable": cpp["trainable_params"], "hf_trainable": hf["trainable_params"],
         "cpp_base_mb": round(cpp["base_mb"], 1), "hf_base_mb": round(hf["base_mb"], 1),
         "first_loss_cpp": cpp["first_loss"], "first_loss_hf": hf["first_loss"],
-        "loss_diff": diff}
+        "loss_diff": diff, "cpp_last_layer": cpp.get("last_layer"), "device": cpp["device"]}
 if plain:
     plain = json.loads(plain)
     line["cpp_plain_step_ms"] = round(plain["step_ms"], 2)
@@ -109,11 +125,11 @@ for ((r = 0; r < repeats; ++r)); do
       esac
       run_cpp() {
         "$bench" --method "$1" --inputs "$inputs" --init-adapter "$adapter" --threads "$threads" \
-          --warmup "$warmup" --steps "$steps"
+          --warmup "$warmup" --steps "$steps" --device "$device" ${cpp_extra[@]+"${cpp_extra[@]}"}
       }
       run_hf() {
         "$python" "$hf_step" run --method "$method" --inputs "$inputs" --adapter "$adapter" \
-          --threads "$threads" --warmup "$warmup" --steps "$steps"
+          --threads "$threads" --warmup "$warmup" --steps "$steps" --device "$device"
       }
       plain=""
       if ((turn % 2 == 0)); then

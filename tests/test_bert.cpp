@@ -7,11 +7,13 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -281,6 +283,55 @@ TEST_CASE("BertForSequenceClassification: trainable head on the pooled output", 
   CHECK(trainable[1].first == "classifier.bias");
   CHECK_THAT(error_of([&] { peft::models::BertForSequenceClassification(model->bert, 0); }),
              Catch::Contains("num_labels must be positive"));
+}
+
+TEST_CASE("BertForSequenceClassification: last layer for CLS alone, same logits and gradients",
+          "[bert]") {
+  TempDir dir;
+  write_folder(dir.path, tiny_config(), tiny_weights());
+  for (bool prompt : {false, true}) {
+    INFO("prompt " << prompt);
+    torch::manual_seed(5);
+    auto model = peft::models::BertForSequenceClassification::from_pretrained(dir.path, 3);
+    model->eval();
+    peft::attach(*model, peft::LoRAOptions(4).targets({"query", "value"}));
+    if (prompt) peft::attach(*model, peft::PromptOptions(2));
+    {
+      // LoRA's B starts at zero; random values make every trainable tensor matter.
+      torch::NoGradGuard no_grad;
+      for (auto& p : peft::trainable_parameters(*model)) p.copy_(torch::randn_like(p) * 0.3);
+    }
+    auto ids = torch::tensor({5, 6, 7, 8, 2, 3, 0, 0}, torch::kLong).view({2, 4});
+    auto mask = ids.ne(0).to(torch::kLong);
+    auto labels = torch::tensor({2, 0}, torch::kLong);
+    auto run = [&](bool cls_only) {
+      model->cls_only_last_layer = cls_only;
+      for (auto& p : peft::trainable_parameters(*model)) p.mutable_grad() = torch::Tensor();
+      auto logits = model(ids, mask);
+      torch::nn::functional::cross_entropy(logits, labels).backward();
+      std::vector<torch::Tensor> out{logits.detach()};
+      for (auto& p : peft::trainable_parameters(*model)) out.push_back(p.grad().clone());
+      return out;
+    };
+    CHECK(model->cls_only_last_layer);  // the default
+    auto full = run(false), cls_only = run(true);
+    REQUIRE(full.size() == cls_only.size());
+    double largest = 0.0;
+    for (size_t i = 0; i < full.size(); ++i) {
+      INFO("tensor " << i);
+      const double scale = full[i].abs().max().item<double>();
+      CHECK(scale > 0.0);  // every tensor gets a gradient
+      CHECK((full[i] - cls_only[i]).abs().max().item<double>() <= 1e-5);
+      largest = std::max(largest, scale);
+    }
+    CHECK(largest > 1e-2);  // not a comparison of near-zeros
+    // Bert::forward_first's row is the full forward's first position.
+    torch::NoGradGuard no_grad;
+    auto hidden = model->bert(ids, mask);
+    auto first = model->bert->forward_first(ids, 1, mask);
+    CHECK(first.sizes() == torch::IntArrayRef{2, 1, kH});
+    CHECK((first.select(1, 0) - hidden.select(1, 0)).abs().max().item<double>() <= 1e-5);
+  }
 }
 
 TEST_CASE("BertForSequenceClassification with mean pooling averages the real tokens only",

@@ -2,6 +2,8 @@
 // initialisation, a wrapper's output equals the stock module's.
 #include "helpers.hpp"
 
+#include <algorithm>
+
 using namespace testing;
 
 TEST_CASE("nn::Linear and nn::Embedding reproduce the stock modules bit for bit",
@@ -122,6 +124,69 @@ TEST_CASE("nn::TransformerEncoder matches the stock encoder, final norm included
   auto first = stock->layers->at<torch::nn::TransformerEncoderLayerImpl>(0).forward(x, {}, kpm);
   CHECK(max_diff(states[1], first) <= 1e-5);
   CHECK(torch::equal(states.back(), wrapped(x, torch::Tensor(), kpm)));
+}
+
+TEST_CASE("forward_first: the first rows of the stock layer's and encoder's output",
+          "[core][wrappers]") {
+  const int64_t L = 6, N = 4;
+  auto x = torch::randn({L, N, kDim});
+  auto kpm = padding_mask(N, L);
+  auto mask = causal_mask(L);
+  for (bool gelu : {false, true}) {
+    torch::manual_seed(3);
+    auto stock = stock_layer(0.0, gelu);
+    peft::nn::TransformerEncoderLayer wrapped(stock);
+    stock->eval();
+    wrapped->eval();
+    INFO("gelu " << gelu);
+    for (int64_t rows : {int64_t{1}, int64_t{3}, L}) {
+      INFO("rows " << rows);
+      auto first = wrapped->forward_first(x, rows, mask, kpm);
+      CHECK(max_diff(first, stock(x, mask, kpm).narrow(0, 0, rows)) <= 1e-5);
+      CHECK(max_diff(wrapped->forward_first(x, rows), stock(x).narrow(0, 0, rows)) <= 1e-5);
+    }
+    CHECK_THROWS_WITH(wrapped->forward_first(x, 0),
+                      Catch::Contains("0 rows asked of an input of shape [6, 4, 16]"));
+    CHECK_THROWS_WITH(wrapped->forward_first(x, L + 1), Catch::Contains("7 rows asked"));
+  }
+
+  // The encoder runs only its last layer for the first rows; with methods attached (random, so
+  // not at identity) its full forward is the expectation, prompt rows in front included.
+  auto stock = stock_encoder(0.0, /*final_norm=*/true);
+  peft::nn::TransformerEncoder wrapped(stock);
+  stock->eval();
+  wrapped->eval();
+  CHECK(max_diff(wrapped->forward_first(x, 1, mask, kpm), stock(x, mask, kpm).narrow(0, 0, 1)) <=
+        1e-5);
+  peft::attach(*wrapped, peft::LoRAOptions(4).targets({"query", "value", "linear1"}));
+  peft::attach(*wrapped, peft::AdapterOptions(peft::AdapterKind::Houlsby).reduction_factor(4));
+  peft::attach(*wrapped, peft::PromptOptions(2));
+  randomize(*wrapped);
+  CHECK(wrapped->prompt_length() == 2);
+  auto full = wrapped(x, mask, kpm);
+  CHECK(full.size(0) == L + 2);
+  CHECK(max_diff(wrapped->forward_first(x, 1, mask, kpm), full.narrow(0, 0, 1)) <= 1e-5);
+  CHECK(max_diff(wrapped->forward_first(x, 4, mask, kpm), full.narrow(0, 0, 4)) <= 1e-5);
+
+  // Gradients reach the trainable parameters the same way (the loss reads the first row only).
+  auto grads = [&](bool first_only) {
+    for (auto& p : peft::trainable_parameters(*wrapped)) p.mutable_grad() = torch::Tensor();
+    auto out = first_only ? wrapped->forward_first(x, 1, mask, kpm) : wrapped(x, mask, kpm);
+    out.select(0, 0).pow(2).sum().backward();
+    std::vector<torch::Tensor> g;
+    for (auto& p : peft::trainable_parameters(*wrapped)) {
+      g.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
+    }
+    return g;
+  };
+  auto expected = grads(false), got = grads(true);
+  REQUIRE(got.size() == expected.size());
+  double largest = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    CHECK(max_diff(got[i], expected[i]) <= 1e-5);
+    largest = std::max(largest, expected[i].abs().max().item<double>());
+  }
+  CHECK(largest > 1e-3);  // the comparison is not between zeros
 }
 
 TEST_CASE("sites are found by path and role", "[core][wrappers]") {

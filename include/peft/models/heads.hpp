@@ -91,12 +91,20 @@ class BertForSequenceClassificationImpl : public torch::nn::Module {
                                                                num_labels, pooling);
   }
 
-  /// Logits [N, num_labels] (see BertImpl::forward for the inputs).
+  /// Logits [N, num_labels] (see BertImpl::forward for the inputs). With Pooling::Cls and
+  /// cls_only_last_layer, the last encoder layer runs for the [CLS] position alone
+  /// (BertImpl::forward_first).
   torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {},
                         const torch::Tensor& token_type_ids = {}) {
-    auto hidden = bert->forward(input_ids, attention_mask, token_type_ids);
-    auto pooled =
-        pooling == Pooling::Mean ? masked_mean(hidden, attention_mask) : bert->pool(hidden);
+    torch::Tensor pooled;
+    if (pooling == Pooling::Mean) {
+      pooled =
+          masked_mean(bert->forward(input_ids, attention_mask, token_type_ids), attention_mask);
+    } else if (cls_only_last_layer) {
+      pooled = bert->pool(bert->forward_first(input_ids, 1, attention_mask, token_type_ids));
+    } else {
+      pooled = bert->pool(bert->forward(input_ids, attention_mask, token_type_ids));
+    }
     return classifier(dropout(pooled));
   }
 
@@ -107,6 +115,12 @@ class BertForSequenceClassificationImpl : public torch::nn::Module {
   torch::nn::Linear classifier{nullptr};
   /// How hidden states become the classifier's input.
   Pooling pooling = Pooling::Cls;
+  /// With Pooling::Cls: run the last encoder layer for the [CLS] position only, the one position
+  /// the pooler reads (true, the default), or for every position as Hugging Face's
+  /// BertForSequenceClassification does (false). The logits and gradients are the same up to
+  /// float rounding; in training mode the last layer's dropout draws masks for [CLS] alone, so a
+  /// seeded run with dropout differs between the two settings.
+  bool cls_only_last_layer = true;
 };
 
 /// Module holder of BertForSequenceClassificationImpl, with from_pretrained().

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <peft/config.hpp>
+#include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/core/site.hpp>
 #include <peft/nn/encoder_layer.hpp>
@@ -43,7 +44,18 @@ class TransformerEncoderImpl : public torch::nn::Module {
   /// src [L, N, E]; src_mask [L, L]; src_key_padding_mask [N, L] (true = padding).
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_mask = {},
                         const torch::Tensor& src_key_padding_mask = {}) {
-    return run(src, src_mask, src_key_padding_mask, nullptr);
+    return run(src, src_mask, src_key_padding_mask, nullptr, 0);
+  }
+
+  /// forward()'s first `rows` output positions only, [rows, N, E] (prompt positions, which come
+  /// first, count): the last layer runs its queries, FFN and norms for those rows alone (see
+  /// TransformerEncoderLayer::forward_first). For a reader of the first position only, such as
+  /// BERT's [CLS] pooler. Equal to forward().narrow(0, 0, rows) up to float rounding.
+  torch::Tensor forward_first(const torch::Tensor& src, int64_t rows,
+                              const torch::Tensor& src_mask = {},
+                              const torch::Tensor& src_key_padding_mask = {}) {
+    check(rows > 0, "nn::TransformerEncoder", "forward_first: rows must be positive, got {}", rows);
+    return run(src, src_mask, src_key_padding_mask, nullptr, rows);
   }
 
   /// Like forward(), but returns every hidden state: the input (prompts included), then each
@@ -53,7 +65,7 @@ class TransformerEncoderImpl : public torch::nn::Module {
                                            const torch::Tensor& src_mask = {},
                                            const torch::Tensor& src_key_padding_mask = {}) {
     std::vector<torch::Tensor> states;
-    auto out = run(src, src_mask, src_key_padding_mask, &states);
+    auto out = run(src, src_mask, src_key_padding_mask, &states, 0);
     states.back() = out;
     return states;
   }
@@ -75,7 +87,8 @@ class TransformerEncoderImpl : public torch::nn::Module {
 
  private:
   torch::Tensor run(const torch::Tensor& src, const torch::Tensor& src_mask,
-                    const torch::Tensor& src_key_padding_mask, std::vector<torch::Tensor>* states) {
+                    const torch::Tensor& src_key_padding_mask, std::vector<torch::Tensor>* states,
+                    int64_t first_rows) {
     auto x = src;
     auto mask = src_mask;
     auto kpm = src_key_padding_mask;
@@ -96,9 +109,17 @@ class TransformerEncoderImpl : public torch::nn::Module {
       }
     }
     if (states) states->push_back(x);
-    for (size_t i = 0; i < layers->size(); ++i) {
-      x = layers->ptr<TransformerEncoderLayerImpl>(i)->forward(x, mask, kpm);
+    const size_t count = layers->size();
+    for (size_t i = 0; i < count; ++i) {
+      auto* layer = layers->ptr<TransformerEncoderLayerImpl>(i).get();
+      x = first_rows > 0 && i + 1 == count ? layer->forward_first(x, first_rows, mask, kpm)
+                                           : layer->forward(x, mask, kpm);
       if (states) states->push_back(x);
+    }
+    if (first_rows > 0 && count == 0) {
+      check(first_rows <= x.size(0), "nn::TransformerEncoder",
+            "forward_first: {} rows asked of a sequence of {}", first_rows, x.size(0));
+      x = x.narrow(0, 0, first_rows);
     }
     if (!base->norm.is_empty()) x = base->norm.forward<torch::Tensor>(x);
     return x;

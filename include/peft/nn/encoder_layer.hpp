@@ -7,9 +7,11 @@
 #include <functional>
 
 #include <peft/config.hpp>
+#include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/core/site.hpp>
 #include <peft/detail/linear.hpp>
+#include <peft/detail/shape.hpp>
 #include <peft/detail/torch_compat.hpp>
 #include <peft/nn/attention.hpp>
 
@@ -50,7 +52,36 @@ class TransformerEncoderLayerImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& src_mask = {},
                         const torch::Tensor& src_key_padding_mask = {}) {
     const auto src = input.contiguous();
-    auto a = self_attn->forward(src, src, src, src_key_padding_mask, src_mask);
+    return feed_forward(src, self_attn->forward(src, src, src, src_key_padding_mask, src_mask));
+  }
+
+  /// forward()'s first `rows` output positions only, [rows, N, E]. Every position is still a key
+  /// and a value, but queries, the attention output, the FFN and both LayerNorms run for those
+  /// rows alone, so a caller that reads only the first position of the last layer (BERT's [CLS]
+  /// pooler) skips most of that layer's work. Equal to forward().narrow(0, 0, rows) up to float
+  /// rounding (the query projection is computed apart from the key/value one); in training mode
+  /// dropout draws masks for these rows only. src_mask is the full [L, L] mask.
+  torch::Tensor forward_first(const torch::Tensor& input, int64_t rows,
+                              const torch::Tensor& src_mask = {},
+                              const torch::Tensor& src_key_padding_mask = {}) {
+    check(input.dim() == 3 && rows > 0 && rows <= input.size(0), "nn::TransformerEncoderLayer",
+          "forward_first: {} rows asked of an input of shape {} (expected [L, N, E], 0 < rows <= "
+          "L)",
+          rows, peft::detail::shape(input.sizes()));
+    const auto src = input.contiguous();
+    const auto first = src.narrow(0, 0, rows);
+    const auto mask = src_mask.defined() ? src_mask.narrow(0, 0, rows) : src_mask;
+    return feed_forward(first, self_attn->forward(first, src, src, src_key_padding_mask, mask));
+  }
+
+  torch::nn::TransformerEncoderLayer base;
+  MultiheadAttention self_attn{nullptr};
+  Site linear1{nullptr}, linear2{nullptr}, attn_block{nullptr}, ffn_block{nullptr};
+
+ private:
+  /// The rest of the layer after self-attention: `src` [R, N, E] the rows attended from, `a` their
+  /// attention output.
+  torch::Tensor feed_forward(const torch::Tensor& src, torch::Tensor a) {
     a = attn_block->adapt(src, base->dropout1(a));
     auto x = base->norm1(src + a);
     auto h = linear1->adapt(x, peft::detail::linear(x, base->linear1));
@@ -60,11 +91,6 @@ class TransformerEncoderLayerImpl : public torch::nn::Module {
     return base->norm2(x + f);
   }
 
-  torch::nn::TransformerEncoderLayer base;
-  MultiheadAttention self_attn{nullptr};
-  Site linear1{nullptr}, linear2{nullptr}, attn_block{nullptr}, ffn_block{nullptr};
-
- private:
   std::function<torch::Tensor(const torch::Tensor&)> activation_;
 };
 TORCH_MODULE(TransformerEncoderLayer);
