@@ -79,6 +79,8 @@ struct Options {
   double lora_alpha = 16, lora_dropout = 0.0;
   std::vector<std::string> lora_targets{"query", "value"};
   bool lora_rslora = false;
+  /// LoRA+: B matrices learn at lr times this (0: at lr, like A).
+  double lora_plus_ratio = 0;
   // Bottleneck adapters
   std::string adapter_kind = "houlsby", adapter_activation = "relu";
   int64_t adapter_reduction = 16;
@@ -434,6 +436,9 @@ inline int run(const Benchmark& bench, const Options& o) {
          "--train-pooler does not apply to --pooling mean (the classifier reads the mean of the "
          "token states; BERT's pooler is not used)");
   }
+  if (o.lora_plus_ratio > 0 && o.method != "lora") {
+    fail(bench.program, "--lora-plus-ratio applies to --method lora, not {}", o.method);
+  }
   torch::Device device(torch::kCPU);
   if (o.device != "cpu") {
     if (!torch::cuda::is_available()) {
@@ -502,6 +507,10 @@ inline int run(const Benchmark& bench, const Options& o) {
   std::cout << fmt::format("{}; method {} bytes, saved {} bytes; lr {}{}\n",
                            peft::trainable_report(count), model.method_bytes, adapter_bytes, lr,
                            o.head_lr > 0 ? fmt::format(", head lr {}", o.head_lr) : "");
+  if (o.lora_plus_ratio > 0) {
+    std::cout << fmt::format("LoRA+: B matrices at lr {} ({} x {})\n", lr * o.lora_plus_ratio,
+                             o.lora_plus_ratio, lr);
+  }
   if (o.method == "propetl") {
     const auto storage = peft::propetl_storage(*model.root);
     std::cout << fmt::format(
@@ -533,6 +542,8 @@ inline int run(const Benchmark& bench, const Options& o) {
                      .output_dir(o.output)
                      .progress_stream(&std::cout);
   if (o.head_lr > 0) options.lr_for("classifier", o.head_lr);
+  // LoRA+ (Hayou et al., 2024): B at a higher rate than A.
+  if (o.lora_plus_ratio > 0) options.lr_for("lora_B", lr * o.lora_plus_ratio);
   // ProPETL's masks learn through their scores (mask_scores_<weight>) at their own rate.
   if (o.method == "propetl") options.lr_for("mask_scores", o.propetl_mask_lr);
   peft::Trainer<Batch> trainer(model.root, loss_fn, options);
@@ -686,6 +697,9 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                  "(or Hugging Face names)")
       ->delimiter(',');
   app.add_flag("--lora-rslora", o.lora_rslora, "scale by alpha / sqrt(r)");
+  app.add_option("--lora-plus-ratio", o.lora_plus_ratio,
+                 "LoRA+: the B matrices learn at --lr times this (0: off, B at --lr like A)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--adapter-kind", o.adapter_kind, "houlsby, pfeiffer or parallel")
       ->check(CLI::IsMember({"houlsby", "pfeiffer", "parallel"}));
   app.add_option("--adapter-reduction", o.adapter_reduction, "bottleneck = hidden size / reduction")
