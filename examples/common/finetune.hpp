@@ -547,6 +547,13 @@ inline int run(const Benchmark& bench, const Options& o) {
   // ProPETL's masks learn through their scores (mask_scores_<weight>) at their own rate.
   if (o.method == "propetl") options.lr_for("mask_scores", o.propetl_mask_lr);
   peft::Trainer<Batch> trainer(model.root, loss_fn, options);
+  // What the optimizer really holds: a line per parameter group.
+  for (const auto& group : trainer.optimizer().param_groups()) {
+    const auto* adamw = dynamic_cast<const torch::optim::AdamWOptions*>(&group.options());
+    std::cout << fmt::format("optimizer group: lr {}, weight decay {}, {} tensors\n",
+                             group.options().get_lr(), adamw ? adamw->weight_decay() : 0.0,
+                             group.params().size());
+  }
 
   // Metric names get the split in front when there are several (MNLI's two dev sets).
   auto metric_name = [&](const std::string& split, const std::string& metric) {
