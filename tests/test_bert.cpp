@@ -3,11 +3,13 @@
 #include <peft/models/bert.hpp>
 #include <peft/models/heads.hpp>
 #include <peft/models/model_path.hpp>
+#include <peft/train/precision.hpp>
 
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -331,6 +333,85 @@ TEST_CASE("BertForSequenceClassification: last layer for CLS alone, same logits 
     auto first = model->bert->forward_first(ids, 1, mask);
     CHECK(first.sizes() == torch::IntArrayRef{2, 1, kH});
     CHECK((first.select(1, 0) - hidden.select(1, 0)).abs().max().item<double>() <= 1e-5);
+  }
+}
+
+TEST_CASE(
+    "BertForSequenceClassification under bf16 autocast: logits and LoRA gradients near float32",
+    "[bert]") {
+  TempDir dir;
+  write_folder(dir.path, tiny_config(), tiny_weights());
+  for (auto pooling : {peft::models::Pooling::Cls, peft::models::Pooling::Mean}) {
+    INFO("pooling " << peft::models::to_string(pooling));
+    torch::manual_seed(6);
+    auto model = peft::models::BertForSequenceClassification::from_pretrained(dir.path, 3, pooling);
+    model->eval();
+    peft::attach(*model, peft::LoRAOptions(4).targets({"query", "value"}));
+    peft::attach(*model, peft::PromptOptions(2));
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : peft::trainable_parameters(*model)) p.copy_(torch::randn_like(p) * 0.3);
+    }
+    auto ids = torch::tensor({5, 6, 7, 8, 2, 3, 0, 0}, torch::kLong).view({2, 4});
+    auto mask = ids.ne(0).to(torch::kLong);
+    auto labels = torch::tensor({2, 0}, torch::kLong);
+    auto run = [&](peft::Precision precision) {
+      for (auto& p : peft::trainable_parameters(*model)) p.mutable_grad() = torch::Tensor();
+      torch::Tensor logits, loss;
+      {
+        peft::AutocastGuard autocast(torch::kCPU, precision);
+        logits = model(ids, mask);
+        loss = torch::nn::functional::cross_entropy(logits, labels);
+      }
+      loss.backward();  // outside autocast, as with torch.autocast
+      torch::Tensor hidden;
+      {
+        torch::NoGradGuard no_grad;
+        peft::AutocastGuard autocast(torch::kCPU, precision);
+        hidden = model->bert(ids, mask);
+      }
+      std::vector<torch::Tensor> out{logits.detach().to(torch::kFloat), hidden.to(torch::kFloat)};
+      for (auto& p : peft::trainable_parameters(*model)) {
+        CHECK(p.grad().scalar_type() == torch::kFloat);
+        out.push_back(p.grad().clone());
+      }
+      return std::make_pair(logits.scalar_type(), out);
+    };
+    const auto [dtype32, fp32] = run(peft::Precision::fp32);
+    const auto [dtype16, bf16] = run(peft::Precision::bf16);
+    CHECK(dtype32 == torch::kFloat);
+    CHECK(dtype16 == torch::kBFloat16);  // the head's product ran in bfloat16
+    REQUIRE(fp32.size() == bf16.size());
+    CHECK_FALSE(torch::equal(fp32[0], bf16[0]));
+    // bfloat16 keeps 8 significant bits: a rounded value is off by up to 2^-9 of its size, so an
+    // error is bounded by the size of what was summed, not by the size of the result (which
+    // cancellation can make small). The last hidden states come out of a LayerNorm and are
+    // compared with their own size; a logit with the largest sum of |weight| x |input| of the
+    // head (its input: tanh, |.| <= 1, or a mean of hidden states); each gradient with the
+    // largest gradient entry of the model (the backward pass carries the rounding as absolute
+    // noise of the size of the gradients flowing through; some tensors' gradients here are
+    // 1e-7, below that noise).
+    const double h_scale = fp32[1].abs().max().item<double>();
+    CHECK((fp32[1] - bf16[1]).abs().max().item<double>() <= 0.02 * h_scale);
+    const auto& head = model->classifier;
+    const double logit_scale =
+        (head->weight.abs().sum(1) * std::max(1.0, h_scale) + head->bias.abs())
+            .max()
+            .item<double>();
+    INFO("largest logit " << fp32[0].abs().max().item<double>() << ", bound scale " << logit_scale);
+    CHECK((fp32[0] - bf16[0]).abs().max().item<double>() <= 0.02 * logit_scale);
+    double grad_scale = 0.0, diff_sq = 0.0, norm_sq = 0.0;
+    for (size_t i = 2; i < fp32.size(); ++i) {
+      grad_scale = std::max(grad_scale, fp32[i].abs().max().item<double>());
+      diff_sq += (fp32[i] - bf16[i]).pow(2).sum().item<double>();
+      norm_sq += fp32[i].pow(2).sum().item<double>();
+    }
+    CHECK(grad_scale > 1e-2);
+    for (size_t i = 2; i < fp32.size(); ++i) {
+      INFO("gradient " << i - 1);
+      CHECK((fp32[i] - bf16[i]).abs().max().item<double>() <= 0.02 * grad_scale);
+    }
+    CHECK(std::sqrt(diff_sq / norm_sq) <= 0.02);  // all gradients as one vector
   }
 }
 

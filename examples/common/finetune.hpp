@@ -69,6 +69,7 @@ struct Classifier {
 /// Everything the command line sets.
 struct Options {
   std::string task, data_dir, model, method = "lora", output, device = "cpu", pooling = "cls";
+  std::string precision = "fp32";
   std::vector<std::string> eval_splits;
   int64_t epochs = 1, max_steps = 0, batch_size = 32, eval_batch_size = 64, max_len = 128;
   int64_t max_train_samples = 0, max_eval_samples = 0, seed = 42, eval_every = 0, threads = 0;
@@ -264,7 +265,8 @@ inline void unfreeze_pooler(const Options& o, peft::models::BertForSequenceClass
 /// The training loss of a batch's logits: mean squared error for regression (one output),
 /// cross-entropy otherwise.
 inline torch::Tensor task_loss(const torch::Tensor& logits, const Batch& b, bool regression) {
-  if (regression) return torch::mse_loss(logits.squeeze(-1), b.labels);
+  // Under autocast the scores may be bfloat16 or float16; the error is taken in the labels' type.
+  if (regression) return torch::mse_loss(logits.squeeze(-1).to(b.labels.scalar_type()), b.labels);
   return torch::nn::functional::cross_entropy(logits, b.labels);
 }
 
@@ -446,6 +448,8 @@ inline int run(const Benchmark& bench, const Options& o) {
     }
     device = torch::Device(o.device);
   }
+  const auto precision = peft::parse_precision(o.precision);
+  peft::check_precision(precision, device);
   if (o.threads > 0) torch::set_num_threads(static_cast<int>(o.threads));
   const double lr = o.lr > 0 ? o.lr : default_lr(o.method);
 
@@ -539,6 +543,7 @@ inline int run(const Benchmark& bench, const Options& o) {
                      .eval_every(o.eval_every)
                      .seed(o.seed)
                      .device(device)
+                     .precision(precision)
                      .output_dir(o.output)
                      .progress_stream(&std::cout);
   if (o.head_lr > 0) options.lr_for("classifier", o.head_lr);
@@ -553,6 +558,12 @@ inline int run(const Benchmark& bench, const Options& o) {
     std::cout << fmt::format("optimizer group: lr {}, weight decay {}, {} tensors\n",
                              group.options().get_lr(), adamw ? adamw->weight_decay() : 0.0,
                              group.params().size());
+  }
+  if (precision != peft::Precision::fp32) {
+    std::cout << fmt::format(
+        "precision: {} autocast on {} (parameters and optimizer state float32{})\n",
+        peft::precision_name(precision), device.str(),
+        precision == peft::Precision::fp16 ? ", dynamic loss scale" : "");
   }
 
   // Metric names get the split in front when there are several (MNLI's two dev sets).
@@ -678,6 +689,10 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->delimiter(',');
   app.add_option("--seed", o.seed, "seed of the initialisation, data order and dropout");
   app.add_option("--device", o.device, "cpu or cuda[:index]");
+  app.add_option("--precision", o.precision,
+                 "fp32, or autocast to bf16 or fp16 (fp16 with a dynamic loss scale); parameters "
+                 "and optimizer state stay float32")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
   app.add_option("--threads", o.threads, "CPU threads (0: LibTorch's default)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--output", o.output,

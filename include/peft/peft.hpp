@@ -37,6 +37,7 @@
 #include <peft/data/glue.hpp>
 #include <peft/data/clue.hpp>
 #include <peft/train/metrics.hpp>
+#include <peft/train/precision.hpp>
 #include <peft/train/schedule.hpp>
 #include <peft/train/checkpoint.hpp>
 #include <peft/train/progress.hpp>

@@ -68,6 +68,9 @@ struct TrainingState {
   int64_t batches_per_epoch = 0;          ///< batches in one epoch of the run's data
   int64_t seed = 0;                       ///< seed of the run (also drives the batch order)
   int64_t skipped_steps = 0;              ///< steps skipped for a non-finite loss or gradient
+  int64_t overflow_steps = 0;             ///< fp16 steps skipped for an overflowing loss scale
+  double loss_scale = 0.0;                ///< fp16's dynamic loss scale (0: none)
+  int64_t loss_scale_good_steps = 0;      ///< good fp16 steps since the scale last changed
   int64_t last_eval_step = -1;            ///< global_step of the latest evaluation, -1 before any
   SchedulerState scheduler;               ///< learning-rate scheduler position and base rates
   std::optional<double> best_metric;      ///< best value of the chosen metric so far
@@ -115,6 +118,9 @@ inline nlohmann::json state_to_json(const TrainingState& s) {
           {"batches_per_epoch", s.batches_per_epoch},
           {"seed", s.seed},
           {"skipped_steps", s.skipped_steps},
+          {"overflow_steps", s.overflow_steps},
+          {"loss_scale", ckpt_number(s.loss_scale)},
+          {"loss_scale_good_steps", s.loss_scale_good_steps},
           {"last_eval_step", s.last_eval_step},
           {"scheduler", {{"step", s.scheduler.step}, {"base_lrs", base_lrs}}},
           {"best_metric", s.best_metric ? ckpt_number(*s.best_metric) : nlohmann::json(nullptr)},
@@ -134,6 +140,10 @@ inline TrainingState state_from_json(const nlohmann::json& j) {
   s.batches_per_epoch = j.at("batches_per_epoch").get<int64_t>();
   s.seed = j.at("seed").get<int64_t>();
   s.skipped_steps = j.at("skipped_steps").get<int64_t>();
+  // Written since fp16 training came; absent from older checkpoints, which had no loss scale.
+  s.overflow_steps = j.value("overflow_steps", int64_t{0});
+  if (j.contains("loss_scale")) s.loss_scale = ckpt_number_from(j.at("loss_scale"));
+  s.loss_scale_good_steps = j.value("loss_scale_good_steps", int64_t{0});
   s.last_eval_step = j.at("last_eval_step").get<int64_t>();
   s.scheduler.step = j.at("scheduler").at("step").get<int64_t>();
   for (const auto& lr : j.at("scheduler").at("base_lrs")) {

@@ -43,6 +43,7 @@
 #include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/train/checkpoint.hpp>
+#include <peft/train/precision.hpp>
 #include <peft/train/progress.hpp>
 #include <peft/train/schedule.hpp>
 
@@ -111,6 +112,13 @@ struct TrainerOptions {
   TORCH_ARG(NanPolicy, nan_policy) = NanPolicy::stop;
   /// Device the model and the batches are moved to.
   TORCH_ARG(torch::Device, device) = torch::kCPU;
+  /// Precision of the loss function's and the evaluation's forward passes: Precision::fp32, or
+  /// autocast to bf16 / fp16 on the device (parameters, gradients and optimizer state stay
+  /// float32). fp16 scales the loss dynamically (loss_scale); a step whose gradients overflow
+  /// is skipped, logged and counted in TrainResult::overflow_steps, not treated as a NaN.
+  TORCH_ARG(Precision, precision) = Precision::fp32;
+  /// The dynamic loss scale of Precision::fp16.
+  TORCH_ARG(LossScaleOptions, loss_scale) = {};
   /// Show progress (a bar on a terminal, plain lines otherwise).
   TORCH_ARG(bool, progress) = true;
   /// Stream the progress goes to; must outlive fit().
@@ -138,8 +146,10 @@ struct BatchSource {
 
 /// How a fit() ended.
 struct TrainResult {
-  int64_t steps = 0;          ///< global step reached
-  int64_t skipped_steps = 0;  ///< steps skipped by NanPolicy::skip
+  int64_t steps = 0;           ///< global step reached
+  int64_t skipped_steps = 0;   ///< steps skipped by NanPolicy::skip
+  int64_t overflow_steps = 0;  ///< fp16 steps skipped because the scaled gradients overflowed
+  double loss_scale = 0.0;     ///< fp16's loss scale at the end (0 for fp32 and bf16)
   double last_loss = std::numeric_limits<double>::quiet_NaN();  ///< mean loss of the last step
   std::optional<double> best_metric;                            ///< best value of options.metric
   int64_t best_step = -1;                                       ///< step of best_metric
@@ -375,6 +385,14 @@ class Trainer {
       state_.batches_per_epoch = n;
       state_.scheduler = scheduler.state();
     }
+    const bool fp16 = options_.precision() == Precision::fp16;
+    // A resumed fp16 run goes on with its saved scale; any other start begins at the initial one.
+    if (!fp16) {
+      state_.loss_scale = 0.0;
+    } else if (!(state_.loss_scale > 0.0)) {
+      state_.loss_scale = options_.loss_scale().initial;
+      state_.loss_scale_good_steps = 0;
+    }
     const auto& out_dir = options_.output_dir();
     std::optional<MetricsLog> log;
     if (!out_dir.empty()) log.emplace(out_dir / "metrics.jsonl");
@@ -402,6 +420,7 @@ class Trainer {
         const int64_t step = state_.global_step + 1;
         std::string bad;
         double loss_sum = 0.0;
+        const double scale = fp16 ? state_.loss_scale : 1.0;
         for (int64_t i = 0; i < window; ++i, ++b) {
           if (!bad.empty()) continue;
           const auto loss = compute_loss(source.batch(epoch, b), step, epoch, b);
@@ -410,18 +429,41 @@ class Trainer {
             bad = fmt::format("the loss is {}", value);
             continue;
           }
-          (loss / static_cast<double>(window)).backward();
+          if (fp16) {
+            (loss * (scale / static_cast<double>(window))).backward();
+          } else {
+            (loss / static_cast<double>(window)).backward();
+          }
           loss_sum += value;
         }
         double norm = std::numeric_limits<double>::quiet_NaN();
+        bool overflow = false;
         if (bad.empty()) {
+          if (fp16) unscale_grads(params, scale);
           const double max_norm = options_.grad_clip() > 0
                                       ? options_.grad_clip()
                                       : std::numeric_limits<double>::infinity();
           norm = torch::nn::utils::clip_grad_norm_(params, max_norm);
-          if (!std::isfinite(norm)) bad = fmt::format("the gradient norm is {}", norm);
+          // With a loss scale above 1 an infinite gradient is the scale's overflow, which the
+          // next step's smaller scale fixes; at 1 or below it is the model's own.
+          if (!std::isfinite(norm)) {
+            if (fp16 && scale > 1.0) {
+              overflow = true;
+            } else {
+              bad = fmt::format("the gradient norm is {}", norm);
+            }
+          }
         }
-        if (!bad.empty()) {
+        if (overflow) {
+          clear_grads(params);
+          state_.loss_scale = scale * options_.loss_scale().backoff;
+          state_.loss_scale_good_steps = 0;
+          ++state_.overflow_steps;
+          write_log({{"type", "overflow"},
+                     {"step", step},
+                     {"grad_norm", norm},
+                     {"loss_scale", state_.loss_scale}});
+        } else if (!bad.empty()) {
           clear_grads(params);
           if (options_.nan_policy() == NanPolicy::stop) {
             stop_on_nan(step, epoch, window_start, bad);
@@ -432,6 +474,10 @@ class Trainer {
         } else {
           optimizer_->step();
           clear_grads(params);
+          if (fp16 && ++state_.loss_scale_good_steps >= options_.loss_scale().growth_interval) {
+            state_.loss_scale *= options_.loss_scale().growth;
+            state_.loss_scale_good_steps = 0;
+          }
           result.last_loss = loss_sum / static_cast<double>(window);
           window_loss_sum += result.last_loss;
           ++window_loss_count;
@@ -480,6 +526,8 @@ class Trainer {
 
     result.steps = state_.global_step;
     result.skipped_steps = state_.skipped_steps;
+    result.overflow_steps = state_.overflow_steps;
+    result.loss_scale = state_.loss_scale;
     result.best_metric = state_.best_metric;
     result.best_step = state_.best_step;
     result.last_metrics = state_.last_metrics;
@@ -506,16 +554,27 @@ class Trainer {
     check(o.patience() >= 0, "trainer", "patience must be >= 0, got {}", o.patience());
     check(o.patience() == 0 || !o.metric().empty(), "trainer",
           "patience {} needs metric() to say what should improve", o.patience());
+    check_precision(o.precision(), o.device());
+    const auto& ls = o.loss_scale();
+    check(std::isfinite(ls.initial) && ls.initial > 0 && std::isfinite(ls.growth) &&
+              ls.growth >= 1 && ls.backoff > 0 && ls.backoff < 1 && ls.growth_interval > 0,
+          "trainer",
+          "loss_scale needs initial > 0, growth >= 1, 0 < backoff < 1 and growth_interval > 0, "
+          "got {}, {}, {}, {}",
+          ls.initial, ls.growth, ls.backoff, ls.growth_interval);
   }
 
   torch::Tensor compute_loss(const Batch& raw, int64_t step, int64_t epoch, int64_t index) {
     torch::Tensor loss;
-    if (move_) {
-      loss = loss_(move_(raw, options_.device()));
-    } else if (auto moved = detail::move_known_batch(raw, options_.device())) {
-      loss = loss_(*moved);
-    } else {
-      loss = loss_(raw);
+    {
+      AutocastGuard autocast(options_.device(), options_.precision());
+      if (move_) {
+        loss = loss_(move_(raw, options_.device()));
+      } else if (auto moved = detail::move_known_batch(raw, options_.device())) {
+        loss = loss_(*moved);
+      } else {
+        loss = loss_(raw);
+      }
     }
     const auto where = fmt::format("step {} (epoch {}, batch {})", step, epoch, index);
     check(loss.defined(), "trainer", "{}: the loss function returned an undefined tensor", where);
@@ -529,6 +588,15 @@ class Trainer {
 
   static void clear_grads(const std::vector<torch::Tensor>& params) {
     for (const auto& p : params) p.mutable_grad().reset();
+  }
+
+  // Divides the gradients by the fp16 loss scale (a power of two unless set otherwise, so this
+  // is exact); infinities stay infinite for the norm check to see.
+  static void unscale_grads(const std::vector<torch::Tensor>& params, double scale) {
+    torch::NoGradGuard no_grad;
+    for (const auto& p : params) {
+      if (p.grad().defined()) p.mutable_grad().mul_(1.0 / scale);
+    }
   }
 
   [[noreturn]] void stop_on_nan(int64_t step, int64_t epoch, int64_t batch,
@@ -555,6 +623,7 @@ class Trainer {
     model_->eval();
     {
       torch::NoGradGuard no_grad;
+      AutocastGuard autocast(options_.device(), options_.precision());
       metrics = eval_();
     }
     model_->train();
