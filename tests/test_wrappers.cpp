@@ -189,6 +189,40 @@ TEST_CASE("forward_first: the first rows of the stock layer's and encoder's outp
   CHECK(largest > 1e-3);  // the comparison is not between zeros
 }
 
+TEST_CASE("forward_first runs the last feed-forward for the first rows only", "[core][wrappers]") {
+  // The first-rows tests above would also pass if forward_first computed every row and cut the
+  // result; an activation that counts the token positions it is given shows what is computed.
+  const int64_t L = 6, N = 4;
+  std::vector<int64_t> positions;
+  auto counting = [&positions](const torch::Tensor& t) {
+    positions.push_back(t.numel() / kFF);
+    return torch::relu(t);
+  };
+  torch::manual_seed(3);
+  torch::nn::TransformerEncoderLayer stock(torch::nn::TransformerEncoderLayerOptions(kDim, kHeads)
+                                               .dim_feedforward(kFF)
+                                               .dropout(0.0)
+                                               .activation(counting));
+  peft::nn::TransformerEncoderLayer layer(stock);
+  layer->eval();
+  auto x = torch::randn({L, N, kDim});
+  torch::NoGradGuard no_grad;
+  layer(x);
+  CHECK(positions == std::vector<int64_t>{L * N});
+  positions.clear();
+  layer->forward_first(x, 2);
+  CHECK(positions == std::vector<int64_t>{2 * N});
+
+  peft::nn::TransformerEncoder encoder(
+      torch::nn::TransformerEncoder(torch::nn::TransformerEncoderOptions(stock, kLayers)));
+  encoder->eval();
+  positions.clear();
+  encoder->forward_first(x, 1);
+  std::vector<int64_t> expected(kLayers - 1, L * N);  // every position feeds the next layer
+  expected.push_back(N);                              // the last layer: position 0 only
+  CHECK(positions == expected);
+}
+
 TEST_CASE("sites are found by path and role", "[core][wrappers]") {
   peft::nn::TransformerEncoder wrapped(stock_encoder());
   std::vector<std::string> paths;
