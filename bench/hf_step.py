@@ -8,7 +8,7 @@
       head, so that a first step means something. peft-bench loads the same files.
 
   hf_step.py run --method lora|prefix|prompt|infer-lora-merged --inputs F --adapter DIR
-      [--steps N --warmup W --threads T --lr LR --device cpu|cuda]
+      [--steps N --warmup W --threads T --lr LR --device cpu|cuda --precision fp32|bf16|fp16]
       one JSON line like peft-bench's: median step time after warm-up (forward, cross-entropy,
       backward, AdamW over the parameters that require grad; or forward only under no_grad after
       merge_and_unload for infer-lora-merged), peak memory, memory before the first step,
@@ -16,7 +16,9 @@
       ru_maxrss) on CPU and the CUDA caching allocator's allocated bytes (peak since the model was
       ready) with --device cuda, as peft-bench measures them.
 
-Dropout is off (model.eval()) so both libraries compute the same deterministic step.
+Dropout is off (model.eval()) so both libraries compute the same deterministic step. With
+--precision bf16|fp16 the forward and the loss run under torch.autocast on the device; fp16 steps
+through torch.amp.GradScaler, as a PyTorch user's mixed-precision loop does.
 """
 
 import argparse
@@ -138,6 +140,12 @@ def run(args):
         base_mb = torch.cuda.memory_allocated() / (1024.0 * 1024.0)
     else:
         base_mb = current_rss_mb()
+    import contextlib
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = ((lambda: torch.autocast(device_type=args.device, dtype=dtype)) if dtype
+                else contextlib.nullcontext)
+    scaler = (torch.amp.GradScaler(args.device)
+              if args.precision == "fp16" and not infer else None)
     times, first_loss = [], None
     profiler = None
     for step in range(args.warmup + args.steps):
@@ -146,13 +154,19 @@ def run(args):
             profiler.__enter__()
         start = time.perf_counter()
         if infer:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 loss = F.cross_entropy(model(input_ids=ids).logits, labels)
         else:
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(input_ids=ids).logits, labels)
-            loss.backward()
-            optimizer.step()
+            with autocast():
+                loss = F.cross_entropy(model(input_ids=ids).logits, labels)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
         value = loss.item()
         if cuda:
             torch.cuda.synchronize()
@@ -173,6 +187,7 @@ def run(args):
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps({
         "method": args.method, "mode": "infer" if infer else "train", "device": args.device,
+        "precision": args.precision,
         "batch": ids.shape[0],
         "seq": ids.shape[1], "threads": torch.get_num_threads(), "step_ms": step_ms,
         "peak_mb": peak_mb, "base_mb": base_mb, "trainable_params": trainable,
@@ -196,6 +211,8 @@ def main():
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    r.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast the forward to bf16 or fp16 (fp16 with a GradScaler)")
     r.add_argument("--profile", default="", help="write a Chrome trace of the timed steps")
     r.add_argument("--model", default="")
     args = parser.parse_args()

@@ -6,7 +6,7 @@
 //   peft-bench --method lora --batch 8 --seq 64 --steps 10 --warmup 3
 //
 // Prints one JSON line per method:
-//   {"method":"lora","mode":"train","batch":32,"seq":128,"step_ms":...,"peak_mb":...,
+//   {"method":"lora","mode":"train","device":"cpu","precision":"fp32","batch":32,"seq":128,"step_ms":...,"peak_mb":...,
 //    "base_mb":...,"trainable_params":...,"stored_bytes":...,"first_loss":...}
 // step_ms is the median over the timed steps; peak_mb is the process's peak RSS (ru_maxrss) on
 // CPU or the CUDA allocator's peak on a GPU; base_mb is the RSS (or allocated CUDA memory) once
@@ -19,6 +19,8 @@
 // so runs are deterministic and comparable with bench/hf_step.py. Training steps use
 // peft::AdamW (fused kernel where LibTorch has one); --stock-adamw uses torch::optim::AdamW.
 // BERT classifiers run their last layer for [CLS] alone unless --full-last-layer is given.
+// --precision bf16|fp16 runs the forward and the loss under peft::AutocastGuard (fp16 with the
+// trainer's loss scale, the gradients unscaled and checked before AdamW), as peft's trainer does.
 //
 //   peft-bench --method infer-interleaved   plain and merged-LoRA forward alternating in one
 //                                           process: {"plain_ms","merged_ms","merged_vs_plain"}
@@ -63,6 +65,7 @@ struct Settings {
   std::string method = "all";
   std::string model;
   std::string device = "cpu";
+  std::string precision = "fp32";
   std::string inputs;
   std::string init_adapter;
   int64_t batch = 32;
@@ -265,6 +268,11 @@ torch::Device prepare_device(const Settings& s) {
 
 int run_one(const Settings& s) {
   const torch::Device device = prepare_device(s);
+  const auto precision = peft::parse_precision(s.precision);
+  peft::check_precision(precision, device);
+  // fp16 scales the loss as peft's trainer does (its initial scale; no overflow at these sizes).
+  const double loss_scale =
+      precision == peft::Precision::fp16 ? peft::LossScaleOptions().initial : 1.0;
   const auto model_dir = peft::models::default_model_dir(s.model);
   Subject subject = make_subject(s, model_dir, device);
   const int64_t vocab = peft::models::BertConfig::from_file(model_dir / "config.json").vocab_size;
@@ -302,13 +310,31 @@ int run_one(const Settings& s) {
     double loss_value = 0.0;
     if (infer) {
       torch::NoGradGuard no_grad;
+      peft::AutocastGuard autocast(device, precision);
       loss_value = torch::cross_entropy_loss(subject.logits(ids), labels).item<double>();
     } else {
       // Gradients set to none, as torch.optim's zero_grad() does by default.
       for (auto& p : params) p.mutable_grad() = torch::Tensor();
-      auto loss = torch::cross_entropy_loss(subject.logits(ids), labels);
-      loss.backward();
-      optimizer->step();
+      torch::Tensor loss;
+      {
+        peft::AutocastGuard autocast(device, precision);
+        loss = torch::cross_entropy_loss(subject.logits(ids), labels);
+      }
+      if (loss_scale != 1.0) {
+        // Scaled backward, then the gradients unscaled and checked, as GradScaler.step() does.
+        (loss * loss_scale).backward();
+        torch::NoGradGuard no_grad;
+        std::vector<torch::Tensor> norms;
+        for (auto& p : params) {
+          if (!p.grad().defined()) continue;
+          p.mutable_grad().mul_(1.0 / loss_scale);
+          norms.push_back(p.grad().norm());
+        }
+        if (torch::stack(norms).isfinite().all().item<bool>()) optimizer->step();
+      } else {
+        loss.backward();
+        optimizer->step();
+      }
       loss_value = loss.item<double>();
     }
     synchronize(device);
@@ -320,11 +346,12 @@ int run_one(const Settings& s) {
   std::ostringstream line;
   line.precision(10);
   line << "{\"method\":\"" << s.method << "\",\"mode\":\"" << (infer ? "infer" : "train")
-       << "\",\"device\":\"" << s.device << "\",\"batch\":" << ids.size(0)
-       << ",\"seq\":" << ids.size(1) << ",\"threads\":" << torch::get_num_threads()
-       << ",\"step_ms\":" << median(times) << ",\"peak_mb\":" << device_memory_mb(device, true)
-       << ",\"base_mb\":" << base_mb << ",\"trainable_params\":" << trainable
-       << ",\"stored_bytes\":" << subject.stored_bytes << ",\"first_loss\":" << first_loss;
+       << "\",\"device\":\"" << s.device << "\",\"precision\":\"" << s.precision
+       << "\",\"batch\":" << ids.size(0) << ",\"seq\":" << ids.size(1)
+       << ",\"threads\":" << torch::get_num_threads() << ",\"step_ms\":" << median(times)
+       << ",\"peak_mb\":" << device_memory_mb(device, true) << ",\"base_mb\":" << base_mb
+       << ",\"trainable_params\":" << trainable << ",\"stored_bytes\":" << subject.stored_bytes
+       << ",\"first_loss\":" << first_loss;
   for (const auto& [key, value] : subject.extra) line << ",\"" << key << "\":" << value;
   if (!subject.last_layer.empty()) line << ",\"last_layer\":\"" << subject.last_layer << "\"";
   line << "}";
@@ -337,6 +364,8 @@ int run_one(const Settings& s) {
 /// machine's speed hits both alike. Prints the medians and their ratio; no peak memory (one
 /// process holds both models).
 int run_interleaved(const Settings& s) {
+  peft::check(s.precision == "fp32", "bench", "--precision {} is not supported by {}", s.precision,
+              "--method infer-interleaved");
   const torch::Device device = prepare_device(s);
   const auto model_dir = peft::models::default_model_dir(s.model);
   Settings plain_settings = s, merged_settings = s;
@@ -431,6 +460,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember(all));
   app.add_option("--model", s.model, "Hugging Face model folder (default: all-MiniLM-L6-v2)");
   app.add_option("--device", s.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--precision", s.precision,
+                 "fp32, or autocast to bf16 or fp16 (fp16 with a loss scale), as peft's trainer")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
   app.add_option("--batch", s.batch, "batch size")->check(CLI::PositiveNumber);
   app.add_option("--seq", s.seq, "sequence length")->check(CLI::PositiveNumber);
   app.add_option("--steps", s.steps, "timed steps")->check(CLI::PositiveNumber);
