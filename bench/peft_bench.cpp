@@ -299,6 +299,7 @@ int run_one(const Settings& s) {
   }
   std::vector<double> times;
   double first_loss = 0.0;
+  int64_t overflow_steps = 0;
   // --profile: LibTorch's profiler records every op of the timed steps (its overhead is in
   // step_ms then) into a Chrome trace that bench/profile_ops.py sums per op.
   std::unique_ptr<torch::autograd::profiler::RecordProfile> profile;
@@ -330,7 +331,11 @@ int run_one(const Settings& s) {
           p.mutable_grad().mul_(1.0 / loss_scale);
           norms.push_back(p.grad().norm());
         }
-        if (torch::stack(norms).isfinite().all().item<bool>()) optimizer->step();
+        if (torch::stack(norms).isfinite().all().item<bool>()) {
+          optimizer->step();
+        } else {
+          ++overflow_steps;  // reported: a timing with skipped updates is not a full step's
+        }
       } else {
         loss.backward();
         optimizer->step();
@@ -354,6 +359,7 @@ int run_one(const Settings& s) {
        << ",\"first_loss\":" << first_loss;
   for (const auto& [key, value] : subject.extra) line << ",\"" << key << "\":" << value;
   if (!subject.last_layer.empty()) line << ",\"last_layer\":\"" << subject.last_layer << "\"";
+  if (loss_scale != 1.0) line << ",\"overflow_steps\":" << overflow_steps;
   line << "}";
   std::cout << line.str() << std::endl;
   return 0;

@@ -614,12 +614,30 @@ TEST_CASE("precision: bf16 autocasts the loss and the evaluation, parameters sta
       peft::TrainerOptions().precision(peft::Precision::bf16).progress_stream(&sink));
   CHECK_THROWS_AS(trainer.fit(batches), Crash);
   CHECK(torch::mm(batches[0].x, batches[0].x.t()).scalar_type() == torch::kFloat);
+  // Nested guards: the inner one's end restores the outer one's state, the outer one's end
+  // switches autocast off; fp32 leaves an enclosing autocast on.
+  const auto& x = batches[0].x;
   {
     peft::AutocastGuard outer(torch::kCPU, peft::Precision::bf16);
-    { peft::AutocastGuard inner(torch::kCPU, peft::Precision::fp32); }
-    CHECK(torch::mm(batches[0].x, batches[0].x.t()).scalar_type() == torch::kBFloat16);
+    { peft::AutocastGuard inner(torch::kCPU, peft::Precision::bf16); }
+    CHECK(torch::mm(x, x.t()).scalar_type() == torch::kBFloat16);
+    {
+      peft::AutocastGuard inner(torch::kCPU, peft::Precision::fp32);
+      CHECK(torch::mm(x, x.t()).scalar_type() == torch::kBFloat16);
+    }
   }
-  CHECK(torch::mm(batches[0].x, batches[0].x.t()).scalar_type() == torch::kFloat);
+  CHECK(torch::mm(x, x.t()).scalar_type() == torch::kFloat);
+#if PEFT_TORCH_VERSION >= 205
+  {
+    peft::AutocastGuard outer(torch::kCPU, peft::Precision::fp16);
+    {
+      peft::AutocastGuard inner(torch::kCPU, peft::Precision::bf16);
+      CHECK(torch::mm(x, x.t()).scalar_type() == torch::kBFloat16);
+    }
+    CHECK(torch::mm(x, x.t()).scalar_type() == torch::kHalf);  // the outer dtype is back
+  }
+  CHECK(torch::mm(x, x.t()).scalar_type() == torch::kFloat);
+#endif
 }
 
 namespace {
@@ -653,18 +671,28 @@ TEST_CASE("precision: fp16's loss scale grows, backs off on overflow, and change
   scale.initial = 1024;
   scale.growth_interval = 3;
   auto base = peft::TrainerOptions().max_steps(8).lr(1e-2).shuffle(false).progress_stream(&sink);
-#if PEFT_TORCH_VERSION >= 200
+#if PEFT_TORCH_VERSION >= 205
   SECTION("no overflow: the same parameters as float32, bit for bit") {
+    // The gradient norms each step logs (after unscaling, before clipping) must agree too: a
+    // missing or doubled unscale would show there even where AdamW hides the gradient's size.
     auto run = [&](peft::Precision precision) {
+      TempDir dir;
       auto dot = Dot();
       peft::Trainer<Batch> trainer(
           dot, [&](const Batch& b) { return dot_loss(dot, b); },
-          peft::TrainerOptions(base).precision(precision).loss_scale(scale));
+          peft::TrainerOptions(base).precision(precision).loss_scale(scale).log_every(1).output_dir(
+              dir.path));
       const auto result = trainer.fit(batches);
-      return std::make_pair(dot->w.detach().clone(), result);
+      std::vector<double> norms;
+      for (const auto& r : read_json_lines(dir.path / "metrics.jsonl")) {
+        if (r.at("type") == "train") norms.push_back(r.at("grad_norm").get<double>());
+      }
+      return std::make_tuple(dot->w.detach().clone(), result, norms);
     };
-    const auto [w32, r32] = run(peft::Precision::fp32);
-    const auto [w16, r16] = run(peft::Precision::fp16);
+    const auto [w32, r32, norms32] = run(peft::Precision::fp32);
+    const auto [w16, r16, norms16] = run(peft::Precision::fp16);
+    CHECK(norms32.size() == 8);
+    CHECK(norms16 == norms32);
     CHECK(torch::equal(w32, w16));
     CHECK_FALSE(torch::equal(w16, torch::linspace(-1.0, 1.0, 6)));
     CHECK(r32.loss_scale == 0.0);
@@ -711,6 +739,56 @@ TEST_CASE("precision: fp16's loss scale grows, backs off on overflow, and change
     CHECK(state.loss_scale_good_steps == 0);
   }
 
+  SECTION("a resumed fp16 run goes on with the saved scale and ends as an uninterrupted one") {
+    // Step 2 (batch 1, no shuffling) overflows; the interrupted run stops in step 6.
+    auto run = [&](const fs::path& out, bool crash, bool resume) {
+      auto dot = Dot();
+      peft::Trainer<Batch> trainer(
+          dot,
+          [&](const Batch& b) {
+            if (crash && torch::equal(b.x, batches[5].x)) throw Crash();
+            auto loss = dot_loss(dot, b);
+            return torch::equal(b.x, batches[1].x) ? loss + infinite_gradient(dot) : loss;
+          },
+          peft::TrainerOptions(base)
+              .precision(peft::Precision::fp16)
+              .loss_scale(scale)
+              .save_every(1)
+              .keep_checkpoints(0)
+              .output_dir(out));
+      if (resume) REQUIRE(trainer.resume());
+      const auto result = trainer.fit(batches);
+      return std::make_pair(dot->w.detach().clone(), result);
+    };
+    TempDir whole, parts;
+    const auto [w_whole, r_whole] = run(whole.path, false, false);
+    CHECK_THROWS_AS(run(parts.path, true, false), Crash);
+    CHECK(peft::read_checkpoint_state(parts.path / "checkpoint-5").loss_scale == 1024.0);
+    const auto [w_parts, r_parts] = run(parts.path, false, true);
+    CHECK(torch::equal(w_parts, w_whole));
+    CHECK(r_parts.loss_scale == r_whole.loss_scale);
+    CHECK(r_parts.loss_scale == 2048.0);
+    CHECK(r_parts.overflow_steps == 1);
+  }
+
+  SECTION("under fp16 the loss function computes in float16") {
+    torch::manual_seed(4);
+    auto net = Mlp();
+    std::vector<c10::ScalarType> seen;
+    peft::Trainer<Batch> trainer(
+        net,
+        [&](const Batch& b) {
+          auto logits = net->forward(b.x);
+          seen.push_back(logits.scalar_type());
+          return torch::nn::functional::cross_entropy(logits, b.y);
+        },
+        peft::TrainerOptions(base).precision(peft::Precision::fp16));
+    const auto result = trainer.fit(batches);
+    CHECK(seen == std::vector<c10::ScalarType>(8, torch::kHalf));
+    CHECK(result.loss_scale > 0.0);
+    for (const auto& p : net->parameters()) CHECK(p.scalar_type() == torch::kFloat);
+  }
+
   SECTION("an infinite gradient at scale 1 is the model's: the NaN policy applies") {
     auto dot = Dot();
     scale.initial = 1;
@@ -721,12 +799,12 @@ TEST_CASE("precision: fp16's loss scale grows, backs off on overflow, and change
                       Contains("step 1 (epoch 0, batch 0): the gradient norm is"));
   }
 #else
-  SECTION("LibTorch 1.13 autocasts the CPU to bfloat16 only, and says so") {
+  SECTION("LibTorch before 2.5 autocasts the CPU to bfloat16 only here, and says so") {
     auto dot = Dot();
     CHECK_THROWS_WITH(peft::Trainer<Batch>(
                           dot, [&](const Batch& b) { return dot_loss(dot, b); },
                           peft::TrainerOptions(base).precision(peft::Precision::fp16)),
-                      Contains("fp16 on the CPU needs LibTorch 2.0 or later"));
+                      Contains("fp16 on the CPU needs LibTorch 2.5 or later"));
   }
 #endif
   SECTION("bad loss scale settings are refused") {

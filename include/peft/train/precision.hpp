@@ -63,14 +63,15 @@ inline c10::ScalarType precision_dtype(Precision p) {
 }
 
 /// Throws peft::Error when this LibTorch cannot autocast to `p` on `device`: autocast exists for
-/// CPU and CUDA only, and LibTorch before 2.0 autocasts the CPU to bfloat16 only.
+/// CPU and CUDA only, and the CPU's takes float16 only in recent LibTorch (we require 2.5; 1.13
+/// to 2.1 certainly refuse it, with an error from inside LibTorch).
 inline void check_precision(Precision p, const c10::Device& device) {
   if (p == Precision::fp32) return;
   check(device.is_cpu() || device.is_cuda(), "precision",
         "{} autocast needs a CPU or CUDA device, got {}", precision_name(p), device.str());
-#if PEFT_TORCH_VERSION < 200
+#if PEFT_TORCH_VERSION < 205
   check(!(device.is_cpu() && p == Precision::fp16), "precision",
-        "fp16 on the CPU needs LibTorch 2.0 or later (this is {}.{}); use bf16",
+        "fp16 on the CPU needs LibTorch 2.5 or later (this is {}.{}); use bf16",
         TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);
 #endif
 }
@@ -120,7 +121,9 @@ inline void set_autocast_dtype(c10::DeviceType type, c10::ScalarType dtype) {
 
 /// Autocast on `device`'s type to `precision` for the guard's lifetime, like Python's
 /// `torch.autocast(device_type, dtype)`: what was set before comes back at scope exit, and the
-/// cache of casted weights is dropped when the outermost guard ends. Does nothing for fp32.
+/// cache of casted weights is dropped when the outermost guard ends. Precision::fp32 leaves
+/// everything as it is (unlike `torch.autocast(enabled=False)`, it does not switch off an
+/// autocast the caller has on).
 class AutocastGuard {
  public:
   /// Throws peft::Error where check_precision() does.
