@@ -511,10 +511,6 @@ inline int run(const Benchmark& bench, const Options& o) {
   std::cout << fmt::format("{}; method {} bytes, saved {} bytes; lr {}{}\n",
                            peft::trainable_report(count), model.method_bytes, adapter_bytes, lr,
                            o.head_lr > 0 ? fmt::format(", head lr {}", o.head_lr) : "");
-  if (o.lora_plus_ratio > 0) {
-    std::cout << fmt::format("LoRA+: B matrices at lr {} ({} x {})\n", lr * o.lora_plus_ratio,
-                             o.lora_plus_ratio, lr);
-  }
   if (o.method == "propetl") {
     const auto storage = peft::propetl_storage(*model.root);
     std::cout << fmt::format(
