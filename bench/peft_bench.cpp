@@ -324,12 +324,11 @@ int run_one(const Settings& s) {
       if (loss_scale != 1.0) {
         // Scaled backward, then the gradients unscaled and checked, as GradScaler.step() does.
         (loss * loss_scale).backward();
+        peft::unscale_gradients(params, loss_scale);
         torch::NoGradGuard no_grad;
         std::vector<torch::Tensor> norms;
         for (auto& p : params) {
-          if (!p.grad().defined()) continue;
-          p.mutable_grad().mul_(1.0 / loss_scale);
-          norms.push_back(p.grad().norm());
+          if (p.grad().defined()) norms.push_back(p.grad().norm());
         }
         if (torch::stack(norms).isfinite().all().item<bool>()) {
           optimizer->step();

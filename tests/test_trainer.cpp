@@ -13,6 +13,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
@@ -627,6 +628,18 @@ TEST_CASE("precision: bf16 autocasts the loss and the evaluation, parameters sta
     }
   }
   CHECK(torch::mm(x, x.t()).scalar_type() == torch::kFloat);
+  // unscale_gradients divides each gradient there is by the scale, exactly for a power of two,
+  // keeps infinities for the overflow check and skips tensors without a gradient.
+  {
+    auto a = torch::tensor({3.0f, -0.75f, std::numeric_limits<float>::infinity()}).requires_grad_();
+    auto b = torch::ones({2}).requires_grad_();
+    a.mutable_grad() = torch::tensor({1024.0f, 3.0f, -std::numeric_limits<float>::infinity()});
+    peft::unscale_gradients({a, b}, 1024.0);
+    CHECK(torch::equal(a.grad().slice(0, 0, 2), torch::tensor({1.0f, 3.0f / 1024.0f})));
+    CHECK(std::isinf(a.grad()[2].item<float>()));
+    CHECK(a.grad()[2].item<float>() < 0);
+    CHECK_FALSE(b.grad().defined());
+  }
 #if PEFT_TORCH_VERSION >= 205
   {
     peft::AutocastGuard outer(torch::kCPU, peft::Precision::fp16);

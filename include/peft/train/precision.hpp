@@ -8,11 +8,14 @@
 // runs a model outside the trainer (inference, an evaluation loop) can use the same rules.
 
 #include <ATen/autocast_mode.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
@@ -164,5 +167,15 @@ struct LossScaleOptions {
   double backoff = 0.5;            ///< factor after an overflow
   int64_t growth_interval = 2000;  ///< good steps in a row before growing
 };
+
+/// Divides the gradient of every tensor in `params` that has one by `scale`, the loss scale its
+/// backward pass was multiplied by (what GradScaler's unscale_ does). With a power-of-two scale
+/// this is exact; infinities and NaNs stay as they are for the caller's overflow check.
+inline void unscale_gradients(const std::vector<at::Tensor>& params, double scale) {
+  at::NoGradGuard no_grad;
+  for (const auto& p : params) {
+    if (p.grad().defined()) p.mutable_grad().mul_(1.0 / scale);
+  }
+}
 
 PEFT_NAMESPACE_END

@@ -439,7 +439,7 @@ class Trainer {
         double norm = std::numeric_limits<double>::quiet_NaN();
         bool overflow = false;
         if (bad.empty()) {
-          if (fp16) unscale_grads(params, scale);
+          if (fp16) unscale_gradients(params, scale);
           const double max_norm = options_.grad_clip() > 0
                                       ? options_.grad_clip()
                                       : std::numeric_limits<double>::infinity();
@@ -588,15 +588,6 @@ class Trainer {
 
   static void clear_grads(const std::vector<torch::Tensor>& params) {
     for (const auto& p : params) p.mutable_grad().reset();
-  }
-
-  // Divides the gradients by the fp16 loss scale (a power of two unless set otherwise, so this
-  // is exact); infinities stay infinite for the norm check to see.
-  static void unscale_grads(const std::vector<torch::Tensor>& params, double scale) {
-    torch::NoGradGuard no_grad;
-    for (const auto& p : params) {
-      if (p.grad().defined()) p.mutable_grad().mul_(1.0 / scale);
-    }
   }
 
   [[noreturn]] void stop_on_nan(int64_t step, int64_t epoch, int64_t batch,
