@@ -34,6 +34,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <unordered_set>
 #include <random>
 #include <string>
 #include <utility>
@@ -64,6 +65,8 @@ struct Classifier {
   std::vector<std::string> sites;
   /// Bytes of the method's own parameters (without the head).
   int64_t method_bytes = 0;
+  /// What --model-dropout changed, for the report ("" when it was not given).
+  std::string dropout_note;
 };
 
 /// Everything the command line sets.
@@ -75,6 +78,8 @@ struct Options {
   int64_t max_train_samples = 0, max_eval_samples = 0, seed = 42, eval_every = 0, threads = 0;
   double lr = 0, head_lr = 0, weight_decay = 0.01, warmup_ratio = 0.06, grad_clip = 1.0;
   bool resume = false, overwrite = false, train_pooler = false;
+  /// --model-dropout: below 0, the config's dropout stays.
+  double model_dropout = -1;
   // LoRA
   int64_t lora_r = 8;
   double lora_alpha = 16, lora_dropout = 0.0;
@@ -302,6 +307,29 @@ inline peft::LadderOptions ladder_options(const Options& o, const fs::path& mode
   return options;
 }
 
+/// Sets every dropout of `backbone` (embeddings, attention probabilities, attention and FFN
+/// outputs) and the head's `head_dropout` to `p` — what setting both hidden_dropout_prob and
+/// attention_probs_dropout_prob in a Hugging Face config does. Called before a method is attached,
+/// so the method's own dropout (--lora-dropout) keeps its value. Returns the report's note.
+inline std::string set_model_dropout(torch::nn::Module& backbone, torch::nn::Dropout& head_dropout,
+                                     double config_p, double p) {
+  std::unordered_set<const torch::nn::Module*> seen;
+  int64_t places = 0;
+  for (const auto& m : backbone.modules()) {
+    if (!seen.insert(m.get()).second) continue;
+    if (auto* d = m->as<torch::nn::Dropout>()) {
+      d->options.p(p);
+      ++places;
+    } else if (auto* a = m->as<torch::nn::MultiheadAttention>()) {
+      a->options.dropout(p);
+      ++places;
+    }
+  }
+  head_dropout->options.p(p);
+  return fmt::format("dropout {} at {} places of the model and the head's (config: {})", p, places,
+                     config_p);
+}
+
 /// The model of the run with its method: BertForSequenceClassification with the method attached,
 /// or for LST BertLadderForSequenceClassification (`train_batches` and `regression` serve
 /// --lst-init fisher).
@@ -313,6 +341,10 @@ inline Classifier build_classifier(const Options& o, const fs::path& model_dir, 
     auto model = peft::models::BertLadderForSequenceClassification::from_pretrained(
         model_dir, num_labels,
         ladder_options(o, model_dir, num_labels, pooling, train_batches, regression), pooling);
+    if (o.model_dropout >= 0) {
+      c.dropout_note = set_model_dropout(
+          *model->bert, model->dropout, model->bert->config().hidden_dropout_prob, o.model_dropout);
+    }
     c.root = model.ptr();
     c.logits = [model](const Batch& b) mutable {
       return model(b.input_ids, b.attention_mask, b.token_type_ids);
@@ -322,6 +354,10 @@ inline Classifier build_classifier(const Options& o, const fs::path& model_dir, 
   }
   auto model =
       peft::models::BertForSequenceClassification::from_pretrained(model_dir, num_labels, pooling);
+  if (o.model_dropout >= 0) {
+    c.dropout_note = set_model_dropout(*model->bert, model->dropout,
+                                       model->bert->config().hidden_dropout_prob, o.model_dropout);
+  }
   c.sites = attach_method(o, model);
   unfreeze_pooler(o, model);
   c.root = model.ptr();
@@ -497,7 +533,8 @@ inline int run(const Benchmark& bench, const Options& o) {
       task.is_regression() ? "regression" : fmt::format("{} classes", task.num_labels);
   std::cout << fmt::format("{}: task {} ({}), data {}\n", bench.program, task.name, labels,
                            dir.string())
-            << fmt::format("model {}; {} pooling\n", model_dir.string(), o.pooling)
+            << fmt::format("model {}; {} pooling{}\n", model_dir.string(), o.pooling,
+                           model.dropout_note.empty() ? "" : "; " + model.dropout_note)
             << fmt::format("train {} examples in {} batches of up to {}; eval {}; max length {}\n",
                            train.size(), train_batches.size(), o.batch_size, eval_summary,
                            o.max_len)
@@ -698,6 +735,11 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                  "token states, how sentence-transformers models such as the default were "
                  "trained)")
       ->check(CLI::IsMember({"cls", "mean"}));
+  app.add_option("--model-dropout", o.model_dropout,
+                 "dropout of the pretrained model and the head: embeddings, attention, residual "
+                 "and FFN (default: the config's hidden_dropout_prob and "
+                 "attention_probs_dropout_prob)")
+      ->check(CLI::Range(0.0, 0.99));
   app.add_flag("--train-pooler", o.train_pooler,
                "also train BERT's pooler (saved with the adapter, like the head)");
   app.add_flag("--resume", o.resume, "continue the run saved in --output");
