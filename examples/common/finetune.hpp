@@ -34,9 +34,9 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <unordered_set>
 #include <random>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
