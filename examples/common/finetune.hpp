@@ -309,7 +309,8 @@ inline peft::LadderOptions ladder_options(const Options& o, const fs::path& mode
 
 /// Sets every dropout of `backbone` (embeddings, attention probabilities, attention and FFN
 /// outputs) and the head's `head_dropout` to `p` — what setting both hidden_dropout_prob and
-/// attention_probs_dropout_prob in a Hugging Face config does. Called before a method is attached,
+/// attention_probs_dropout_prob in a Hugging Face config does (peft's Bert reads only the first
+/// and uses it for the attention probabilities as well). Called before a method is attached,
 /// so the method's own dropout (--lora-dropout) keeps its value. Returns the report's note.
 inline std::string set_model_dropout(torch::nn::Module& backbone, torch::nn::Dropout& head_dropout,
                                      double config_p, double p) {
@@ -737,8 +738,8 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->check(CLI::IsMember({"cls", "mean"}));
   app.add_option("--model-dropout", o.model_dropout,
                  "dropout of the pretrained model and the head: embeddings, attention, residual "
-                 "and FFN (default: the config's hidden_dropout_prob and "
-                 "attention_probs_dropout_prob)")
+                 "and FFN (default: the config's hidden_dropout_prob, which peft's BERT also uses "
+                 "for the attention probabilities)")
       ->check(CLI::Range(0.0, 0.99));
   app.add_flag("--train-pooler", o.train_pooler,
                "also train BERT's pooler (saved with the adapter, like the head)");
