@@ -740,7 +740,8 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                  "dropout of the pretrained model and the head: embeddings, attention, residual "
                  "and FFN (default: the config's hidden_dropout_prob, which peft's BERT also uses "
                  "for the attention probabilities)")
-      ->check(CLI::Range(0.0, 0.99));
+      ->check(CLI::Range(0.0, 0.99))
+      ->default_str("config");
   app.add_flag("--train-pooler", o.train_pooler,
                "also train BERT's pooler (saved with the adapter, like the head)");
   app.add_flag("--resume", o.resume, "continue the run saved in --output");
