@@ -42,12 +42,20 @@ struct BertConfig {
   std::string hidden_act = "gelu";
   double hidden_dropout_prob = 0.1;
   double attention_probs_dropout_prob = 0.1;
+  /// Dropout in front of a classification head; negative (config null or absent): the head uses
+  /// hidden_dropout_prob, as Hugging Face's BertForSequenceClassification does.
+  double classifier_dropout = -1.0;
   int64_t max_position_embeddings = 512;
   int64_t type_vocab_size = 2;
   double layer_norm_eps = 1e-12;
   int64_t pad_token_id = 0;
   /// Where the name came from (the config file), for error messages and adapter files.
   std::string name_or_path;
+
+  /// The dropout of a classification head's input (classifier_dropout, else hidden_dropout_prob).
+  double head_dropout() const {
+    return classifier_dropout >= 0 ? classifier_dropout : hidden_dropout_prob;
+  }
 
   /// Whether position ids follow RoBERTa's scheme (counting from pad_token_id + 1, skipping pads).
   bool roberta() const { return model_type == "roberta" || model_type == "xlm-roberta"; }
@@ -76,6 +84,11 @@ struct BertConfig {
           layer_norm_eps);
     check(hidden_dropout_prob >= 0 && hidden_dropout_prob < 1, "models::bert",
           "{}: hidden_dropout_prob must be in [0, 1), got {}", source, hidden_dropout_prob);
+    check(attention_probs_dropout_prob >= 0 && attention_probs_dropout_prob < 1, "models::bert",
+          "{}: attention_probs_dropout_prob must be in [0, 1), got {}", source,
+          attention_probs_dropout_prob);
+    check(classifier_dropout < 1, "models::bert", "{}: classifier_dropout must be below 1, got {}",
+          source, classifier_dropout);
     check(pad_token_id >= 0 && pad_token_id < vocab_size, "models::bert",
           "{}: pad_token_id {} is outside the vocabulary of {}", source, pad_token_id, vocab_size);
   }
@@ -103,6 +116,7 @@ struct BertConfig {
     get("hidden_act", c.hidden_act);
     get("hidden_dropout_prob", c.hidden_dropout_prob);
     get("attention_probs_dropout_prob", c.attention_probs_dropout_prob);
+    get("classifier_dropout", c.classifier_dropout);
     get("max_position_embeddings", c.max_position_embeddings);
     get("type_vocab_size", c.type_vocab_size);
     get("layer_norm_eps", c.layer_norm_eps);

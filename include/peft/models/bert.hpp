@@ -78,6 +78,7 @@ class BertImpl : public torch::nn::Module {
     }
     encoder = register_module("encoder", peft::nn::TransformerEncoder(stock));
     encoder->unregister_module("prompt");
+    set_dropout(config_.hidden_dropout_prob, config_.attention_probs_dropout_prob);
 
     pooler = register_module("pooler", torch::nn::Linear(H, H));
     prompt = register_module("prompt", Site(SiteKind::Input, "prompt", H, H));
@@ -200,6 +201,29 @@ class BertImpl : public torch::nn::Module {
           past + n + L, past, n, L, max_position, config_.max_position_embeddings);
     x = x + position_embeddings(positions) + token_type_embeddings(types);
     return embeddings_dropout(embeddings_norm(x));
+  }
+
+  /// Puts dropout where Hugging Face's BertModel has it: `hidden` after the embeddings and on
+  /// each attention and feed-forward output (before the residual add), `attention` on the
+  /// attention probabilities. The stock encoder layer also drops inside its feed-forward block
+  /// (between the activation and the second Linear), where BERT has no dropout; that one stays at
+  /// 0, so training draws the same masks in the same places as Hugging Face's BERT. The
+  /// constructor calls this with the config's hidden_dropout_prob and
+  /// attention_probs_dropout_prob; config() reports the values set last.
+  void set_dropout(double hidden, double attention) {
+    check(hidden >= 0 && hidden < 1 && attention >= 0 && attention < 1, "models::bert",
+          "dropout probabilities must be in [0, 1), got hidden {} and attention {}", hidden,
+          attention);
+    config_.hidden_dropout_prob = hidden;
+    config_.attention_probs_dropout_prob = attention;
+    embeddings_dropout->options.p(hidden);
+    for (size_t i = 0; i < encoder->layers->size(); ++i) {
+      auto l = encoder_layer(i);
+      l->dropout->options.p(0.0);
+      l->dropout1->options.p(hidden);
+      l->dropout2->options.p(hidden);
+      l->self_attn->options.dropout(attention);
+    }
   }
 
   /// The encoder's key padding mask [N, extra + L] (true = padding) for an attention_mask [N, L]

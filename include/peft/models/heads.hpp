@@ -80,7 +80,7 @@ class BertForSequenceClassificationImpl : public torch::nn::Module {
       : torch::nn::Module("peft::models::BertForSequenceClassification"),
         bert(register_module("bert", std::move(backbone))),
         pooling(pooling) {
-    dropout = register_module("dropout", torch::nn::Dropout(bert->config().hidden_dropout_prob));
+    dropout = register_module("dropout", torch::nn::Dropout(bert->config().head_dropout()));
     classifier = register_module("classifier", new_head(bert->config().hidden_size, num_labels));
   }
 

@@ -43,7 +43,7 @@ class BertLadderForSequenceClassificationImpl : public torch::nn::Module {
     check(num_labels > 0, "models::bert", "num_labels must be positive, got {}", num_labels);
     ladder = register_module("ladder", Ladder(bert->encoder, options));
     ladder->unregister_module("backbone");
-    dropout = register_module("dropout", torch::nn::Dropout(bert->config().hidden_dropout_prob));
+    dropout = register_module("dropout", torch::nn::Dropout(bert->config().head_dropout()));
     // Initialised like BertForSequenceClassification's head.
     classifier = register_module("classifier", new_head(bert->config().hidden_size, num_labels));
   }
