@@ -477,3 +477,45 @@ TEST_CASE("default_model_dir: explicit path, PEFT_MODEL_DIR, clear errors", "[be
     ::unsetenv("PEFT_MODEL_DIR");
   }
 }
+
+TEST_CASE("Bert drops out where Hugging Face's BERT does, with the config's two rates",
+          "[bert]") {
+  TempDir dir;
+  auto config = tiny_config();
+  config["hidden_dropout_prob"] = 0.3;
+  config["attention_probs_dropout_prob"] = 0.2;
+  config["classifier_dropout"] = 0.05;
+  write_folder(dir.path, config, tiny_weights());
+  auto model = peft::models::BertForSequenceClassification::from_pretrained(dir.path, 2);
+  auto& bert = *model->bert;
+  CHECK(bert.embeddings_dropout->options.p() == 0.3);
+  for (size_t i = 0; i < bert.encoder->layers->size(); ++i) {
+    auto layer = bert.encoder_layer(i);
+    CHECK(layer->dropout1->options.p() == 0.3);
+    CHECK(layer->dropout2->options.p() == 0.3);
+    CHECK(layer->self_attn->options.dropout() == 0.2);
+    // The stock layer's dropout between the FFN's activation and its second Linear: BERT has none.
+    CHECK(layer->dropout->options.p() == 0.0);
+  }
+  CHECK(model->dropout->options.p() == 0.05);
+  config.erase("classifier_dropout");
+  CHECK(peft::models::BertConfig::from_json(config).head_dropout() == 0.3);
+
+  auto ids = torch::tensor({5, 6, 7, 2, 3, 0}, torch::kLong).view({2, 3});
+  auto mask = ids.ne(0).to(torch::kLong);
+  torch::NoGradGuard no_grad;
+  model->eval();
+  const auto reference = model->bert(ids, mask);
+  // With both rates at 0 nothing is dropped in training mode: no third dropout inside the FFN
+  // (the stock layer would draw one at the config's 0.3).
+  bert.set_dropout(0.0, 0.0);
+  model->train();
+  CHECK(torch::equal(model->bert(ids, mask), reference));
+  CHECK(bert.config().hidden_dropout_prob == 0.0);
+  // Each rate acts on its own: attention dropout alone changes the training output.
+  bert.set_dropout(0.0, 0.5);
+  torch::manual_seed(3);
+  CHECK_FALSE(torch::allclose(model->bert(ids, mask), reference));
+  CHECK_THAT(error_of([&] { bert.set_dropout(1.0, 0.0); }),
+             Catch::Contains("dropout probabilities must be in [0, 1)"));
+}

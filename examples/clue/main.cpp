@@ -20,6 +20,14 @@ int main(int argc, char** argv) {
   bench.task_info = [](const std::string& task) { return clue::task_info(task); };
   bench.folder = [](const std::string& task) { return clue::task_info(task).name; };
   bench.eval_splits = [](const std::string&) { return std::vector<std::string>{"dev"}; };
+  bench.has_split = [](const std::string&, const std::filesystem::path& dir,
+                       const std::string& split) {
+    std::error_code ec;
+    for (const char* ext : {".json", ".txt", ".tsv"}) {
+      if (std::filesystem::exists(dir / (split + ext), ec)) return true;
+    }
+    return false;
+  };
   bench.read = [](const std::string& task, const std::filesystem::path& dir,
                   const std::string& split, const peft::data::ReadOptions& options) {
     return clue::read(task, dir, split, options);

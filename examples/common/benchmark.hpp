@@ -28,6 +28,11 @@ struct Benchmark {
   std::function<std::string(const std::string&)> folder;
   /// The splits evaluated when --eval-split is not given (MNLI: both dev sets).
   std::function<std::vector<std::string>(const std::string&)> eval_splits;
+  /// Whether the task's folder has a file for the split (CoLA, RTE and STS-B are often
+  /// distributed without dev).
+  std::function<bool(const std::string& task, const std::filesystem::path& dir,
+                     const std::string& split)>
+      has_split;
   /// Reads one split of a task from the task's folder.
   std::function<std::vector<peft::data::Example>(
       const std::string& task, const std::filesystem::path& dir, const std::string& split,

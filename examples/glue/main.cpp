@@ -23,6 +23,11 @@ int main(int argc, char** argv) {
                ? std::vector<std::string>{"dev_matched", "dev_mismatched"}
                : std::vector<std::string>{"dev"};
   };
+  bench.has_split = [](const std::string&, const std::filesystem::path& dir,
+                       const std::string& split) {
+    std::error_code ec;
+    return std::filesystem::exists(dir / (split + ".tsv"), ec);
+  };
   bench.read = [](const std::string& task, const std::filesystem::path& dir,
                   const std::string& split, const peft::data::ReadOptions& options) {
     return glue::read(task, dir, split, options);

@@ -34,6 +34,7 @@
 #include <peft/models/model_path.hpp>
 #include <peft/io/adapter_format.hpp>
 #include <peft/data/example.hpp>
+#include <peft/data/split.hpp>
 #include <peft/data/glue.hpp>
 #include <peft/data/clue.hpp>
 #include <peft/train/metrics.hpp>
