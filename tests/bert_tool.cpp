@@ -54,8 +54,9 @@ void train(const std::string& spec_path, const std::string& out) {
   std::vector<Batch> batches;
   for (int64_t i = 0; i < spec.at("steps").get<int64_t>(); ++i) {
     const auto n = "." + std::to_string(i);
-    batches.push_back({file.tensor("input_ids" + n).clone(), file.tensor("attention_mask" + n).clone(),
-                       file.tensor("token_type_ids" + n).clone(), file.tensor("labels" + n).clone()});
+    batches.push_back(
+        {file.tensor("input_ids" + n).clone(), file.tensor("attention_mask" + n).clone(),
+         file.tensor("token_type_ids" + n).clone(), file.tensor("labels" + n).clone()});
   }
   std::vector<double> losses;
   auto loss_fn = [&](const Batch& b) {

@@ -478,8 +478,7 @@ TEST_CASE("default_model_dir: explicit path, PEFT_MODEL_DIR, clear errors", "[be
   }
 }
 
-TEST_CASE("Bert drops out where Hugging Face's BERT does, with the config's two rates",
-          "[bert]") {
+TEST_CASE("Bert drops out where Hugging Face's BERT does, with the config's two rates", "[bert]") {
   TempDir dir;
   auto config = tiny_config();
   config["hidden_dropout_prob"] = 0.3;

@@ -504,8 +504,8 @@ TEST_CASE("split_holdout carves the same rows on every platform, in file order",
 
   CHECK(peft::data::holdout_size(5749, 0.15, 1000) == 862);
   CHECK(peft::data::holdout_size(67349, 0.15, 1000) == 1000);
-  CHECK(peft::data::holdout_size(4, 0.1) == 1);   // at least one row held out
-  CHECK(peft::data::holdout_size(2, 0.9) == 1);   // at least one row left to train on
+  CHECK(peft::data::holdout_size(4, 0.1) == 1);  // at least one row held out
+  CHECK(peft::data::holdout_size(2, 0.9) == 1);  // at least one row left to train on
   CHECK_THROWS_WITH(peft::data::holdout_size(10, 1.0), Catch::Contains("(0, 1)"));
   CHECK_THROWS_WITH(peft::data::split_holdout(rows, 20),
                     Catch::Contains("holdout of 20 examples needs more than 20"));

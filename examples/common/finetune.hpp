@@ -192,9 +192,7 @@ inline Recipe recipe(const std::string& task, const std::string& method) {
     r.max_train_samples = 10000;
   }
   if (is("stsb", "lora") || is("mrpc", "lora") || is("rte", "lora")) r.epochs = 3;
-  if (is("cola", "full") || is("mrpc", "full") || is("rte", "full") || is("stsb", "full")) {
-    r.epochs = 3;
-  }
+  if (is("cola", "full") || is("mrpc", "full") || is("rte", "full")) r.epochs = 3;
   return r;
 }
 
@@ -550,8 +548,7 @@ inline void apply_recipe(const CLI::App& app, const Benchmark& bench, Options& o
          std::to_string(r.max_train_samples));
   }
   std::cout << fmt::format("defaults from the {}: {}\n", r.source,
-                           taken.empty() ? std::string("none (every setting given)")
-                                         : join(taken));
+                           taken.empty() ? std::string("none (every setting given)") : join(taken));
 }
 
 inline int run(const Benchmark& bench, const Options& o) {

@@ -39,8 +39,7 @@ inline std::size_t holdout_size(std::size_t rows, double fraction, std::size_t c
 inline std::pair<std::vector<Example>, std::vector<Example>> split_holdout(
     const std::vector<Example>& examples, std::size_t count, uint64_t seed = 0) {
   check(count > 0 && count < examples.size(), "data",
-        "a holdout of {} examples needs more than {} examples in the file", count,
-        examples.size());
+        "a holdout of {} examples needs more than {} examples in the file", count, examples.size());
   std::vector<std::size_t> order(examples.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::mt19937_64 rng(seed);
