@@ -2,10 +2,11 @@
 """One GLUE task trained by peft-glue and by Hugging Face PEFT + transformers' Trainer, side by side.
 
     bench/glue_vs_hf.py --task stsb --data-dir ../shared/data/glue --seeds 42 1 2 \\
-        [--pooling cls] [--lr 2e-3] [--epochs 1] [--batch-size 32] [--max-len 128] [--python-only]
+        [--method lora|full] [--pooling cls] [--lr 2e-3] [--epochs 1] [--batch-size 32] [--max-len 128] [--python-only]
 
-Both sides train LoRA (r 8, alpha 16, query/value) with the model's dropout as its config sets
-it, AdamW (weight decay 0.01, none on biases and LayerNorms), 6 % linear warm-up, gradient norm
+Both sides train LoRA (r 8, alpha 16, query/value; or with --method full every weight) with
+the model's dropout as its config sets it, one learning rate for everything (head included),
+AdamW (weight decay 0.01, none on biases and LayerNorms), 6 % linear warm-up, gradient norm
 clipped at 1, and evaluate on the same validation rows: the holdout peft-glue carves from
 train.tsv (15 %, at most 1000 rows, mt19937_64 seed 0; reimplemented here, and the row count
 is checked against peft-glue's report). Each seed is one run per side; the script prints each
@@ -145,8 +146,9 @@ def run_python(opts, seed, train, val):
     transformers.set_seed(seed)
     model = transformers.BertForSequenceClassification.from_pretrained(folder,
                                                                        num_labels=num_labels)
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        task_type=peft.TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]))
+    if opts.method == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            task_type=peft.TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]))
     args = transformers.TrainingArguments(
         output_dir=os.path.join(opts.out_dir, f"hf-{opts.task}-{seed}"),
         per_device_train_batch_size=opts.batch_size, per_device_eval_batch_size=64,
@@ -168,10 +170,12 @@ def run_python(opts, seed, train, val):
 
 def run_cpp(opts, seed, val_rows):
     cmd = [opts.peft_glue, "--task", opts.task, "--data-dir", opts.data_dir, "--seed", str(seed),
-           "--method", "lora", "--pooling", opts.pooling, "--lr", str(opts.lr), "--epochs",
+           "--method", opts.method, "--pooling", opts.pooling, "--lr", str(opts.lr), "--epochs",
            str(opts.epochs), "--batch-size", str(opts.batch_size), "--max-len", str(opts.max_len),
-           "--lora-r", "8", "--lora-alpha", "16", "--lora-targets", "query,value",
-           "--lora-plus-ratio", "0", "--eval-split", "holdout"]
+           "--eval-split", "holdout", "--head-lr", str(opts.lr), "--model-dropout", "-1"]
+    if opts.method == "lora":
+        cmd += ["--lora-r", "8", "--lora-alpha", "16", "--lora-targets", "query,value",
+                "--lora-plus-ratio", "0"]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"peft-glue failed: {run.stderr.strip()}")
@@ -190,6 +194,8 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--pooling", default="cls", choices=["cls"],
                         help="Hugging Face's BertForSequenceClassification reads [CLS]")
+    parser.add_argument("--method", default="lora", choices=["lora", "full"],
+                        help="LoRA (r 8, alpha 16, query/value) or every weight trained")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -216,7 +222,7 @@ def main():
                 value, seconds = (run_cpp(opts, seed, len(val)) if side == "C++"
                                   else run_python(opts, seed, train, val))
                 results[side].append(value)
-                line = {"task": opts.task, "side": side, "seed": seed, "pooling": opts.pooling,
+                line = {"task": opts.task, "side": side, "method": opts.method, "seed": seed, "pooling": opts.pooling,
                         "lr": opts.lr, "epochs": opts.epochs, "batch_size": opts.batch_size,
                         "max_len": opts.max_len, "metric": TASKS[opts.task][6], "value": value,
                         "train_seconds": round(seconds, 1)}
