@@ -48,6 +48,8 @@
 
 #include <peft/peft.hpp>
 
+#include "../examples/common/model_path.hpp"
+
 #ifdef PEFT_BENCH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
@@ -56,9 +58,18 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::vector<std::string> kTrainMethods = {"full",   "lora",   "adapter", "adapterdrop",
-                                                "bitfit", "prefix", "prompt",  "propetl",
-                                                "lst",    "lst-t5"};
+/// Every training setting: the measured baselines and variants, then every other registered method
+/// (at its default options; AdapterFusion needs trained adapters and is left out).
+const std::vector<std::string> kTrainMethods = [] {
+  std::vector<std::string> out = {"full",   "lora",   "adapter", "adapterdrop", "bitfit",
+                                  "prefix", "prompt", "propetl", "lst",         "lst-t5"};
+  for (const auto& name : peft::method_names()) {
+    if (name != "fusion" && std::find(out.begin(), out.end(), name) == out.end()) {
+      out.push_back(name);
+    }
+  }
+  return out;
+}();
 const std::vector<std::string> kInferMethods = {"infer-plain", "infer-lora", "infer-lora-merged"};
 
 struct Settings {
@@ -177,6 +188,8 @@ Subject make_subject(const Settings& s, const fs::path& model_dir, const torch::
     peft::attach(*model, peft::ProPETLOptions(peft::ProPETLBase::Adapter));
   } else if (m == "full") {
     peft::unfreeze(*model);
+  } else if (peft::find_method(m)) {
+    peft::attach(*model, m);
   } else if (m != "infer-plain") {
     peft::fail("bench", "unknown --method \"{}\"", m);
   }
@@ -273,7 +286,7 @@ int run_one(const Settings& s) {
   // fp16 scales the loss as peft's trainer does (its initial scale; no overflow at these sizes).
   const double loss_scale =
       precision == peft::Precision::fp16 ? peft::LossScaleOptions().initial : 1.0;
-  const auto model_dir = peft::models::default_model_dir(s.model);
+  const auto model_dir = examples::default_model_dir(s.model);
   Subject subject = make_subject(s, model_dir, device);
   const int64_t vocab = peft::models::BertConfig::from_file(model_dir / "config.json").vocab_size;
   auto [ids, labels] = make_inputs(s, vocab);
@@ -372,7 +385,7 @@ int run_interleaved(const Settings& s) {
   peft::check(s.precision == "fp32", "bench", "--precision {} is not supported by {}", s.precision,
               "--method infer-interleaved");
   const torch::Device device = prepare_device(s);
-  const auto model_dir = peft::models::default_model_dir(s.model);
+  const auto model_dir = examples::default_model_dir(s.model);
   Settings plain_settings = s, merged_settings = s;
   plain_settings.method = "infer-plain";
   merged_settings.method = "infer-lora-merged";

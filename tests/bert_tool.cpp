@@ -6,6 +6,8 @@
 //   peft_bert_tool save-lora <model> <in> <adapter> <out>
 //       classification model (2 labels) with a LoRA (r 4, alpha 8, query/value, random non-zero
 //       B) and a random head; saves the adapter and writes its logits -> "logits"
+//   peft_bert_tool save <method> <options json> <model> <in> <adapter> <out>  the same with any
+//       registered method attached from JSON options, its parameters perturbed by N(0, 0.05)
 //   peft_bert_tool load <model> <adapter> <in> <out>  loads an adapter into a fresh
 //       classification model (2 labels) and writes its logits -> "logits"
 //   peft_bert_tool train <spec.json> <out>  trains with peft::Trainer (tests/python/
@@ -114,6 +116,27 @@ int main(int argc, char* argv[]) {
       write(args[4], "logits", model(in.ids, in.mask, in.types));
       return 0;
     }
+    if (args.size() == 7 && args[0] == "save") {
+      // Any registered method from its JSON options, every parameter moved off its identity
+      // start so the adapter changes the logits.
+      auto model = peft::models::BertForSequenceClassification::from_pretrained(args[3], 2);
+      peft::attach(*model, args[1], nlohmann::json::parse(args[2]));
+      torch::manual_seed(3);
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& [path, m] : peft::attached_methods(*model)) {
+          for (auto& p : m->parameters()) p.add_(torch::randn_like(p) * 0.05);
+        }
+        model->classifier->weight.normal_(0.0, 0.5);
+        model->classifier->bias.normal_(0.0, 0.5);
+      }
+      model->eval();
+      peft::save_adapter(*model, args[5],
+                         peft::SaveAdapterOptions().base_model_name_or_path(args[3]));
+      auto in = read_inputs(args[4]);
+      write(args[6], "logits", model(in.ids, in.mask, in.types));
+      return 0;
+    }
     if (args.size() == 5 && args[0] == "load") {
       auto model = peft::models::BertForSequenceClassification::from_pretrained(args[1], 2);
       peft::load_adapter(*model, args[2]);
@@ -124,6 +147,7 @@ int main(int argc, char* argv[]) {
     }
     std::cerr << "usage: peft_bert_tool hidden <model> <in> <out>\n"
                  "       peft_bert_tool save-lora <model> <in> <adapter> <out>\n"
+                 "       peft_bert_tool save <method> <options json> <model> <in> <adapter> <out>\n"
                  "       peft_bert_tool load <model> <adapter> <in> <out>\n"
                  "       peft_bert_tool train <spec.json> <out>\n";
     return 2;

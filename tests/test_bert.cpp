@@ -1,8 +1,10 @@
 #include <peft/core/attach.hpp>
+#include <peft/methods/lora.hpp>
+#include <peft/methods/prompt.hpp>
 #include <peft/io/safetensors.hpp>
 #include <peft/models/bert.hpp>
 #include <peft/models/heads.hpp>
-#include <peft/models/model_path.hpp>
+#include "../examples/common/model_path.hpp"
 #include <peft/train/precision.hpp>
 
 #include <catch2/catch.hpp>
@@ -460,17 +462,16 @@ TEST_CASE("BertForSequenceClassification with mean pooling averages the real tok
 
 TEST_CASE("default_model_dir: explicit path, PEFT_MODEL_DIR, clear errors", "[bert]") {
   TempDir dir;
-  CHECK_THAT(error_of([&] { peft::models::default_model_dir(dir.path); }),
+  CHECK_THAT(error_of([&] { examples::default_model_dir(dir.path); }),
              Catch::Contains("is not a model folder"));
   std::ofstream(dir.path / "config.json") << tiny_config().dump();
-  CHECK(peft::models::default_model_dir(dir.path) == dir.path);
+  CHECK(examples::default_model_dir(dir.path) == dir.path);
   const char* old = std::getenv("PEFT_MODEL_DIR");
   const std::string saved = old ? old : "";
   ::setenv("PEFT_MODEL_DIR", dir.path.c_str(), 1);
-  CHECK(peft::models::default_model_dir() == dir.path);
+  CHECK(examples::default_model_dir() == dir.path);
   ::setenv("PEFT_MODEL_DIR", (dir.path / "missing").c_str(), 1);
-  CHECK_THAT(error_of([&] { peft::models::default_model_dir(); }),
-             Catch::Contains("PEFT_MODEL_DIR="));
+  CHECK_THAT(error_of([&] { examples::default_model_dir(); }), Catch::Contains("PEFT_MODEL_DIR="));
   if (old) {
     ::setenv("PEFT_MODEL_DIR", saved.c_str(), 1);
   } else {

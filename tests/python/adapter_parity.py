@@ -6,8 +6,11 @@ Usage: adapter_parity.py <path to peft_bert_tool>
 (a) peft_bert_tool puts a LoRA (r 4, query/value, random non-zero B) and a random 2-label head on
     the model, saves the adapter and writes its logits; PEFT loads the folder with
     PeftModel.from_pretrained on BertForSequenceClassification and must give the same logits.
-(b) PEFT creates LoRA, prompt-tuning and prefix-tuning adapters with non-zero weights and a random
-    head and saves them; peft_bert_tool loads each and must give PEFT's logits.
+    The same for IA3 (PEFT's BERT defaults), DoRA, VeRA, LoHa and LoKr, attached from JSON
+    options through the registry, every parameter perturbed.
+(b) PEFT creates LoRA, prompt-tuning, prefix-tuning, IA3, DoRA, VeRA, LoHa and LoKr adapters with non-identity
+    weights and a random head and saves them; peft_bert_tool loads each and must give PEFT's
+    logits.
 Logits must agree within 1e-4. Prints "parity: adapter passed" and exits 0 only when all do.
 """
 
@@ -78,6 +81,17 @@ def main():
         ours = load_file(out)["logits"]
         ref_model = peft.PeftModel.from_pretrained(base(), adapter)
         compare("C++ LoRA loaded by PEFT", ours, logits_of(ref_model))
+        for method, options in (("ia3", "{}"),
+                                ("dora", '{"r": 4, "lora_alpha": 8, '
+                                         '"target_modules": ["query", "value", "linear1"]}'),
+                                ("vera", '{"r": 8, "target_modules": ["query", "linear1"]}'),
+                                ("loha", '{"r": 4, "alpha": 8, "target_modules": ["key", "linear2"]}'),
+                                ("lokr", '{"r": 4, "alpha": 8, "target_modules": ["query", "linear1"]}')):
+            adapter = os.path.join(tmp, "cpp_" + method)
+            run_tool("save", method, options, folder, src, adapter, out)
+            ours = load_file(out)["logits"]
+            ref_model = peft.PeftModel.from_pretrained(base(), adapter)
+            compare(f"C++ {method} loaded by PEFT", ours, logits_of(ref_model))
 
         # (b) Python -> C++
         configs = {
@@ -87,6 +101,16 @@ def main():
                                               num_virtual_tokens=5),
             "prefix": peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS,
                                               num_virtual_tokens=4),
+            "ia3": peft.IA3Config(task_type=peft.TaskType.SEQ_CLS),
+            "dora": peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=4, lora_alpha=16,
+                                    use_dora=True,
+                                    target_modules=["query", "value", "intermediate.dense"]),
+            "vera": peft.VeraConfig(task_type=peft.TaskType.SEQ_CLS, r=8,
+                                    target_modules=["query", "value", "intermediate.dense"]),
+            "loha": peft.LoHaConfig(task_type=peft.TaskType.SEQ_CLS, r=4, alpha=8,
+                                    target_modules=["key", "output.dense"]),
+            "lokr": peft.LoKrConfig(task_type=peft.TaskType.SEQ_CLS, r=4, alpha=8,
+                                    target_modules=["query", "intermediate.dense"]),
         }
         for name, config in configs.items():
             model = base()
@@ -99,6 +123,9 @@ def main():
                 for pname, p in model.named_parameters():
                     if "lora_B" in pname:
                         p.normal_(0.0, 0.05)
+                    elif any(k in pname for k in ("ia3_l", "lora_magnitude_vector", "vera_lambda",
+                                                  "hada_w2_b", "lokr_w1")):
+                        p.add_(torch.randn_like(p) * 0.05)
                     elif "prompt_encoder" in pname:
                         p.normal_(0.0, 0.5)
             ref = logits_of(model)

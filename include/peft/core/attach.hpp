@@ -3,51 +3,23 @@
 // Attaching methods to a model, and the model-level controls: which adapters run, merging into
 // the frozen weights, folding reparameterisations.
 
-#include <torch/nn/modules/normalization.h>
 #include <torch/types.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
-#include <peft/methods/adapter.hpp>
-#include <peft/methods/bitfit.hpp>
-#include <peft/methods/lora.hpp>
-#include <peft/methods/prefix.hpp>
-#include <peft/methods/prompt.hpp>
 
 PEFT_NAMESPACE_BEGIN
-
-/// The method class each options type creates.
-template <class Options>
-struct method_for;
-template <>
-struct method_for<LoRAOptions> {
-  using type = LoRAImpl;
-};
-template <>
-struct method_for<BitFitOptions> {
-  using type = BitFitImpl;
-};
-template <>
-struct method_for<AdapterOptions> {
-  using type = AdapterImpl;
-};
-template <>
-struct method_for<PrefixOptions> {
-  using type = PrefixImpl;
-};
-template <>
-struct method_for<PromptOptions> {
-  using type = PromptImpl;
-};
 
 namespace detail {
 
@@ -64,28 +36,33 @@ inline void place_like(torch::nn::Module& method, const SiteImpl& site, torch::n
   }
 }
 
-template <class Options>
-void after_attach(torch::nn::Module&, const Options&) {}
-
-/// BitFit with layer_norm(true): the selected layers' LayerNorms train in place.
-inline void after_attach(torch::nn::Module& model, const BitFitOptions& options) {
-  if (!options.layer_norm()) return;
-  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
-    if (!std::dynamic_pointer_cast<torch::nn::LayerNormImpl>(item.value())) continue;
-    const int64_t layer = layer_index(item.key());
-    if (!options.layers().empty() && layer >= 0 &&
-        std::find(options.layers().begin(), options.layers().end(), layer) ==
-            options.layers().end()) {
-      continue;
-    }
-    for (auto& p : item.value()->parameters()) p.set_requires_grad(true);
-  }
-}
+// Hooks an options type may define (detected, not required):
+//   using Impl = ...;                        the MethodImpl it creates (required)
+//   Options prepared() const;                the options actually attached (e.g. with shared state
+//                                            bound, so one attach() call shares it)
+//   bool selects(const SiteImpl&) const;     which sites it takes (default: static fits())
+//   void after_attach(torch::nn::Module&) const;   runs once the methods are in place
+template <class O, class = void>
+struct has_prepared : std::false_type {};
+template <class O>
+struct has_prepared<O, std::void_t<decltype(std::declval<const O&>().prepared())>>
+    : std::true_type {};
+template <class O, class = void>
+struct has_selects : std::false_type {};
+template <class O>
+struct has_selects<
+    O, std::void_t<decltype(std::declval<const O&>().selects(std::declval<const SiteImpl&>()))>>
+    : std::true_type {};
+template <class O, class = void>
+struct has_after_attach : std::false_type {};
+template <class O>
+struct has_after_attach<O, std::void_t<decltype(std::declval<const O&>().after_attach(
+                               std::declval<torch::nn::Module&>()))>> : std::true_type {};
 
 template <class Options>
 std::vector<std::string> attach_to(torch::nn::Module& model, const std::vector<SiteRef>& sites,
                                    const Options& options) {
-  using Method = typename method_for<Options>::type;
+  using Method = typename Options::Impl;
   // Build every method before touching the model, so a failure leaves it as it was.
   std::vector<std::shared_ptr<Method>> made;
   for (const auto& ref : sites) {
@@ -105,7 +82,7 @@ std::vector<std::string> attach_to(torch::nn::Module& model, const std::vector<S
     sites[i].site->add(made[i]);
     paths.push_back(sites[i].path);
   }
-  after_attach(model, options);
+  if constexpr (has_after_attach<Options>::value) options.after_attach(model);
   return paths;
 }
 
@@ -116,21 +93,38 @@ std::vector<std::string> attach_to(torch::nn::Module& model, const std::vector<S
 /// unchanged) on bad options, a target that matches nothing, or an adapter name already used.
 ///
 ///     peft::attach(*encoder, peft::LoRAOptions(8).alpha(16).targets({"query", "value"}));
-template <class Options>
+template <class Options,
+          std::enable_if_t<!std::is_convertible_v<const Options&, std::string>, int> = 0>
 std::vector<std::string> attach(torch::nn::Module& model, const Options& options) {
   options.validate();
-  auto sites = select_sites(model, options, Options::method, &Options::fits);
-  return detail::attach_to(model, sites, options);
+  Options bound = options;
+  if constexpr (detail::has_prepared<Options>::value) bound = options.prepared();
+  auto sites = select_sites(model, bound, Options::method, [&bound](const SiteImpl& site) {
+    if constexpr (detail::has_selects<Options>::value) {
+      return bound.selects(site);
+    } else {
+      return Options::fits(site);
+    }
+  });
+  return detail::attach_to(model, sites, bound);
 }
 
 /// Attaches one method to one site directly (no target matching).
 template <class Options>
 void attach_site(SiteImpl& site, const Options& options) {
   options.validate();
-  check(Options::fits(site), Options::method, "does not fit a {} site (\"{}\")",
-        to_string(site.kind()), site.role());
+  Options bound = options;
+  if constexpr (detail::has_prepared<Options>::value) bound = options.prepared();
+  bool fits = false;
+  if constexpr (detail::has_selects<Options>::value) {
+    fits = bound.selects(site);
+  } else {
+    fits = Options::fits(site);
+  }
+  check(fits, Options::method, "does not fit a {} site (\"{}\")", to_string(site.kind()),
+        site.role());
   std::shared_ptr<SiteImpl> handle(std::shared_ptr<SiteImpl>{}, &site);
-  detail::attach_to(site, {SiteRef{"", handle}}, options);
+  detail::attach_to(site, {SiteRef{"", handle}}, bound);
 }
 
 /// Every method attached anywhere in `model`, with the path of its site.

@@ -44,6 +44,15 @@ inline const char* to_string(SiteKind kind) {
   return "?";
 }
 
+/// A set of site kinds, one bit each (`site_kinds(SiteKind::Linear, SiteKind::Embedding)`).
+constexpr unsigned site_kind_bit(SiteKind kind) {
+  return 1U << static_cast<unsigned>(kind);
+}
+template <class... Kinds>
+constexpr unsigned site_kinds(Kinds... kinds) {
+  return (0U | ... | site_kind_bit(kinds));
+}
+
 class SiteImpl;
 
 /// Base of every method instance attached to one site. A method is a module: its parameters are

@@ -14,10 +14,14 @@
 #include <string>
 
 #include <peft/config.hpp>
+#include <peft/core/attach.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
 #include <peft/detail/linear.hpp>
+#include <peft/core/registry.hpp>
 #include <peft/core/targets.hpp>
+#include <peft/detail/json.hpp>
+#include <peft/nn/tuned.hpp>
 
 PEFT_NAMESPACE_BEGIN
 
@@ -39,6 +43,8 @@ inline const char* to_string(AdapterKind kind) {
   return "?";
 }
 
+class AdapterImpl;
+
 /// Options of bottleneck adapters; default targets follow the kind.
 struct AdapterOptions : TargetOptions<AdapterOptions> {
   explicit AdapterOptions(AdapterKind kind = AdapterKind::Houlsby)
@@ -59,7 +65,10 @@ struct AdapterOptions : TargetOptions<AdapterOptions> {
   TORCH_ARG(double, init_std) = 1e-2;
 
  public:
+  using Impl = AdapterImpl;
   static constexpr const char* method = "adapter";
+  /// The kinds of site the method can sit at.
+  static constexpr unsigned kinds = site_kinds(SiteKind::Block);
   static bool fits(const SiteImpl& site) { return site.kind() == SiteKind::Block; }
   void validate() const {
     check(reduction_factor_ > 0, method, "reduction_factor must be positive, got {}",
@@ -119,5 +128,113 @@ class AdapterImpl : public MethodImpl {
   AdapterOptions options_;
   std::function<torch::Tensor(const torch::Tensor&)> activation_;
 };
+
+// ------------------------------------------------------------------------- options and format
+
+namespace detail {
+
+/// AdapterKind from its name in a config.
+inline AdapterKind adapter_kind_from(const std::string& name, const std::string& file) {
+  if (name == "houlsby") return AdapterKind::Houlsby;
+  if (name == "pfeiffer") return AdapterKind::Pfeiffer;
+  if (name == "parallel") return AdapterKind::Parallel;
+  fail("load_adapter", "{}: adapter_kind \"{}\" is unknown (houlsby, pfeiffer or parallel)", file,
+       name);
+}
+
+/// Each site's `adapter_down`/`adapter_up` weights and biases under the site's path; the
+/// placement and sizes in the config.
+inline void save_adapter_blocks(SaveContext& c) {
+  auto first = std::dynamic_pointer_cast<AdapterImpl>(c.methods.front().second);
+  const auto& o = first->options();
+  std::vector<std::string> targets;
+  for (auto& [path, m] : c.methods) {
+    auto a = std::dynamic_pointer_cast<AdapterImpl>(m);
+    check(a->options().kind() == o.kind() && a->options().activation() == o.activation() &&
+              a->options().scaling() == o.scaling() &&
+              a->adapter_down->weight.size(0) == first->adapter_down->weight.size(0),
+          "save_adapter", "adapter at \"{}\" is set up unlike the one at \"{}\"", path,
+          c.methods.front().first);
+    targets.push_back(path);
+    for (const auto& p : a->named_parameters())
+      c.tensors.emplace_back(path + "." + p.key(), p.value());
+  }
+  c.config["adapter_kind"] = to_string(o.kind());
+  c.config["bottleneck"] = first->adapter_down->weight.size(0);
+  c.config["activation"] = o.activation();
+  c.config["scaling"] = o.scaling();
+  c.config["target_modules"] = targets;
+}
+
+inline LoadPlan load_adapter_blocks(const LoadContext& c) {
+  const auto& cfg = c.config_file;
+  const auto targets = config_value<std::vector<std::string>>(c.config, "target_modules", cfg);
+  const AdapterKind kind =
+      adapter_kind_from(config_value<std::string>(c.config, "adapter_kind", cfg), cfg);
+  auto options = AdapterOptions(kind)
+                     .bottleneck(config_value<int64_t>(c.config, "bottleneck", cfg))
+                     .activation(config_value<std::string>(c.config, "activation", cfg))
+                     .scaling(config_value<double>(c.config, "scaling", cfg));
+  options.adapter_name(c.adapter);
+  options.targets(targets);
+  validate_from_file(options, cfg);
+  const int64_t m = options.bottleneck();
+  auto sites = sites_by_path(c.model);
+  LoadPlan plan;
+  for (const auto& path : targets) {
+    auto it = sites.find(path);
+    check(it != sites.end() && AdapterOptions::fits(*it->second), "load_adapter",
+          "{}: target \"{}\" is no block site of this model", cfg, path);
+    const int64_t d = it->second->out_features();
+    auto part = [c, path](bool down, bool weight) {
+      return [c, path, down, weight] {
+        auto a = c.method_at<AdapterImpl>(path, "adapter");
+        auto& linear = down ? a->adapter_down : a->adapter_up;
+        return weight ? linear->weight : linear->bias;
+      };
+    };
+    plan.slots.push_back({path + ".adapter_down.weight", {m, d}, part(true, true)});
+    plan.slots.push_back({path + ".adapter_down.bias", {m}, part(true, false)});
+    plan.slots.push_back({path + ".adapter_up.weight", {d, m}, part(false, true)});
+    plan.slots.push_back({path + ".adapter_up.bias", {d}, part(false, false)});
+  }
+  auto& model = c.model;
+  plan.apply = [&model, options] { attach(model, options); };
+  return plan;
+}
+
+inline MethodEntry adapter_entry() {
+  MethodEntry e;
+  e.name = "adapter";
+  e.summary = "bottleneck adapters after sub-layers (Houlsby et al., 2019; Pfeiffer et al., 2021)";
+  e.default_lr = 1e-3;
+  e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
+    const auto kind = adapter_kind_from(
+        config_value_or<std::string>(json, "adapter_kind", "houlsby", "options", "adapter"),
+        "options");
+    auto options =
+        AdapterOptions(kind)
+            .reduction_factor(
+                config_value_or<int64_t>(json, "reduction_factor", 16, "options", "adapter"))
+            .bottleneck(config_value_or<int64_t>(json, "bottleneck", 0, "options", "adapter"))
+            .activation(
+                config_value_or<std::string>(json, "activation", "relu", "options", "adapter"))
+            .scaling(config_value_or<double>(json, "scaling", 1.0, "options", "adapter"));
+    if (json.contains("target_modules") && json["target_modules"].is_array()) {
+      options.targets(json["target_modules"].get<std::vector<std::string>>());
+    }
+    return peft::attach(model, options);
+  };
+  e.format = AdapterFormat{"BOTTLENECK_ADAPTER", true, save_adapter_blocks, load_adapter_blocks};
+  return e;
+}
+
+inline const bool adapter_registered = register_method(adapter_entry());
+
+}  // namespace detail
+
+/// Bottleneck adapters on a stock TransformerEncoderLayer or TransformerEncoder.
+template <class Stock>
+using Adapter = Tuned<Stock, AdapterOptions>;
 
 PEFT_NAMESPACE_END

@@ -24,6 +24,8 @@
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
+#include <peft/core/registry.hpp>
+#include <peft/detail/json.hpp>
 #include <peft/methods/adapter.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -37,6 +39,8 @@ struct CompacterShared {
 };
 
 }  // namespace detail
+
+class CompacterImpl;
 
 /// Options of Compacter adapters; placement and default targets follow AdapterOptions.
 struct CompacterOptions : TargetOptions<CompacterOptions> {
@@ -60,7 +64,10 @@ struct CompacterOptions : TargetOptions<CompacterOptions> {
   TORCH_ARG(double, scaling) = 1.0;
 
  public:
+  using Impl = CompacterImpl;
   static constexpr const char* method = "compacter";
+  /// The kinds of site the method can sit at.
+  static constexpr unsigned kinds = site_kinds(SiteKind::Block);
   static bool fits(const SiteImpl& site) { return site.kind() == SiteKind::Block; }
   void validate() const {
     check(reduction_factor_ > 0, method, "reduction_factor must be positive, got {}",
@@ -77,6 +84,12 @@ struct CompacterOptions : TargetOptions<CompacterOptions> {
   CompacterOptions& shared(std::shared_ptr<detail::CompacterShared> state) {
     shared_ = std::move(state);
     return *this;
+  }
+  /// These options with fresh shared state bound, so every site of one attach() call shares it.
+  CompacterOptions prepared() const {
+    CompacterOptions bound = *this;
+    bound.shared(std::make_shared<detail::CompacterShared>());
+    return bound;
   }
 
  private:
@@ -180,19 +193,132 @@ class CompacterImpl : public MethodImpl {
   std::function<torch::Tensor(const torch::Tensor&)> activation_;
 };
 
-template <>
-struct method_for<CompacterOptions> {
-  using type = CompacterImpl;
-};
+// ------------------------------------------------------------------------- options and format
 
-/// Attaches Compacter adapters; with shared_phm_rule (the default) all of them use one set of
-/// rules. Returns the sites' paths; throws, leaving the model unchanged, like peft::attach.
-inline std::vector<std::string> attach(torch::nn::Module& model, const CompacterOptions& options) {
-  options.validate();
-  CompacterOptions bound = options;
-  bound.shared(std::make_shared<detail::CompacterShared>());
-  auto sites = select_sites(model, bound, CompacterOptions::method, &CompacterOptions::fits);
-  return detail::attach_to(model, sites, bound);
+namespace detail {
+
+/// Compacter: each site's PHM parameters (`<site>.adapter_down.W_left`, ...) and the shared rules
+/// once (`phm_rule`), or each layer's own rules (`<site>.adapter_down.phm_rule`) when not shared.
+inline void save_compacter(const SiteMethods& methods, nlohmann::json& config,
+                           NamedTensors& tensors) {
+  auto first = std::dynamic_pointer_cast<CompacterImpl>(methods.front().second);
+  const auto& o = first->options();
+  const int64_t m = first->adapter_down->b.size(0);
+  const int64_t rank = first->adapter_down->W_left.size(2);
+  std::vector<std::string> targets;
+  for (const auto& [path, method] : methods) {
+    auto c = std::dynamic_pointer_cast<CompacterImpl>(method);
+    const auto& co = c->options();
+    check(co.kind() == o.kind() && co.phm_dim() == o.phm_dim() &&
+              co.shared_phm_rule() == o.shared_phm_rule() && co.activation() == o.activation() &&
+              co.scaling() == o.scaling() && c->adapter_down->b.size(0) == m &&
+              c->adapter_down->W_left.size(2) == rank &&
+              (!o.shared_phm_rule() ||
+               c->adapter_down->phm_rule.is_same(first->adapter_down->phm_rule)),
+          "save_adapter",
+          "Compacter at \"{}\" is set up unlike the one at \"{}\" (or has other shared rules); one "
+          "file holds one setting",
+          path, methods.front().first);
+    targets.push_back(path);
+    for (const auto& item : c->named_parameters()) {
+      if (o.shared_phm_rule() && item.key() == "phm_rule") continue;
+      tensors.emplace_back(path + "." + item.key(), item.value());
+    }
+  }
+  if (o.shared_phm_rule()) tensors.emplace_back("phm_rule", first->adapter_down->phm_rule);
+  config["adapter_kind"] = to_string(o.kind());
+  config["bottleneck"] = m;
+  config["phm_dim"] = o.phm_dim();
+  config["phm_rank"] = rank;
+  config["shared_phm_rule"] = o.shared_phm_rule();
+  config["activation"] = o.activation();
+  config["scaling"] = o.scaling();
+  config["target_modules"] = targets;
 }
+
+inline LoadPlan plan_compacter(torch::nn::Module& model, const nlohmann::json& config,
+                               const std::string& cfg_name, const std::string& adapter_name) {
+  const auto targets = config_value<std::vector<std::string>>(config, "target_modules", cfg_name);
+  check(!targets.empty(), "load_adapter", "{}: target_modules is empty", cfg_name);
+  auto options =
+      CompacterOptions(
+          adapter_kind_from(config_value<std::string>(config, "adapter_kind", cfg_name), cfg_name))
+          .bottleneck(config_value<int64_t>(config, "bottleneck", cfg_name))
+          .phm_dim(config_value<int64_t>(config, "phm_dim", cfg_name))
+          .rank(config_value<int64_t>(config, "phm_rank", cfg_name))
+          .shared_phm_rule(config_value<bool>(config, "shared_phm_rule", cfg_name))
+          .activation(config_value<std::string>(config, "activation", cfg_name))
+          .scaling(config_value<double>(config, "scaling", cfg_name));
+  options.adapter_name(adapter_name);
+  options.targets(targets);
+  detail::validate_from_file(options, cfg_name);
+  check(options.bottleneck() > 0, "load_adapter", "{}: bottleneck must be positive, got {}",
+        cfg_name, options.bottleneck());
+  auto sites = sites_by_path(model);
+  LoadPlan plan;
+  const std::string head = targets.front();
+  for (const auto& path : targets) {
+    auto it = sites.find(path);
+    check(it != sites.end() && CompacterOptions::fits(*it->second), "load_adapter",
+          "{}: target \"{}\" is no block site of this model", cfg_name, path);
+    // A Compacter built for the site, off the model, gives the expected keys and shapes.
+    std::shared_ptr<CompacterImpl> probe;
+    try {
+      probe = std::make_shared<CompacterImpl>(*it->second, options);
+    } catch (const Error& e) {
+      fail("load_adapter", "{}: {}", cfg_name, e.what());
+    }
+    for (const auto& item : probe->named_parameters()) {
+      const std::string key = item.key();
+      if (options.shared_phm_rule() && key == "phm_rule") {
+        if (path == head) {
+          plan.slots.push_back(
+              {"phm_rule", item.value().sizes().vec(), [&model, head, adapter_name] {
+                 return method_of<CompacterImpl>(model, head, "compacter", adapter_name)
+                     ->adapter_down->phm_rule;
+               }});
+        }
+        continue;
+      }
+      plan.slots.push_back(
+          {path + "." + key, item.value().sizes().vec(), [&model, path, adapter_name, key] {
+             return parameter(*method_of<CompacterImpl>(model, path, "compacter", adapter_name),
+                              key);
+           }});
+    }
+  }
+  plan.apply = [&model, options] { attach(model, options); };
+  return plan;
+}
+
+inline MethodEntry compacter_entry() {
+  MethodEntry e;
+  e.name = "compacter";
+  e.summary = "Compacter: adapters of Kronecker products with shared rules (Mahabadi et al., 2021)";
+  e.default_lr = 1e-3;
+  e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
+    const char* w = "compacter";
+    auto options =
+        CompacterOptions(adapter_kind_from(config_value_or<std::string>(json, "adapter_kind",
+                                                                        "houlsby", "options", w),
+                                           "options"))
+            .reduction_factor(config_value_or<int64_t>(json, "reduction_factor", 16, "options", w))
+            .phm_dim(config_value_or<int64_t>(json, "phm_dim", 4, "options", w))
+            .rank(config_value_or<int64_t>(json, "phm_rank", 1, "options", w))
+            .shared_phm_rule(config_value_or<bool>(json, "shared_phm_rule", true, "options", w))
+            .activation(config_value_or<std::string>(json, "activation", "relu", "options", w));
+    return peft::attach(model, options);
+  };
+  e.format = AdapterFormat{"COMPACTER", true,
+                           [](SaveContext& c) { save_compacter(c.methods, c.config, c.tensors); },
+                           [](const LoadContext& c) {
+                             return plan_compacter(c.model, c.config, c.config_file, c.adapter);
+                           }};
+  return e;
+}
+
+inline const bool compacter_registered = register_method(compacter_entry());
+
+}  // namespace detail
 
 PEFT_NAMESPACE_END

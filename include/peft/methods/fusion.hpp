@@ -34,6 +34,8 @@
 #include <peft/core/parameters.hpp>
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
+#include <peft/core/registry.hpp>
+#include <peft/detail/json.hpp>
 
 PEFT_NAMESPACE_BEGIN
 
@@ -222,5 +224,110 @@ inline std::vector<std::string> fuse(torch::nn::Module& model,
   }
   return paths;
 }
+
+// ------------------------------------------------------------------------- options and format
+
+namespace detail {
+
+/// AdapterFusion: each site's `query`, `key` and `value` layers; the fused adapters are named in
+/// the config and saved in their own folders.
+inline void save_fusion(const SiteMethods& methods, nlohmann::json& config, NamedTensors& tensors) {
+  auto first = std::dynamic_pointer_cast<FusionImpl>(methods.front().second);
+  std::vector<std::string> names;
+  for (const auto& m : first->fused()) names.push_back(m->adapter());
+  std::vector<std::string> targets;
+  for (const auto& [path, m] : methods) {
+    auto f = std::dynamic_pointer_cast<FusionImpl>(m);
+    std::vector<std::string> here;
+    for (const auto& fused : f->fused()) here.push_back(fused->adapter());
+    check(here == names && f->options().temperature() == first->options().temperature(),
+          "save_adapter", "the fusion at \"{}\" fuses {} unlike the one at \"{}\" ({})", path,
+          fmt::format("{}", fmt::join(here, ", ")), methods.front().first,
+          fmt::format("{}", fmt::join(names, ", ")));
+    targets.push_back(path);
+    for (const auto& item : f->named_parameters()) {
+      tensors.emplace_back(path + "." + item.key(), item.value());
+    }
+  }
+  config["fused_adapters"] = names;
+  config["temperature"] = first->options().temperature();
+  config["target_modules"] = targets;
+}
+
+inline LoadPlan plan_fusion(torch::nn::Module& model, const nlohmann::json& config,
+                            const std::string& cfg_name, const std::string& adapter_name) {
+  const auto names = config_value<std::vector<std::string>>(config, "fused_adapters", cfg_name);
+  check(!names.empty(), "load_adapter", "{}: fused_adapters is empty", cfg_name);
+  const auto targets = config_value<std::vector<std::string>>(config, "target_modules", cfg_name);
+  auto options = FusionOptions()
+                     .adapter_name(adapter_name)
+                     .temperature(config_value<double>(config, "temperature", cfg_name));
+  detail::validate_from_file(options, cfg_name);
+  const auto known = adapter_names(model);
+  for (const auto& name : names) {
+    check(std::find(known.begin(), known.end(), name) != known.end(), "load_adapter",
+          "{}: the fusion combines adapter \"{}\", which is not attached; load each fused adapter "
+          "from its own folder first (attached: {})",
+          cfg_name, name,
+          known.empty() ? std::string("(none)") : fmt::format("{}", fmt::join(known, ", ")));
+  }
+  // fuse() fuses every block site holding the adapters: those must be the file's sites.
+  std::set<std::string> holding;
+  std::map<std::string, int64_t> widths;
+  for (auto& ref : find_sites(model)) {
+    if (ref.site->kind() != SiteKind::Block) continue;
+    widths[ref.path] = ref.site->out_features();
+    for (const auto& m : ref.site->methods()) {
+      if (std::find(names.begin(), names.end(), m->adapter()) != names.end()) {
+        holding.insert(ref.path);
+      }
+    }
+  }
+  const std::set<std::string> wanted(targets.begin(), targets.end());
+  check(holding == wanted, "load_adapter",
+        "{}: the fusion sits at {}, but the adapters {} sit at {} in this model", cfg_name,
+        fmt::format("{}", fmt::join(wanted, ", ")), fmt::format("{}", fmt::join(names, ", ")),
+        fmt::format("{}", fmt::join(holding, ", ")));
+  LoadPlan plan;
+  for (const auto& path : targets) {
+    const int64_t d = widths[path];
+    for (const char* layer : {"query", "key", "value"}) {
+      for (const char* part : {"weight", "bias"}) {
+        const std::string key = std::string(layer) + "." + part;
+        std::vector<int64_t> shape = {d, d};
+        if (std::string(part) == "bias") shape = {d};
+        plan.slots.push_back(
+            {path + "." + key, shape, [&model, path, adapter_name, key] {
+               return parameter(*method_of<FusionImpl>(model, path, "fusion", adapter_name), key);
+             }});
+      }
+    }
+  }
+  plan.apply = [&model, names, options] { fuse(model, names, options); };
+  return plan;
+}
+
+inline MethodEntry fusion_entry() {
+  MethodEntry e;
+  e.name = "fusion";
+  e.summary = "AdapterFusion: attention over trained adapters (Pfeiffer et al., 2021)";
+  e.default_lr = 1e-3;
+  e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
+    return fuse(model,
+                config_value<std::vector<std::string>>(json, "fused_adapters", "options", "fusion"),
+                FusionOptions().temperature(
+                    config_value_or<double>(json, "temperature", 1.0, "options", "fusion")));
+  };
+  e.format = AdapterFormat{"ADAPTER_FUSION", true,
+                           [](SaveContext& c) { save_fusion(c.methods, c.config, c.tensors); },
+                           [](const LoadContext& c) {
+                             return plan_fusion(c.model, c.config, c.config_file, c.adapter);
+                           }};
+  return e;
+}
+
+inline const bool fusion_registered = register_method(fusion_entry());
+
+}  // namespace detail
 
 PEFT_NAMESPACE_END

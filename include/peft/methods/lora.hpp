@@ -12,12 +12,22 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include <peft/config.hpp>
+#include <peft/core/attach.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
+#include <peft/core/registry.hpp>
 #include <peft/core/targets.hpp>
+#include <peft/detail/json.hpp>
+#include <peft/nn/tuned.hpp>
 
 PEFT_NAMESPACE_BEGIN
 
@@ -26,6 +36,8 @@ enum class LoRAInit {
   KaimingUniform,  ///< A ~ kaiming_uniform(a = sqrt(5)), as torch::nn::Linear and Hugging Face
   Gaussian,        ///< A ~ N(0, 1/r)
 };
+
+class LoRAImpl;
 
 /// Options of LoRA. Default targets: the attention query and value projections.
 struct LoRAOptions : TargetOptions<LoRAOptions> {
@@ -41,7 +53,10 @@ struct LoRAOptions : TargetOptions<LoRAOptions> {
   TORCH_ARG(LoRAInit, init) = LoRAInit::KaimingUniform;
 
  public:
+  using Impl = LoRAImpl;
   static constexpr const char* method = "lora";
+  /// The kinds of site the method can sit at.
+  static constexpr unsigned kinds = site_kinds(SiteKind::Linear, SiteKind::Embedding);
   static bool fits(const SiteImpl& site) {
     return site.kind() == SiteKind::Linear || site.kind() == SiteKind::Embedding;
   }
@@ -118,4 +133,190 @@ class LoRAImpl : public MethodImpl {
   bool embedding_;
   double scaling_;
 };
+// ------------------------------------------------------------------------- options and format
+
+namespace detail {
+
+/// LoRA options from JSON with Hugging Face's LoraConfig names: r, lora_alpha, lora_dropout,
+/// use_rslora, target_modules, layers_to_transform (each optional). Throws naming `file` on a
+/// setting peft does not support (bias other than "none", fan_in_fan_out, rank or alpha
+/// patterns).
+inline LoRAOptions lora_options_from_json(const nlohmann::json& config, const std::string& file,
+                                          const char* where = "load_adapter") {
+  const auto bias = config_value_or<std::string>(config, "bias", "none", file, where);
+  check(bias == "none", where, "{}: LoRA bias \"{}\" is not supported (only \"none\")", file, bias);
+  check(!config_value_or<bool>(config, "fan_in_fan_out", false, file, where), where,
+        "{}: fan_in_fan_out is not supported", file);
+  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+    auto it = config.find(key);
+    check(it == config.end() || it->is_null() || it->empty(), where,
+          "{}: {} (per-module ranks or alphas) is not supported", file, key);
+  }
+  LoRAOptions options(config_value_or<int64_t>(config, "r", 8, file, where));
+  options.alpha(config_value_or<double>(config, "lora_alpha", 8.0, file, where))
+      .dropout(config_value_or<double>(config, "lora_dropout", 0.0, file, where))
+      .rslora(config_value_or<bool>(config, "use_rslora", false, file, where));
+  if (config.contains("target_modules") && config["target_modules"].is_array()) {
+    options.targets(config_value<std::vector<std::string>>(config, "target_modules", file, where));
+  }
+  if (config.contains("layers_to_transform") && config["layers_to_transform"].is_array()) {
+    options.layers(config_value<std::vector<int64_t>>(config, "layers_to_transform", file, where));
+  }
+  validate_from_file(options, file);
+  return options;
+}
+
+/// The settings one LoRA file holds (every site must share them).
+inline void lora_config(const LoRAOptions& o, nlohmann::json& config) {
+  config["r"] = o.r();
+  config["lora_alpha"] = number(o.alpha());
+  config["lora_dropout"] = o.dropout();
+  config["use_rslora"] = o.rslora();
+  config["bias"] = "none";
+  config["fan_in_fan_out"] = false;
+  config["init_lora_weights"] = true;
+  config["rank_pattern"] = nlohmann::json::object();
+  config["alpha_pattern"] = nlohmann::json::object();
+  config["layers_to_transform"] = nullptr;
+  config["layers_pattern"] = nullptr;
+}
+
+/// Checks that every LoRA of an adapter shares the first one's settings; returns those.
+template <class Impl>
+const auto& shared_lora_options(const SiteMethods& methods) {
+  const auto& first = std::dynamic_pointer_cast<Impl>(methods.front().second)->options();
+  for (auto& [path, m] : methods) {
+    const auto& o = std::dynamic_pointer_cast<Impl>(m)->options();
+    check(o.r() == first.r() && o.alpha() == first.alpha() && o.rslora() == first.rslora() &&
+              o.dropout() == first.dropout(),
+          "save_adapter",
+          "{} at \"{}\" has r={} alpha={} rslora={} dropout={}, unlike \"{}\"; one file holds "
+          "one setting",
+          m->method(), path, o.r(), o.alpha(), o.rslora(), o.dropout(), methods.front().first);
+  }
+  return first;
+}
+
+/// Every projection whose keys (hub module path + one of `suffixes`) the file holds, as our
+/// site paths; throws on a key that names no projection of the model.
+inline std::vector<std::string> lora_file_targets(
+    const LoadContext& c, const std::string& prefix, const std::vector<std::string>& suffixes,
+    const std::function<bool(const SiteImpl&)>& fits) {
+  std::map<std::string, std::string> ours;  // hub module path -> our site path
+  for (auto& [path, site] : sites_by_path(c.model)) {
+    if (fits(*site)) ours[c.hub_path(path)] = path;
+  }
+  std::vector<std::string> targets;
+  for (const auto& key : c.keys) {
+    if (key.compare(0, prefix.size(), prefix) != 0) continue;
+    for (const auto& s : suffixes) {
+      if (key.size() <= prefix.size() + s.size() ||
+          key.compare(key.size() - s.size(), s.size(), s) != 0) {
+        continue;
+      }
+      const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - s.size());
+      auto it = ours.find(module);
+      check(it != ours.end(), "load_adapter",
+            "{}: key \"{}\" names module \"{}\", which is no projection of this model",
+            c.weights_file, key, module);
+      targets.push_back(it->second);
+    }
+  }
+  return targets;
+}
+
+inline void save_lora(SaveContext& c) {
+  c.save_prefix = "base_model.model.";
+  const auto& first = shared_lora_options<LoRAImpl>(c.methods);
+  std::vector<std::string> targets;
+  for (auto& [path, m] : c.methods) {
+    auto lora = std::dynamic_pointer_cast<LoRAImpl>(m);
+    const std::string hub = c.hub_path(path);
+    targets.push_back(hub);
+    const std::string stem = c.save_prefix + hub;
+    if (lora->on_embedding()) {
+      c.tensors.emplace_back(stem + ".lora_embedding_A", lora->lora_embedding_A);
+      c.tensors.emplace_back(stem + ".lora_embedding_B", lora->lora_embedding_B);
+    } else {
+      c.tensors.emplace_back(stem + ".lora_A.weight", lora->lora_A->weight);
+      c.tensors.emplace_back(stem + ".lora_B.weight", lora->lora_B->weight);
+    }
+  }
+  lora_config(first, c.config);
+  c.config["target_modules"] = targets;
+}
+
+inline LoadPlan load_lora(const LoadContext& c) {
+  LoadPlan plan;
+  plan.save_prefix = "base_model.model.";
+  auto options = lora_options_from_json(c.config, c.config_file);
+  options.adapter_name(c.adapter);
+  const int64_t r = options.r();
+  // The file's keys say which projections carry LoRA.
+  auto targets = lora_file_targets(c, plan.save_prefix, {".lora_A.weight", ".lora_embedding_A"},
+                                   &LoRAOptions::fits);
+  check(!targets.empty(), "load_adapter", "{}: no LoRA weights (keys ending in .lora_A.weight)",
+        c.weights_file);
+  auto sites = sites_by_path(c.model);
+  for (const auto& path : targets) {
+    auto site = sites[path];
+    const std::string stem = plan.save_prefix + c.hub_path(path);
+    const int64_t in = site->in_features(), out = site->out_features();
+    auto part = [c, path](int which) {
+      return [c, path, which] {
+        auto lora = c.method_at<LoRAImpl>(path, "lora");
+        switch (which) {
+          case 0:
+            return lora->lora_embedding_A;
+          case 1:
+            return lora->lora_embedding_B;
+          case 2:
+            return lora->lora_A->weight;
+          default:
+            return lora->lora_B->weight;
+        }
+      };
+    };
+    if (site->kind() == SiteKind::Embedding) {
+      plan.slots.push_back({stem + ".lora_embedding_A", {r, in}, part(0)});
+      plan.slots.push_back({stem + ".lora_embedding_B", {out, r}, part(1)});
+    } else {
+      plan.slots.push_back({stem + ".lora_A.weight", {r, in}, part(2)});
+      plan.slots.push_back({stem + ".lora_B.weight", {out, r}, part(3)});
+    }
+  }
+  options.targets(targets);
+  auto& model = c.model;
+  plan.apply = [&model, options] { attach(model, options); };
+  return plan;
+}
+
+inline MethodEntry lora_entry() {
+  MethodEntry e;
+  e.name = "lora";
+  e.summary = "LoRA: low-rank updates B A of projections (Hu et al., 2021)";
+  e.default_lr = 1e-3;
+  e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
+    return peft::attach(model, lora_options_from_json(json, "options", "lora"));
+  };
+  e.lr_rules = [](double lr, const nlohmann::json& json) {
+    std::vector<std::pair<std::string, double>> rules;
+    // LoRA+ (Hayou et al., 2024): B learns `loraplus_lr_ratio` times faster than A.
+    const double ratio = config_value_or<double>(json, "loraplus_lr_ratio", 0.0, "options", "lora");
+    if (ratio > 0) rules.emplace_back("lora_B", lr * ratio);
+    return rules;
+  };
+  e.format = AdapterFormat{"LORA", true, save_lora, load_lora};
+  return e;
+}
+
+inline const bool lora_registered = register_method(lora_entry());
+
+}  // namespace detail
+
+/// LoRA on a stock Linear, Embedding (directly), MultiheadAttention, TransformerEncoderLayer or
+/// TransformerEncoder (at the options' targets).
+template <class Stock>
+using LoRA = Tuned<Stock, LoRAOptions>;
+
 PEFT_NAMESPACE_END

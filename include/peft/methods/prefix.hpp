@@ -11,15 +11,26 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include <peft/config.hpp>
+#include <peft/core/attach.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
+#include <peft/core/registry.hpp>
 #include <peft/core/targets.hpp>
+#include <peft/detail/json.hpp>
+#include <peft/methods/prompt.hpp>
+#include <peft/nn/tuned.hpp>
 
 PEFT_NAMESPACE_BEGIN
+
+class PrefixImpl;
 
 /// Options of prefix tuning. Default targets: every attention's `prefix` site.
 struct PrefixOptions : TargetOptions<PrefixOptions> {
@@ -35,7 +46,10 @@ struct PrefixOptions : TargetOptions<PrefixOptions> {
   TORCH_ARG(double, init_std) = 0.02;
 
  public:
+  using Impl = PrefixImpl;
   static constexpr const char* method = "prefix";
+  /// The kinds of site the method can sit at.
+  static constexpr unsigned kinds = site_kinds(SiteKind::Attention);
   static bool fits(const SiteImpl& site) { return site.kind() == SiteKind::Attention; }
   void validate() const {
     check(num_virtual_tokens_ > 0, method, "num_virtual_tokens must be positive, got {}",
@@ -108,5 +122,98 @@ class PrefixImpl : public MethodImpl {
   torch::Tensor prefix_keys, prefix_values;
   PrefixProjection projection{nullptr};
 };
+
+// ------------------------------------------------------------------------- options and format
+
+namespace detail {
+
+/// PEFT's PREFIX_TUNING layout: `prompt_embeddings` [n, layers * 2 * E], row t holding, layer
+/// after layer, that layer's key then value row. Needs the adapter at every attention.
+inline void save_prefix(SaveContext& c) {
+  c.save_prefix = "base_model.";
+  auto all = attention_sites(c.model);
+  check(c.methods.size() == all.size(), "save_adapter",
+        "prefix adapter \"{}\" sits at {} of the model's {} attentions; the file format needs "
+        "every layer",
+        c.adapter, c.methods.size(), all.size());
+  std::vector<torch::Tensor> columns;
+  for (size_t i = 0; i < all.size(); ++i) {
+    check(c.methods[i].first == all[i].path, "save_adapter",
+          "prefix adapter \"{}\" is not at every attention in layer order (\"{}\" vs \"{}\")",
+          c.adapter, c.methods[i].first, all[i].path);
+    auto [k, v] = c.methods[i].second->prefix();
+    if (!columns.empty()) {
+      check(k.size(0) == columns.front().size(0), "save_adapter",
+            "prefix at \"{}\" has {} rows, unlike the first layer's {}", c.methods[i].first,
+            k.size(0), columns.front().size(0));
+    }
+    columns.push_back(k);
+    columns.push_back(v);
+  }
+  auto rows = torch::cat(columns, 1);
+  c.tensors.emplace_back("prompt_embeddings", rows);
+  const int64_t dim = columns.front().size(1);
+  c.config["prefix_projection"] = false;
+  c.config["encoder_hidden_size"] = dim;
+  prompt_learning_config(c, rows.size(0), dim);
+}
+
+inline LoadPlan load_prefix(const LoadContext& c) {
+  LoadPlan plan;
+  plan.save_prefix = "base_model.";
+  const int64_t n = prompt_learning_tokens(c);
+  check(!config_value_or<bool>(c.config, "prefix_projection", false, c.config_file), "load_adapter",
+        "{}: prefix_projection true is not supported (the file holds the MLP, not the rows)",
+        c.config_file);
+  auto all = attention_sites(c.model);
+  check(!all.empty(), "load_adapter", "{}: the model has no attention", c.config_file);
+  const auto layers = config_value<int64_t>(c.config, "num_layers", c.config_file);
+  check(layers == static_cast<int64_t>(all.size()), "load_adapter",
+        "{}: num_layers is {}, but the model has {} attentions", c.config_file, layers, all.size());
+  const int64_t E = all.front().site->out_features();
+  std::vector<std::string> paths;
+  for (auto& ref : all) paths.push_back(ref.path);
+  // The rows arrive in one buffer; finish() hands each layer its columns.
+  auto rows = torch::empty({n, layers * 2 * E});
+  plan.slots.push_back({"prompt_embeddings", {n, layers * 2 * E}, [rows] { return rows; }});
+  auto options = PrefixOptions(n);
+  options.adapter_name(c.adapter);
+  options.targets(paths);
+  auto& model = c.model;
+  plan.apply = [&model, options] { attach(model, options); };
+  plan.finish = [c, paths, rows, E] {
+    for (size_t l = 0; l < paths.size(); ++l) {
+      auto prefix = c.method_at<PrefixImpl>(paths[l], "prefix");
+      prefix->prefix_keys.copy_(rows.narrow(1, static_cast<int64_t>(2 * l) * E, E));
+      prefix->prefix_values.copy_(rows.narrow(1, static_cast<int64_t>(2 * l + 1) * E, E));
+    }
+  };
+  return plan;
+}
+
+inline MethodEntry prefix_entry() {
+  MethodEntry e;
+  e.name = "prefix";
+  e.summary = "prefix tuning: trainable key/value rows at every attention (Li & Liang, 2021)";
+  e.default_lr = 1e-2;
+  e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
+    auto options = PrefixOptions(
+        config_value_or<int64_t>(json, "num_virtual_tokens", 10, "options", "prefix"));
+    options.projection(config_value_or<bool>(json, "prefix_projection", false, "options", "prefix"))
+        .projection_hidden(
+            config_value_or<int64_t>(json, "encoder_hidden_size", 512, "options", "prefix"));
+    return peft::attach(model, options);
+  };
+  e.format = AdapterFormat{"PREFIX_TUNING", true, save_prefix, load_prefix};
+  return e;
+}
+
+inline const bool prefix_registered = register_method(prefix_entry());
+
+}  // namespace detail
+
+/// Prefix tuning on a stock MultiheadAttention, TransformerEncoderLayer or TransformerEncoder.
+template <class Stock>
+using PrefixTuning = Tuned<Stock, PrefixOptions>;
 
 PEFT_NAMESPACE_END

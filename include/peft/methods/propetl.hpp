@@ -28,6 +28,8 @@
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
+#include <peft/core/registry.hpp>
+#include <peft/detail/json.hpp>
 #include <peft/detail/linear.hpp>
 #include <peft/detail/shape.hpp>
 #include <peft/methods/adapter.hpp>
@@ -91,6 +93,8 @@ inline SiteKind propetl_site_kind(ProPETLBase base) {
 
 }  // namespace detail
 
+class ProPETLImpl;
+
 /// Options of ProPETL. The prototype's own settings mirror AdapterOptions, LoRAOptions and
 /// PrefixOptions; only those of the chosen base are used.
 struct ProPETLOptions : TargetOptions<ProPETLOptions> {
@@ -121,13 +125,18 @@ struct ProPETLOptions : TargetOptions<ProPETLOptions> {
   TORCH_ARG(int64_t, num_virtual_tokens) = 10;
 
  public:
+  using Impl = ProPETLImpl;
   static constexpr const char* method = "propetl";
+  /// The kinds of site the method can sit at.
+  static constexpr unsigned kinds =
+      site_kinds(SiteKind::Block, SiteKind::Linear, SiteKind::Attention);
   /// Any site a base fits; the method checks the site against the chosen base.
   static bool fits(const SiteImpl& site) {
     return site.kind() == SiteKind::Block || site.kind() == SiteKind::Linear ||
            site.kind() == SiteKind::Attention;
   }
-  bool fits_base(const SiteImpl& site) const {
+  /// The sites attach() takes: those of the chosen base.
+  bool selects(const SiteImpl& site) const {
     return site.kind() == detail::propetl_site_kind(base_);
   }
   void validate() const {
@@ -150,6 +159,12 @@ struct ProPETLOptions : TargetOptions<ProPETLOptions> {
   ProPETLOptions& shared(std::shared_ptr<detail::ProPETLShared> state) {
     shared_ = std::move(state);
     return *this;
+  }
+  /// These options with fresh shared state bound, so every site of one attach() call shares it.
+  ProPETLOptions prepared() const {
+    ProPETLOptions bound = *this;
+    bound.shared(std::make_shared<detail::ProPETLShared>());
+    return bound;
   }
 
  private:
@@ -280,7 +295,7 @@ class ProPETLImpl : public MethodImpl {
         options_(options),
         activation_(AdapterOptions::activation_fn(options.activation())) {
     options.validate();
-    check(options.fits_base(site), ProPETLOptions::method,
+    check(options.selects(site), ProPETLOptions::method,
           "a {} prototype needs {} sites, but \"{}\" is a {} site", to_string(options.base()),
           to_string(detail::propetl_site_kind(options.base())), site.role(),
           to_string(site.kind()));
@@ -391,22 +406,6 @@ class ProPETLImpl : public MethodImpl {
   std::vector<torch::Tensor> cached_;
 };
 
-template <>
-struct method_for<ProPETLOptions> {
-  using type = ProPETLImpl;
-};
-
-/// Attaches ProPETL: one prototype for every selected site (they must have one size), one mask per
-/// site. Returns the sites' paths; throws, leaving the model unchanged, like peft::attach.
-inline std::vector<std::string> attach(torch::nn::Module& model, const ProPETLOptions& options) {
-  options.validate();
-  ProPETLOptions bound = options;
-  bound.shared(std::make_shared<detail::ProPETLShared>());
-  auto sites = select_sites(model, bound, ProPETLOptions::method,
-                            [&](const SiteImpl& site) { return bound.fits_base(site); });
-  return detail::attach_to(model, sites, bound);
-}
-
 /// freeze_masks() on every ProPETL method of `model`; returns how many.
 inline int64_t freeze_masks(torch::nn::Module& model) {
   int64_t n = 0;
@@ -454,5 +453,222 @@ inline ProPETLStorage propetl_storage(torch::nn::Module& model,
         adapter);
   return out;
 }
+
+// ------------------------------------------------------------------------- options and format
+
+namespace detail {
+
+/// ProPETL: the shared prototype once (`prototype.<parameter>`) and, per site, each mask packed
+/// one bit per entry (`<site>.mask_<weight>`, uint8); the float scores are not stored.
+inline void save_propetl(const SiteMethods& methods, nlohmann::json& config,
+                         NamedTensors& tensors) {
+  auto first = std::dynamic_pointer_cast<ProPETLImpl>(methods.front().second);
+  auto prototype = first->prototype();
+  const auto& o = first->options();
+  std::vector<std::string> targets;
+  for (const auto& [path, m] : methods) {
+    auto p = std::dynamic_pointer_cast<ProPETLImpl>(m);
+    check(p->prototype().get() == prototype.get() && p->options().keep_ratio() == o.keep_ratio(),
+          "save_adapter",
+          "ProPETL at \"{}\" does not share the prototype and keep_ratio of \"{}\"; a file holds "
+          "one prototype (give each attach() its own adapter_name)",
+          path, methods.front().first);
+    targets.push_back(path);
+    const auto masks = p->masks();
+    for (size_t i = 0; i < masks.size(); ++i) {
+      tensors.emplace_back(path + ".mask_" + prototype->weight_names()[i], pack_mask(masks[i]));
+    }
+  }
+  for (const auto& item : prototype->named_parameters()) {
+    tensors.emplace_back("prototype." + item.key(), item.value());
+  }
+  nlohmann::json shapes = nlohmann::json::object();
+  for (size_t i = 0; i < prototype->weights().size(); ++i) {
+    shapes[prototype->weight_names()[i]] = prototype->weights()[i].sizes().vec();
+  }
+  config["base"] = to_string(prototype->base());
+  config["keep_ratio"] = o.keep_ratio();
+  switch (prototype->base()) {
+    case ProPETLBase::Adapter:
+      config["adapter_kind"] = to_string(o.adapter_kind());
+      config["bottleneck"] = prototype->adapter_down->weight.size(0);
+      config["activation"] = o.activation();
+      config["scaling"] = o.scaling();
+      break;
+    case ProPETLBase::LoRA:
+      config["r"] = prototype->lora_A->weight.size(0);
+      config["lora_alpha"] = number(o.alpha());
+      break;
+    case ProPETLBase::Prefix:
+      config["num_virtual_tokens"] = prototype->prefix_keys.size(0);
+      break;
+  }
+  config["target_modules"] = targets;
+  config["mask_shapes"] = shapes;
+}
+
+inline LoadPlan plan_propetl(torch::nn::Module& model, const nlohmann::json& config,
+                             const std::string& cfg_name, const std::string& adapter_name) {
+  const auto base_name = config_value<std::string>(config, "base", cfg_name);
+  ProPETLBase base = ProPETLBase::Adapter;
+  if (base_name == "lora") {
+    base = ProPETLBase::LoRA;
+  } else if (base_name == "prefix") {
+    base = ProPETLBase::Prefix;
+  } else {
+    check(base_name == "adapter", "load_adapter",
+          "{}: base \"{}\" is unknown (adapter, lora or prefix)", cfg_name, base_name);
+  }
+  const AdapterKind kind =
+      base == ProPETLBase::Adapter
+          ? adapter_kind_from(config_value<std::string>(config, "adapter_kind", cfg_name), cfg_name)
+          : AdapterKind::Pfeiffer;
+  ProPETLOptions options(base, kind);
+  options.keep_ratio(config_value<double>(config, "keep_ratio", cfg_name));
+  switch (base) {
+    case ProPETLBase::Adapter:
+      options.bottleneck(config_value<int64_t>(config, "bottleneck", cfg_name))
+          .activation(config_value<std::string>(config, "activation", cfg_name))
+          .scaling(config_value<double>(config, "scaling", cfg_name));
+      check(options.bottleneck() > 0, "load_adapter", "{}: bottleneck must be positive, got {}",
+            cfg_name, options.bottleneck());
+      break;
+    case ProPETLBase::LoRA:
+      options.r(config_value<int64_t>(config, "r", cfg_name))
+          .alpha(config_value<double>(config, "lora_alpha", cfg_name));
+      break;
+    case ProPETLBase::Prefix:
+      options.num_virtual_tokens(config_value<int64_t>(config, "num_virtual_tokens", cfg_name));
+      break;
+  }
+  const auto targets = config_value<std::vector<std::string>>(config, "target_modules", cfg_name);
+  check(!targets.empty(), "load_adapter", "{}: target_modules is empty", cfg_name);
+  options.adapter_name(adapter_name);
+  options.targets(targets);
+  detail::validate_from_file(options, cfg_name);
+  auto sites = sites_by_path(model);
+  std::shared_ptr<SiteImpl> first;
+  for (const auto& path : targets) {
+    auto it = sites.find(path);
+    check(it != sites.end() && options.selects(*it->second), "load_adapter",
+          "{}: target \"{}\" is no {} site of this model", cfg_name, path,
+          to_string(propetl_site_kind(base)));
+    if (!first) first = it->second;
+    check(it->second->in_features() == first->in_features() &&
+              it->second->out_features() == first->out_features(),
+          "load_adapter", "{}: target \"{}\" has sizes {} -> {}, unlike \"{}\" ({} -> {})",
+          cfg_name, path, it->second->in_features(), it->second->out_features(), targets.front(),
+          first->in_features(), first->out_features());
+  }
+  // A prototype built from the settings, off the model, gives the expected keys and shapes.
+  std::shared_ptr<ProPETLPrototypeImpl> probe;
+  try {
+    probe = std::make_shared<ProPETLPrototypeImpl>(options, first->in_features(),
+                                                   first->out_features());
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  const auto shapes =
+      config_value<std::map<std::string, std::vector<int64_t>>>(config, "mask_shapes", cfg_name);
+  check(shapes.size() == probe->weights().size(), "load_adapter",
+        "{}: mask_shapes lists {} masks; a {} prototype has {} ({})", cfg_name, shapes.size(),
+        base_name, probe->weights().size(),
+        fmt::format("{}", fmt::join(probe->weight_names(), ", ")));
+  for (size_t i = 0; i < probe->weights().size(); ++i) {
+    const auto& name = probe->weight_names()[i];
+    const auto expected = probe->weights()[i].sizes().vec();
+    auto it = shapes.find(name);
+    check(it != shapes.end(), "load_adapter", "{}: mask_shapes has no \"{}\"", cfg_name, name);
+    check(it->second == expected, "load_adapter",
+          "{}: mask_shapes \"{}\" is {}, but the prototype these settings build has {}", cfg_name,
+          name, shape_of(it->second), shape_of(expected));
+  }
+
+  LoadPlan plan;
+  const std::string head = targets.front();
+  for (const auto& item : probe->named_parameters()) {
+    const std::string key = item.key();
+    plan.slots.push_back(
+        {"prototype." + key, item.value().sizes().vec(), [&model, head, adapter_name, key] {
+           auto p = method_of<ProPETLImpl>(model, head, "propetl", adapter_name);
+           return parameter(*p->prototype(), key);
+         }});
+  }
+  const double keep_ratio = options.keep_ratio();
+  for (const auto& path : targets) {
+    for (size_t i = 0; i < probe->weights().size(); ++i) {
+      const auto shape = probe->weights()[i].sizes().vec();
+      const int64_t numel = probe->weights()[i].numel();
+      const int64_t keep =
+          static_cast<int64_t>(std::llround(keep_ratio * static_cast<double>(numel)));
+      const std::string key = path + ".mask_" + probe->weight_names()[i];
+      Slot slot{key, {(numel + 7) / 8}, [&model, path, adapter_name, i] {
+                  return method_of<ProPETLImpl>(model, path, "propetl", adapter_name)->scores()[i];
+                }};
+      slot.dtype = torch::kByte;
+      // Scores equal to the 0/1 mask make top_k_mask() give that mask back, as long as it keeps
+      // exactly as many entries as keep_ratio does.
+      slot.convert = [cfg_name, key, shape, keep, numel, keep_ratio](const torch::Tensor& packed,
+                                                                     const std::string& file) {
+        auto mask = unpack_mask(packed, torch::IntArrayRef(shape));
+        const auto ones = mask.sum().item<double>();
+        check(ones == static_cast<double>(keep), "load_adapter",
+              "{}: mask \"{}\" keeps {} of {} entries, but keep_ratio {} (in {}) keeps {}", file,
+              key, static_cast<int64_t>(ones), numel, keep_ratio, cfg_name, keep);
+        return mask;
+      };
+      plan.slots.push_back(std::move(slot));
+    }
+  }
+  plan.apply = [&model, options] { attach(model, options); };
+  plan.finish = [&model, targets, adapter_name] {
+    for (const auto& path : targets) {
+      method_of<ProPETLImpl>(model, path, "propetl", adapter_name)->freeze_masks();
+    }
+  };
+  return plan;
+}
+
+inline MethodEntry propetl_entry() {
+  MethodEntry e;
+  e.name = "propetl";
+  e.summary = "ProPETL: one shared prototype, a binary mask per layer (Zeng et al., 2023)";
+  e.default_lr = 1e-3;
+  e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
+    const char* w = "propetl";
+    const auto base_name = config_value_or<std::string>(json, "base", "adapter", "options", w);
+    check(base_name == "adapter" || base_name == "lora" || base_name == "prefix", w,
+          "base must be adapter, lora or prefix, got \"{}\"", base_name);
+    const auto base = base_name == "lora"     ? ProPETLBase::LoRA
+                      : base_name == "prefix" ? ProPETLBase::Prefix
+                                              : ProPETLBase::Adapter;
+    ProPETLOptions options(base);
+    options.keep_ratio(config_value_or<double>(json, "keep_ratio", 0.5, "options", w))
+        .reduction_factor(config_value_or<int64_t>(json, "reduction_factor", 16, "options", w))
+        .activation(config_value_or<std::string>(json, "activation", "relu", "options", w))
+        .r(config_value_or<int64_t>(json, "r", 8, "options", w))
+        .alpha(config_value_or<double>(json, "lora_alpha", 8.0, "options", w))
+        .num_virtual_tokens(config_value_or<int64_t>(json, "num_virtual_tokens", 10, "options", w));
+    if (json.contains("target_modules") && json["target_modules"].is_array()) {
+      options.targets(json["target_modules"].get<std::vector<std::string>>());
+    }
+    return peft::attach(model, options);
+  };
+  e.lr_rules = [](double, const nlohmann::json& json) {
+    // The masks learn through their scores (mask_scores_<weight>) at their own rate.
+    return std::vector<std::pair<std::string, double>>{
+        {"mask_scores", config_value_or<double>(json, "mask_lr", 1e-2, "options", "propetl")}};
+  };
+  e.format = AdapterFormat{"PROPETL", true,
+                           [](SaveContext& c) { save_propetl(c.methods, c.config, c.tensors); },
+                           [](const LoadContext& c) {
+                             return plan_propetl(c.model, c.config, c.config_file, c.adapter);
+                           }};
+  return e;
+}
+
+inline const bool propetl_registered = register_method(propetl_entry());
+
+}  // namespace detail
 
 PEFT_NAMESPACE_END

@@ -14,13 +14,19 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
+
+#include <nlohmann/json.hpp>
 
 #include <peft/config.hpp>
 #include <peft/core/attach.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
+#include <peft/core/registry.hpp>
 #include <peft/core/targets.hpp>
+#include <peft/detail/json.hpp>
+#include <peft/methods/prompt.hpp>
 
 PEFT_NAMESPACE_BEGIN
 
@@ -29,6 +35,8 @@ enum class PromptEncoderType {
   MLP,   ///< Linear -> ReLU -> Linear -> ReLU -> Linear (Hugging Face PEFT's default)
   LSTM,  ///< bidirectional LSTM, then Linear -> ReLU -> Linear (the paper's)
 };
+
+class PTuningImpl;
 
 /// Options of P-tuning. Default targets: the model's `prompt` site.
 struct PTuningOptions : TargetOptions<PTuningOptions> {
@@ -45,7 +53,10 @@ struct PTuningOptions : TargetOptions<PTuningOptions> {
   TORCH_ARG(double, init_std) = 1.0;
 
  public:
+  using Impl = PTuningImpl;
   static constexpr const char* method = "ptuning";
+  /// The kinds of site the method can sit at.
+  static constexpr unsigned kinds = site_kinds(SiteKind::Input);
   static bool fits(const SiteImpl& site) { return site.kind() == SiteKind::Input; }
   void validate() const {
     check(num_virtual_tokens_ > 0, method, "num_virtual_tokens must be positive, got {}",
@@ -134,9 +145,32 @@ class PTuningImpl : public MethodImpl {
   torch::Tensor prompt_embeddings;
 };
 
-template <>
-struct method_for<PTuningOptions> {
-  using type = PTuningImpl;
-};
+namespace detail {
+
+inline MethodEntry ptuning_entry() {
+  MethodEntry e;
+  e.name = "ptuning";
+  e.summary = "P-tuning: prompt rows produced by a small encoder (Liu et al., 2021)";
+  e.default_lr = 1e-3;
+  e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
+    auto options = PTuningOptions(
+        config_value_or<int64_t>(json, "num_virtual_tokens", 20, "options", "ptuning"));
+    const auto type = config_value_or<std::string>(json, "encoder_reparameterization_type", "MLP",
+                                                   "options", "ptuning");
+    check(type == "MLP" || type == "LSTM", "ptuning",
+          "encoder_reparameterization_type must be MLP or LSTM, got \"{}\"", type);
+    options.encoder(type == "LSTM" ? PromptEncoderType::LSTM : PromptEncoderType::MLP)
+        .encoder_hidden_size(
+            config_value_or<int64_t>(json, "encoder_hidden_size", 0, "options", "ptuning"));
+    return peft::attach(model, options);
+  };
+  // Saved as the rows the encoder produces now: PROMPT_TUNING, which loads as prompt tuning.
+  e.format = AdapterFormat{"PROMPT_TUNING", /*reads=*/false, save_prompt_rows, nullptr};
+  return e;
+}
+
+inline const bool ptuning_registered = register_method(ptuning_entry());
+
+}  // namespace detail
 
 PEFT_NAMESPACE_END

@@ -22,6 +22,7 @@
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
+#include <peft/core/hub.hpp>
 #include <peft/core/site.hpp>
 #include <peft/detail/shape.hpp>
 #include <peft/io/hf_config.hpp>
@@ -41,7 +42,7 @@ namespace models {
 /// prompt site is taken out of the module tree, so target "prompt" selects only this one.
 ///
 /// The whole backbone is frozen; only attached methods (and heads built on top) train.
-class BertImpl : public torch::nn::Module {
+class BertImpl : public torch::nn::Module, public HubModel {
  public:
   explicit BertImpl(BertConfig config) : torch::nn::Module("peft::models::Bert"), config_(config) {
     config_.validate(config_.name_or_path.empty() ? "config" : config_.name_or_path);
@@ -256,6 +257,28 @@ class BertImpl : public torch::nn::Module {
 
   const BertConfig& config() const { return config_; }
 
+  /// Hugging Face BertModel's name for one of our modules: the encoder's layers and their
+  /// projections ("encoder.layers.3.self_attn.query" -> "encoder.layer.3.attention.self.query");
+  /// other paths unchanged. Adapter files use these names (Python's PEFT expects them).
+  std::string hub_module_path(const std::string& path) const override {
+    const std::string layers = "encoder.layers.";
+    if (path.compare(0, layers.size(), layers) != 0) return path;
+    const size_t dot = path.find('.', layers.size());
+    if (dot == std::string::npos) return path;
+    static const std::map<std::string, std::string> names = {
+        {"self_attn.query", "attention.self.query"},
+        {"self_attn.key", "attention.self.key"},
+        {"self_attn.value", "attention.self.value"},
+        {"self_attn.out_proj", "attention.output.dense"},
+        {"linear1", "intermediate.dense"},
+        {"linear2", "output.dense"}};
+    auto it = names.find(path.substr(dot + 1));
+    if (it == names.end()) return path;
+    return "encoder.layer." + path.substr(layers.size(), dot - layers.size()) + "." + it->second;
+  }
+  std::string hub_name_or_path() const override { return config_.name_or_path; }
+  int64_t hub_attention_heads() const override { return config_.num_attention_heads; }
+
   /// The stock layer i (its typed members hold the frozen weights).
   torch::nn::TransformerEncoderLayer encoder_layer(size_t i) {
     return torch::nn::TransformerEncoderLayer(
@@ -321,7 +344,7 @@ class BertImpl : public torch::nn::Module {
 
 /// Module holder of BertImpl, with from_pretrained():
 ///
-///     auto bert = peft::models::Bert::from_pretrained(peft::models::default_model_dir());
+///     auto bert = peft::models::Bert::from_pretrained("models/all-MiniLM-L6-v2");
 ///     auto hidden = bert(batch.input_ids, batch.attention_mask, batch.token_type_ids);
 class Bert : public torch::nn::ModuleHolder<BertImpl> {
  public:

@@ -17,6 +17,8 @@
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
+#include <peft/core/registry.hpp>
+#include <peft/detail/json.hpp>
 #include <peft/detail/shape.hpp>
 #include <peft/methods/ladder.hpp>
 #include <peft/models/bert.hpp>
@@ -92,7 +94,7 @@ class BertLadderForSequenceClassificationImpl : public torch::nn::Module {
 /// Module holder of BertLadderForSequenceClassificationImpl, with from_pretrained():
 ///
 ///     auto model = peft::models::BertLadderForSequenceClassification::from_pretrained(
-///         peft::models::default_model_dir(), 2, peft::LadderOptions().reduction_factor(8));
+///         "models/all-MiniLM-L6-v2", 2, peft::LadderOptions().reduction_factor(8));
 ///     torch::optim::AdamW opt(peft::trainable_parameters(*model), 1e-3);
 class BertLadderForSequenceClassification
     : public torch::nn::ModuleHolder<BertLadderForSequenceClassificationImpl> {
@@ -111,5 +113,123 @@ class BertLadderForSequenceClassification
   }
 };
 
+// ------------------------------------------------------------------------------ file format
+
+namespace detail {
+
+using peft::detail::config_value;
+using peft::detail::find_module;
+
+/// Ladder Side-Tuning: the side network's parameters under `ladder.` (downsamples, gates, side
+/// blocks, upsample) and what it takes to rebuild it beside the same backbone.
+inline void save_ladder(const std::string& path,
+                        const BertLadderForSequenceClassificationImpl& model,
+                        nlohmann::json& config, NamedTensors& tensors) {
+  const auto& ladder = *model.ladder;
+  const int64_t E = ladder.upsample->weight.size(0), width = ladder.upsample->weight.size(1);
+  config["reduction_factor"] = E / width;
+  config["layers"] = ladder.selected_layers();
+  config["gate_temperature"] = ladder.options().gate_temperature();
+  config["side_block"] = to_string(ladder.options().block());
+  config["side_width"] = width;
+  config["side_heads"] = ladder.side_heads();
+  config["side_dim_feedforward"] = ladder.side_dim_feedforward();
+  config["pooling"] = to_string(model.pooling);
+  const std::string prefix = path.empty() ? "ladder." : path + ".ladder.";
+  for (const auto& item : ladder.named_parameters()) {
+    tensors.emplace_back(prefix + item.key(), item.value());
+  }
+}
+
+inline LoadPlan plan_ladder(torch::nn::Module& model, const nlohmann::json& config,
+                            const std::string& cfg_name) {
+  auto [path, target] = find_module<BertLadderForSequenceClassificationImpl>(model);
+  check(target != nullptr, "load_adapter",
+        "{}: LADDER_SIDE_TUNING loads into a models::BertLadderForSequenceClassification, which "
+        "this model neither is nor contains",
+        cfg_name);
+  const auto block_name = config_value<std::string>(config, "side_block", cfg_name);
+  LadderBlock block = LadderBlock::PostNorm;
+  try {
+    block = ladder_block_from_string(block_name);
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  auto options = LadderOptions()
+                     .block(block)
+                     .reduction_factor(config_value<int64_t>(config, "reduction_factor", cfg_name))
+                     .gate_temperature(config_value<double>(config, "gate_temperature", cfg_name))
+                     .layers(config_value<std::vector<int64_t>>(config, "layers", cfg_name))
+                     .side_heads(config_value<int64_t>(config, "side_heads", cfg_name))
+                     // The stored weights replace any initialisation; skip the pruning.
+                     .init(LadderInit::Random);
+  Pooling pooling = Pooling::Cls;
+  try {
+    pooling = pooling_from_string(config_value<std::string>(config, "pooling", cfg_name));
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  // The new side network is built beside the backbone but installed only by apply(). Building
+  // it freezes the backbone, which must not change what trains there now.
+  auto encoder = target->bert->encoder;
+  struct RestoreGrads {
+    std::vector<std::pair<torch::Tensor, bool>> saved;
+    ~RestoreGrads() {
+      for (auto& [t, g] : saved) t.set_requires_grad(g);
+    }
+  } restore;
+  for (auto& p : encoder->parameters()) restore.saved.emplace_back(p, p.requires_grad());
+  Ladder fresh{nullptr};
+  try {
+    fresh = Ladder(encoder, options);
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+  fresh->unregister_module("backbone");
+  const auto width = config_value<int64_t>(config, "side_width", cfg_name);
+  const auto ff = config_value<int64_t>(config, "side_dim_feedforward", cfg_name);
+  check(fresh->side_width() == width && fresh->side_dim_feedforward() == ff, "load_adapter",
+        "{}: side blocks of width {} and feed-forward size {}, but this backbone gives {} and {}",
+        cfg_name, width, ff, fresh->side_width(), fresh->side_dim_feedforward());
+  const auto& reference = target->ladder->upsample->weight;
+  fresh->to(reference.device(), reference.scalar_type());
+  fresh->train(target->is_training());
+
+  LoadPlan plan;
+  const std::string prefix = path.empty() ? "ladder." : path + ".ladder.";
+  for (const auto& item : fresh->named_parameters()) {
+    auto tensor = item.value();
+    plan.slots.push_back({prefix + item.key(), tensor.sizes().vec(), [tensor] { return tensor; }});
+  }
+  auto* owner = target;
+  plan.apply = [owner, fresh, pooling] {
+    owner->ladder = Ladder(owner->replace_module("ladder", fresh));
+    owner->pooling = pooling;
+  };
+  return plan;
+}
+
+inline MethodEntry ladder_entry() {
+  MethodEntry e;
+  e.name = "lst";
+  e.summary =
+      "Ladder Side-Tuning: a small side network beside the frozen backbone (Sung et al., 2022)";
+  e.default_lr = 3e-3;
+  e.format = AdapterFormat{
+      "LADDER_SIDE_TUNING", true,
+      [](SaveContext& c) {
+        auto [path, model] = find_module<BertLadderForSequenceClassificationImpl>(c.model);
+        save_ladder(path, *model, c.config, c.tensors);
+      },
+      [](const LoadContext& c) { return plan_ladder(c.model, c.config, c.config_file); }};
+  e.held_by = [](torch::nn::Module& model) {
+    return find_module<BertLadderForSequenceClassificationImpl>(model).second != nullptr;
+  };
+  return e;
+}
+
+inline const bool ladder_registered = register_method(ladder_entry());
+
+}  // namespace detail
 }  // namespace models
 PEFT_NAMESPACE_END

@@ -18,6 +18,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/attach.hpp>
+#include <peft/core/site.hpp>
 #include <peft/nn/attention.hpp>
 #include <peft/nn/embedding.hpp>
 #include <peft/nn/encoder.hpp>
@@ -50,32 +51,34 @@ struct wrapper_of<torch::nn::TransformerEncoder> {
   using type = nn::TransformerEncoder;
 };
 
-/// Whether a method has a site in a stock module type (checked at compile time).
+/// The kinds of site a stock module's peft wrapper has.
+template <class Stock>
+constexpr unsigned wrapper_site_kinds() {
+  if constexpr (std::is_same_v<Stock, torch::nn::Linear>) return site_kinds(SiteKind::Linear);
+  if constexpr (std::is_same_v<Stock, torch::nn::Embedding>) {
+    return site_kinds(SiteKind::Embedding, SiteKind::Input);
+  }
+  if constexpr (std::is_same_v<Stock, torch::nn::MultiheadAttention>) {
+    return site_kinds(SiteKind::Linear, SiteKind::Attention);
+  }
+  if constexpr (std::is_same_v<Stock, torch::nn::TransformerEncoderLayer>) {
+    return site_kinds(SiteKind::Linear, SiteKind::Attention, SiteKind::Block);
+  }
+  return site_kinds(SiteKind::Linear, SiteKind::Attention, SiteKind::Block, SiteKind::Input);
+}
+
+/// Whether a method has a site in a stock module type (checked at compile time from the
+/// method's `kinds`).
 template <class Options, class Stock>
-struct applies_to : std::true_type {};
-template <>
-struct applies_to<BitFitOptions, torch::nn::Embedding> : std::false_type {};
-template <class Stock>
-struct applies_to<AdapterOptions, Stock>
-    : std::bool_constant<std::is_same_v<Stock, torch::nn::TransformerEncoderLayer> ||
-                         std::is_same_v<Stock, torch::nn::TransformerEncoder>> {};
-template <class Stock>
-struct applies_to<PrefixOptions, Stock>
-    : std::bool_constant<!std::is_same_v<Stock, torch::nn::Linear> &&
-                         !std::is_same_v<Stock, torch::nn::Embedding>> {};
-template <class Stock>
-struct applies_to<PromptOptions, Stock>
-    : std::bool_constant<std::is_same_v<Stock, torch::nn::Embedding> ||
-                         std::is_same_v<Stock, torch::nn::TransformerEncoder>> {};
+struct applies_to : std::bool_constant<(Options::kinds & wrapper_site_kinds<Stock>()) != 0> {};
 
 /// A stock module wrapped by peft with one method attached. It is the wrapper's module holder
 /// (nn::Linear, nn::TransformerEncoder, ...), so more methods can be attached with peft::attach.
 template <class Stock, class Options>
 class Tuned : public wrapper_of<Stock>::type {
   static_assert(applies_to<Options, Stock>::value,
-                "this method has no site in this module type: adapters need an encoder layer or "
-                "encoder, prefixes an attention, prompts an encoder or embedding, and BitFit a "
-                "projection");
+                "this method has no site in this module type (its Options::kinds and the "
+                "wrapper's sites have no kind in common)");
   using Wrapper = typename wrapper_of<Stock>::type;
 
  public:
@@ -90,22 +93,5 @@ class Tuned : public wrapper_of<Stock>::type {
     attach(*this->get(), options);
   }
 };
-
-/// LoRA on a stock Linear, Embedding (directly), MultiheadAttention, TransformerEncoderLayer or
-/// TransformerEncoder (at the options' targets).
-template <class Stock>
-using LoRA = Tuned<Stock, LoRAOptions>;
-/// BitFit on a stock Linear, MultiheadAttention, TransformerEncoderLayer or TransformerEncoder.
-template <class Stock>
-using BitFit = Tuned<Stock, BitFitOptions>;
-/// Bottleneck adapters on a stock TransformerEncoderLayer or TransformerEncoder.
-template <class Stock>
-using Adapter = Tuned<Stock, AdapterOptions>;
-/// Prefix tuning on a stock MultiheadAttention, TransformerEncoderLayer or TransformerEncoder.
-template <class Stock>
-using PrefixTuning = Tuned<Stock, PrefixOptions>;
-/// Prompt tuning on a stock TransformerEncoder or Embedding.
-template <class Stock>
-using PromptTuning = Tuned<Stock, PromptOptions>;
 
 PEFT_NAMESPACE_END

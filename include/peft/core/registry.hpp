@@ -1,0 +1,342 @@
+#pragma once
+
+// The method registry: one entry per method name ("lora", "ia3", ...) holding what the rest of
+// the library needs to know about the method without including it: how to attach it from JSON
+// options, its default learning rate and learning-rate rules, and its adapter file format (what
+// save_adapter() writes and load_adapter() reads). Each method registers itself at the end of
+// its own header (methods/<m>.hpp), so including a method is all it takes to make it known:
+//
+//     peft::attach(*bert, "lora", {{"r", 8}, {"lora_alpha", 16}});
+//     for (const auto& name : peft::method_names()) ...
+//
+// core knows no method: the entries are filled from above.
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include <peft/config.hpp>
+#include <peft/core/attach.hpp>
+#include <peft/core/error.hpp>
+#include <peft/core/hub.hpp>
+#include <peft/core/site.hpp>
+
+PEFT_NAMESPACE_BEGIN
+
+/// Tensors by dotted name, as adapter files hold them.
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+/// The methods of one adapter, each with the path of its site.
+using SiteMethods = std::vector<std::pair<std::string, std::shared_ptr<MethodImpl>>>;
+
+/// One tensor an adapter file must hold: its key, the shape it must have, and where it goes.
+struct Slot {
+  using Convert = std::function<torch::Tensor(const torch::Tensor&, const std::string&)>;
+  Slot(std::string key, std::vector<int64_t> shape, std::function<torch::Tensor()> target,
+       c10::ScalarType dtype = c10::ScalarType::Undefined, Convert convert = nullptr)
+      : key(std::move(key)),
+        shape(std::move(shape)),
+        target(std::move(target)),
+        dtype(dtype),
+        convert(std::move(convert)) {}
+
+  std::string key;
+  std::vector<int64_t> shape;
+  /// The tensor the stored value is copied into; resolved after the method is attached.
+  std::function<torch::Tensor()> target;
+  /// The dtype the file must store; Undefined = any floating-point type.
+  c10::ScalarType dtype;
+  /// Turns the stored tensor (read from the named file) into what is copied to the target, e.g.
+  /// unpacks a bit mask; runs before the model changes and may throw.
+  Convert convert;
+};
+
+/// What load_adapter() does for one file: the tensors it expects, how it attaches the method
+/// (run only after every key, shape and setting was checked) and what runs once the tensors
+/// are copied. `save_prefix` is the prefix of the modules-to-save keys (PEFT nests the
+/// transformers model one level deeper for LoRA-like methods than for prompt methods).
+struct LoadPlan {
+  std::vector<Slot> slots;
+  std::function<void()> apply;
+  std::function<void()> finish;
+  std::string save_prefix;
+};
+
+/// What a format's save function gets: the adapter's methods, and the config and tensors it
+/// fills. The frame (save_adapter) adds the modules to save and writes the files.
+struct SaveContext {
+  torch::nn::Module& model;
+  std::string adapter;
+  SiteMethods methods;
+  nlohmann::json& config;
+  NamedTensors& tensors;
+  /// Set by the format: the prefix of the modules-to-save keys (see LoadPlan::save_prefix).
+  std::string save_prefix;
+  /// A site path of `model` as the hub names it (the model's HubModel; unchanged without one).
+  std::function<std::string(const std::string&)> hub_path;
+  /// From the model's HubModel, else the first attention found; 0 without attention.
+  int64_t attention_heads = 0;
+};
+
+/// What a format's load function gets: the file's config and keys, and the model to load into.
+struct LoadContext {
+  torch::nn::Module& model;
+  const nlohmann::json& config;
+  /// The config file's path, for error messages.
+  std::string config_file;
+  /// The weights file's path and its keys.
+  std::string weights_file;
+  std::vector<std::string> keys;
+  /// The name the adapter is attached under.
+  std::string adapter;
+  std::function<std::string(const std::string&)> hub_path;
+
+  /// The `method` of this adapter at site `path`, as M; valid once the plan's apply() ran.
+  template <class M>
+  std::shared_ptr<M> method_at(const std::string& path, const std::string& method) const {
+    for (auto& [p, m] : attached_methods(model)) {
+      if (p == path && m->adapter() == adapter && m->method() == method) {
+        if (auto typed = std::dynamic_pointer_cast<M>(m)) return typed;
+      }
+    }
+    fail("load_adapter", "internal: no {} attached at \"{}\"", method, path);
+  }
+};
+
+/// A method's adapter file format.
+struct AdapterFormat {
+  using Save = std::function<void(SaveContext&)>;
+  using Load = std::function<LoadPlan(const LoadContext&)>;
+  using Claims = std::function<bool(const nlohmann::json&)>;
+  AdapterFormat(std::string peft_type, bool reads, Save save, Load load, Claims claims = nullptr)
+      : peft_type(std::move(peft_type)),
+        reads(reads),
+        save(std::move(save)),
+        load(std::move(load)),
+        claims(std::move(claims)) {}
+
+  /// The `peft_type` written into adapter_config.json (Hugging Face PEFT's name where PEFT has
+  /// the method).
+  std::string peft_type;
+  /// Whether load_adapter() reads files of `peft_type` through this entry (P-tuning writes
+  /// PROMPT_TUNING files, which load as prompt tuning).
+  bool reads = true;
+  Save save;
+  Load load;
+  /// When set, load_adapter() reads a `peft_type` file through this entry only if it returns
+  /// true for the file's config, and prefers it to an entry without one (DoRA claims the LORA
+  /// files with use_dora true).
+  Claims claims;
+};
+
+/// Everything the library knows about one method.
+struct MethodEntry {
+  /// The name --method options and MethodImpl::method() use: "lora", "ia3", ...
+  std::string name;
+  /// One line for --help and docs.
+  std::string summary;
+  /// The learning rate the method trains well at with the default model when none is given.
+  double default_lr = 1e-3;
+  /// Attaches the method to `model` with options given as JSON (the keys of the method's
+  /// adapter_config.json where it has one) and returns the site paths.
+  std::function<std::vector<std::string>(torch::nn::Module&, const nlohmann::json&)> attach;
+  /// Learning rates for parameters whose name contains a pattern, given the base rate and the
+  /// method's options (LoRA+'s lora_B, ProPETL's mask scores); may be empty.
+  std::function<std::vector<std::pair<std::string, double>>(double, const nlohmann::json&)>
+      lr_rules;
+  /// The adapter file format, if the method has one.
+  std::optional<AdapterFormat> format;
+  /// For a method that is a model rather than something attached at sites (Ladder
+  /// Side-Tuning): whether `model` holds one, so save_adapter() saves it when the adapter name
+  /// has no attached method.
+  std::function<bool(torch::nn::Module&)> held_by;
+};
+
+namespace detail {
+
+struct Registry {
+  std::mutex mutex;
+  std::vector<MethodEntry> entries;
+};
+
+inline Registry& registry() {
+  static Registry instance;
+  return instance;
+}
+
+}  // namespace detail
+
+/// Adds (or replaces) the entry of `entry.name`. Methods call it from their header; returns true
+/// so it can initialise an inline variable.
+inline bool register_method(MethodEntry entry) {
+  auto& r = detail::registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  auto it = std::find_if(r.entries.begin(), r.entries.end(),
+                         [&](const MethodEntry& e) { return e.name == entry.name; });
+  if (it != r.entries.end()) {
+    *it = std::move(entry);
+  } else {
+    r.entries.push_back(std::move(entry));
+  }
+  return true;
+}
+
+// Helpers the methods' file formats share.
+namespace detail {
+
+/// A shape as error messages print it: `[2, 3]`.
+inline std::string shape_of(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i > 0 ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+/// The sites of `model` with their paths, by path.
+inline std::map<std::string, std::shared_ptr<SiteImpl>> sites_by_path(torch::nn::Module& model) {
+  std::map<std::string, std::shared_ptr<SiteImpl>> out;
+  for (auto& ref : find_sites(model)) out[ref.path] = ref.site;
+  return out;
+}
+
+/// Attention sites in layer order, as PEFT's prefix layout counts them.
+inline std::vector<SiteRef> attention_sites(torch::nn::Module& model) {
+  std::vector<SiteRef> out;
+  for (auto& ref : find_sites(model)) {
+    if (ref.site->kind() == SiteKind::Attention) out.push_back(ref);
+  }
+  return out;
+}
+
+/// The method `method` of adapter `adapter` at site `path`, as M (attached by load_adapter).
+template <class M>
+std::shared_ptr<M> method_of(torch::nn::Module& model, const std::string& path,
+                             const std::string& method, const std::string& adapter) {
+  for (auto& [p, m] : attached_methods(model)) {
+    if (p == path && m->adapter() == adapter && m->method() == method) {
+      if (auto typed = std::dynamic_pointer_cast<M>(m)) return typed;
+    }
+  }
+  fail("load_adapter", "internal: no {} attached at \"{}\"", method, path);
+}
+
+/// The parameter `key` (a dotted path) of `module`.
+inline torch::Tensor parameter(const torch::nn::Module& module, const std::string& key) {
+  auto params = module.named_parameters(/*recurse=*/true);
+  const auto* found = params.find(key);
+  check(found != nullptr, "load_adapter", "internal: no parameter \"{}\" in {}", key,
+        module.name());
+  return *found;
+}
+
+/// Every parameter of the named modules that exist in `model`, by dotted path.
+inline NamedTensors module_parameters(torch::nn::Module& model,
+                                      const std::vector<std::string>& modules) {
+  NamedTensors out;
+  auto all = model.named_modules("", /*include_self=*/false);
+  for (const auto& name : modules) {
+    if (!all.contains(name)) continue;
+    for (const auto& p : all[name]->named_parameters(/*recurse=*/true)) {
+      out.emplace_back(name + "." + p.key(), p.value());
+    }
+  }
+  return out;
+}
+
+/// options.validate(), with the config file named in the error.
+template <class Options>
+void validate_from_file(const Options& options, const std::string& cfg_name) {
+  try {
+    options.validate();
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", cfg_name, e.what());
+  }
+}
+
+/// The first module of type T inside `model` and its path ("" for the model itself), if any.
+template <class T>
+std::pair<std::string, T*> find_module(torch::nn::Module& model) {
+  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
+    if (auto* found = dynamic_cast<T*>(item.value().get())) return {item.key(), found};
+  }
+  return {"", nullptr};
+}
+
+}  // namespace detail
+
+/// Every registered method, in the order their headers were first included.
+inline std::vector<MethodEntry> registered_methods() {
+  auto& r = detail::registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  return r.entries;
+}
+
+/// The names of the registered methods.
+inline std::vector<std::string> method_names() {
+  std::vector<std::string> names;
+  for (const auto& e : registered_methods()) names.push_back(e.name);
+  return names;
+}
+
+/// The entry of method `name`, or nullopt.
+inline std::optional<MethodEntry> find_method(const std::string& name) {
+  for (auto& e : registered_methods()) {
+    if (e.name == name) return e;
+  }
+  return std::nullopt;
+}
+
+/// The entry of method `name`; throws naming the registered methods when there is none.
+inline MethodEntry method_entry(const std::string& name) {
+  auto e = find_method(name);
+  if (!e) {
+    const auto names = method_names();
+    fail("registry", "unknown method \"{}\"; registered: {}", name,
+         names.empty() ? std::string("(none)") : fmt::format("{}", fmt::join(names, ", ")));
+  }
+  return *e;
+}
+
+/// Whether save_adapter() has a file format for `method`.
+inline bool has_adapter_format(const std::string& method) {
+  auto e = find_method(method);
+  return e && e->format;
+}
+
+/// The registered methods with a file format, each with the `peft_type` it is stored under.
+inline std::vector<std::pair<std::string, std::string>> adapter_formats() {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& e : registered_methods()) {
+    if (e.format) out.emplace_back(e.name, e.format->peft_type);
+  }
+  return out;
+}
+
+/// Attaches method `name` to `model` with `options` (JSON; see each method's header for its
+/// keys; missing keys take the method's defaults) and returns the site paths. Throws on an
+/// unknown name or bad options, leaving the model unchanged.
+///
+///     peft::attach(*bert, "lora", {{"r", 16}, {"target_modules", {"query", "value"}}});
+inline std::vector<std::string> attach(torch::nn::Module& model, const std::string& name,
+                                       const nlohmann::json& options = nlohmann::json::object()) {
+  const auto entry = method_entry(name);
+  check(static_cast<bool>(entry.attach), name, "this method cannot be attached from options");
+  check(options.is_object() || options.is_null(), name, "options must be a JSON object, got {}",
+        options.dump());
+  return entry.attach(model, options.is_null() ? nlohmann::json::object() : options);
+}
+
+PEFT_NAMESPACE_END
