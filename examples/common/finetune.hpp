@@ -14,6 +14,7 @@
 #include <peft/models/bert.hpp>
 #include <peft/models/heads.hpp>
 #include <peft/models/ladder_heads.hpp>
+#include <peft/models/recipes.hpp>
 #include "model_path.hpp"
 #include <peft/data/split.hpp>
 
@@ -37,6 +38,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -167,64 +169,6 @@ inline nlohmann::json method_options(const Options& o) {
 /// with different --seed values are measured on the same rows).
 inline constexpr size_t kHoldoutCap = 1000;
 inline constexpr uint64_t kHoldoutSeed = 0;
-
-/// What a run does for one task and method when the command line does not say otherwise: the
-/// setting that trained best on that task's validation split with the default model
-/// (all-MiniLM-L6-v2) on two CPU cores, from the search in docs/RESULTS.md. Every field is
-/// overridden by its option.
-struct Recipe {
-  std::string pooling = "mean";
-  int64_t epochs = 1, batch_size = 16, max_len = 128;
-  /// 0: the method's default_lr().
-  double lr = 0;
-  /// 0: the head learns at lr.
-  double head_lr = 0;
-  /// LoRA+ (lora only); 0: off.
-  double lora_plus_ratio = 0;
-  /// Below 0: the config's dropout.
-  double model_dropout = -1;
-  /// 0: every training row.
-  int64_t max_train_samples = 0;
-  /// Where the setting comes from, for the report.
-  std::string source = "general default";
-};
-
-/// The method a task trains with when --method is not given: LoRA, except where LoRA did not
-/// learn the task with the default model in the search of docs/RESULTS.md and full fine-tuning
-/// did (CoLA: LoRA stayed at the majority class, MCC 0, in every setting tried).
-inline std::string default_method(const std::string& task) {
-  return task == "cola" ? "full" : "lora";
-}
-
-/// The recipe for `task` (a canonical name such as "stsb") and `method`. Tasks and methods
-/// without a measured recipe get the general one: mean pooling (better than the untrained [CLS]
-/// pooler of the default model on every task measured), batch 16, one epoch, the method's rate;
-/// LoRA trains as LoRA+ with the model's dropout off, the setting that reached 85 % on SST-2.
-inline Recipe recipe(const std::string& task, const std::string& method) {
-  Recipe r;
-  if (method == "lora") {
-    r.lr = 1e-3;
-    r.head_lr = 3e-3;
-    r.lora_plus_ratio = 8;
-    r.model_dropout = 0;
-    r.source = "general LoRA default";
-  }
-  const auto is = [&](const char* t, const char* m) {
-    if (task != t || method != m) return false;
-    r.source = fmt::format("{}/{} recipe, docs/RESULTS.md", t, m);
-    return true;
-  };
-  // Each line: the best of the runs tried for that task and method (docs/RESULTS.md has every
-  // run). More epochs did not help MRPC and RTE (6 epochs: 77.3 % and 51.3 % against 78.2 % and
-  // 58.0 % after 3).
-  if (is("sst2", "lora")) {
-    r.max_len = 64;
-    r.max_train_samples = 10000;
-  }
-  if (is("stsb", "lora") || is("mrpc", "lora") || is("rte", "lora")) r.epochs = 3;
-  if (is("cola", "full") || is("mrpc", "full") || is("rte", "full")) r.epochs = 3;
-  return r;
-}
 
 namespace detail {
 
@@ -554,10 +498,10 @@ inline void apply_recipe(const CLI::App& app, const Benchmark& bench, Options& o
   const auto task = bench.task_info(o.task).name;
   std::vector<std::string> taken;
   if (app.count("--method") == 0) {
-    o.method = default_method(task);
+    o.method = peft::models::default_method(task);
     taken.push_back("method " + o.method);
   }
-  const auto r = recipe(task, o.method);
+  const auto r = peft::models::recipe(task, o.method);
   auto take = [&](const char* flag, auto& field, const auto& value, const std::string& shown) {
     if (app.count(flag) > 0) return;
     field = value;
@@ -701,8 +645,17 @@ inline int run(const Benchmark& bench, const Options& o) {
                            o.train_pooler ? "; the pooler trains too" : "");
   const auto count = peft::count_parameters(*model.root);
   // What --output stores: every trained tensor (the method's, the head's, the pooler's if
-  // trained; for full fine-tuning the whole model).
-  const int64_t adapter_bytes = count.trainable_bytes;
+  // trained; for full fine-tuning the whole model), and the frozen tensors a method stores with
+  // them (VeRA's shared matrices).
+  int64_t frozen_method_bytes = 0;
+  std::set<const void*> counted;
+  for (auto& [path, m] : peft::attached_methods(*model.root)) {
+    for (const auto& b : m->buffers()) {
+      if (!counted.insert(b.unsafeGetTensorImpl()).second) continue;
+      frozen_method_bytes += b.numel() * static_cast<int64_t>(b.element_size());
+    }
+  }
+  const int64_t adapter_bytes = count.trainable_bytes + frozen_method_bytes;
   std::cout << fmt::format("{}; method {} bytes, saved {} bytes; lr {}{}\n",
                            peft::trainable_report(count), model.method_bytes, adapter_bytes, lr,
                            o.head_lr > 0 ? fmt::format(", head lr {}", o.head_lr) : "");

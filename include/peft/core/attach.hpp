@@ -270,14 +270,17 @@ inline void fold(torch::nn::Module& model) {
   for (auto& [path, m] : attached_methods(model)) m->fold();
 }
 
-/// Bytes the attached methods' parameters take (what an adapter file stores, before metadata).
+/// Bytes the attached methods' parameters and buffers take, each tensor once (what an adapter
+/// file stores, before metadata: VeRA's shared frozen matrices are buffers).
 inline int64_t adapter_bytes(torch::nn::Module& model) {
   int64_t bytes = 0;
   std::unordered_set<const void*> seen;
   for (auto& [path, m] : attached_methods(model)) {
-    for (const auto& p : m->parameters()) {
-      if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
-      bytes += p.numel() * static_cast<int64_t>(p.element_size());
+    for (const auto& list : {m->parameters(), m->buffers()}) {
+      for (const auto& p : list) {
+        if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
+        bytes += p.numel() * static_cast<int64_t>(p.element_size());
+      }
     }
   }
   return bytes;

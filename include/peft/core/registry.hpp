@@ -35,6 +35,8 @@
 #include <peft/core/error.hpp>
 #include <peft/core/hub.hpp>
 #include <peft/core/site.hpp>
+#include <peft/detail/json.hpp>
+#include <peft/detail/shape.hpp>
 
 PEFT_NAMESPACE_BEGIN
 
@@ -200,9 +202,7 @@ namespace detail {
 
 /// A shape as error messages print it: `[2, 3]`.
 inline std::string shape_of(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i > 0 ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
+  return detail::shape(shape);
 }
 
 /// The sites of `model` with their paths, by path.
@@ -254,6 +254,38 @@ inline NamedTensors module_parameters(torch::nn::Module& model,
     }
   }
   return out;
+}
+
+/// Saves every parameter of each of the adapter's methods under its site's hub path,
+/// `<save_prefix><hub module path>.<parameter name>` (the layout of Hugging Face PEFT's LoRA-like
+/// files, whose parameter names the methods mirror), and returns those hub paths, the file's
+/// `target_modules`.
+inline std::vector<std::string> save_site_parameters(SaveContext& c) {
+  std::vector<std::string> targets;
+  for (auto& [path, m] : c.methods) {
+    const std::string hub = c.hub_path(path);
+    targets.push_back(hub);
+    for (const auto& p : m->named_parameters(/*recurse=*/true)) {
+      c.tensors.emplace_back(c.save_prefix + hub + "." + p.key(), p.value());
+    }
+  }
+  return targets;
+}
+
+/// Sets the targets and layers of `options` from a config's `target_modules` and
+/// `layers_to_transform` when it has them as lists (other values leave the defaults); a list of
+/// the wrong type throws from `where`, naming `file`.
+template <class Options>
+void targets_from_json(const nlohmann::json& config, Options& options, const std::string& file,
+                       const char* where) {
+  auto targets = config.find("target_modules");
+  if (targets != config.end() && targets->is_array()) {
+    options.targets(config_value<std::vector<std::string>>(config, "target_modules", file, where));
+  }
+  auto layers = config.find("layers_to_transform");
+  if (layers != config.end() && layers->is_array()) {
+    options.layers(config_value<std::vector<int64_t>>(config, "layers_to_transform", file, where));
+  }
 }
 
 /// options.validate(), with the config file named in the error.

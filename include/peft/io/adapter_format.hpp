@@ -84,24 +84,6 @@ inline bool has_module(torch::nn::Module& model, const std::string& name) {
   return model.named_modules("", /*include_self=*/false).contains(name);
 }
 
-/// Writes `text` to `path` through a temporary file renamed over it.
-inline void write_text_atomically(const std::filesystem::path& path, const std::string& text) {
-  const auto tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    check(static_cast<bool>(out), "save_adapter", "cannot write {}", tmp);
-    out << text;
-    out.flush();
-    check(static_cast<bool>(out), "save_adapter", "error writing {}", tmp);
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    fail("save_adapter", "cannot rename {} to {}", tmp, path.string());
-  }
-}
-
 /// The peft_types load_adapter() reads, for error messages.
 inline std::string adapter_format_types() {
   std::vector<std::string> types;
@@ -232,7 +214,8 @@ inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& 
   fs::create_directories(dir, ec);
   check(fs::is_directory(dir), "save_adapter", "cannot create folder {}", dir.string());
   io::save_safetensors(dir / detail::kAdapterWeights, tensors, {{"format", "pt"}});
-  detail::write_text_atomically(dir / detail::kAdapterConfig, config.dump(2) + "\n");
+  const std::string text = config.dump(2) + "\n";
+  io::write_file_atomically(dir / detail::kAdapterConfig, {text}, "save_adapter");
 }
 
 /// Attaches the adapter in folder `dir` (written by save_adapter() or by Hugging Face PEFT's

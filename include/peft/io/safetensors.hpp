@@ -39,6 +39,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
+#include <peft/detail/shape.hpp>
 
 PEFT_NAMESPACE_BEGIN
 namespace io {
@@ -135,10 +136,6 @@ inline size_t invalid_utf8_at(std::string_view s) {
     i += n + 1;
   }
   return std::string_view::npos;
-}
-
-inline std::string format_shape(const std::vector<int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
 inline bool host_is_little_endian() {
@@ -420,7 +417,7 @@ class SafetensorsFile {
     if (overflow || numel > std::numeric_limits<uint64_t>::max() / itemsize ||
         numel * itemsize != e.end - e.begin) {
       fail("tensor \"{}\": data_offsets [{}, {}] hold {} bytes but shape {} of {} needs {}", name,
-           e.begin, e.end, e.end - e.begin, detail::format_shape(e.shape), e.dtype_name,
+           e.begin, e.end, e.end - e.begin, peft::detail::shape(e.shape), e.dtype_name,
            overflow ? std::string("more than 2^64") : std::to_string(numel * itemsize));
     }
     return e;
@@ -459,6 +456,64 @@ class SafetensorsFile {
 inline std::vector<std::pair<std::string, at::Tensor>> load_safetensors(
     const std::filesystem::path& path) {
   return SafetensorsFile(path).load_all();
+}
+
+/// Writes the concatenation of `parts` to `path` atomically: into a new temporary file in the same
+/// folder, flushed to disk (fsync), then renamed over `path`, and the folder flushed; on failure
+/// `path` is left as it was (absent or the previous file) and the temporary file removed. Throws
+/// peft::Error from `where`, naming the file and the system's reason.
+inline void write_file_atomically(const std::filesystem::path& path,
+                                  const std::vector<std::string_view>& parts,
+                                  const char* where = "io") {
+  const std::string target = path.string();
+  auto fail_with = [&](const std::string& what) { peft::fail(where, "{}: {}", target, what); };
+  // O_EXCL on a random name rather than mkstemp: the file gets the usual 0666 & ~umask mode.
+  std::string tmp;
+  int raw_fd = -1;
+  std::random_device entropy;
+  std::mt19937_64 rng((static_cast<uint64_t>(entropy()) << 32) ^ static_cast<uint64_t>(::getpid()));
+  for (int attempt = 0; attempt < 100 && raw_fd < 0; ++attempt) {
+    tmp = fmt::format("{}.tmp-{:016x}", target, rng());
+    raw_fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (raw_fd < 0 && errno != EEXIST) break;
+  }
+  if (raw_fd < 0) {
+    fail_with(fmt::format("cannot create temporary file {}: {}", tmp, std::strerror(errno)));
+  }
+  detail::Fd fd(raw_fd);
+  auto abandon = [&](const std::string& what) {
+    const std::string reason = std::strerror(errno);
+    ::close(fd.release());
+    ::unlink(tmp.c_str());
+    fail_with(fmt::format("{} {}: {}", what, tmp, reason));
+  };
+  for (auto part : parts) {
+    const char* p = part.data();
+    size_t size = part.size();
+    while (size > 0) {
+      const ssize_t n = ::write(fd.get(), p, size);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) abandon("cannot write");
+      p += n;
+      size -= static_cast<size_t>(n);
+    }
+  }
+  if (::fsync(fd.get()) != 0) abandon("cannot flush");
+  if (::close(fd.release()) != 0) {
+    const std::string reason = std::strerror(errno);
+    ::unlink(tmp.c_str());
+    fail_with(fmt::format("cannot close {}: {}", tmp, reason));
+  }
+  if (::rename(tmp.c_str(), target.c_str()) != 0) {
+    const std::string reason = std::strerror(errno);
+    ::unlink(tmp.c_str());
+    fail_with(fmt::format("cannot rename {} into place: {}", tmp, reason));
+  }
+  // The rename is durable only once the folder itself reaches the disk; a failure here leaves a
+  // complete file either way, so it is not an error.
+  auto folder = path.parent_path();
+  detail::Fd dir(::open(folder.empty() ? "." : folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir.get() >= 0) ::fsync(dir.get());
 }
 
 /// Writes `tensors` and `metadata` to `path` in the safetensors format.
@@ -536,55 +591,11 @@ inline void save_safetensors(const std::filesystem::path& path,
   std::string prefix(8, '\0');
   for (int i = 0; i < 8; ++i) prefix[i] = static_cast<char>((text.size() >> (8 * i)) & 0xFF);
 
-  // O_EXCL on a random name rather than mkstemp: the file gets the usual 0666 & ~umask mode.
-  std::string tmp;
-  int raw_fd = -1;
-  std::random_device entropy;
-  std::mt19937_64 rng((static_cast<uint64_t>(entropy()) << 32) ^ static_cast<uint64_t>(::getpid()));
-  for (int attempt = 0; attempt < 100 && raw_fd < 0; ++attempt) {
-    tmp = fmt::format("{}.tmp-{:016x}", target, rng());
-    raw_fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (raw_fd < 0 && errno != EEXIST) break;
+  std::vector<std::string_view> parts = {prefix, text};
+  for (size_t i : order) {
+    parts.emplace_back(static_cast<const char*>(items[i].data.data_ptr()), items[i].data.nbytes());
   }
-  if (raw_fd < 0)
-    detail::save_fail(target, "cannot create temporary file {}: {}", tmp, std::strerror(errno));
-  detail::Fd fd(raw_fd);
-
-  auto abandon = [&](const std::string& what) {
-    const std::string reason = std::strerror(errno);
-    ::close(fd.release());
-    ::unlink(tmp.c_str());
-    detail::save_fail(target, "{} {}: {}", what, tmp, reason);
-  };
-  auto write_all = [&](const void* data, size_t size) {
-    const auto* p = static_cast<const char*>(data);
-    while (size > 0) {
-      const ssize_t n = ::write(fd.get(), p, size);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) abandon("cannot write");
-      p += n;
-      size -= static_cast<size_t>(n);
-    }
-  };
-  write_all(prefix.data(), prefix.size());
-  write_all(text.data(), text.size());
-  for (size_t i : order) write_all(items[i].data.data_ptr(), items[i].data.nbytes());
-  if (::fsync(fd.get()) != 0) abandon("cannot flush");
-  if (::close(fd.release()) != 0) {
-    const std::string reason = std::strerror(errno);
-    ::unlink(tmp.c_str());
-    detail::save_fail(target, "cannot close {}: {}", tmp, reason);
-  }
-  if (::rename(tmp.c_str(), target.c_str()) != 0) {
-    const std::string reason = std::strerror(errno);
-    ::unlink(tmp.c_str());
-    detail::save_fail(target, "cannot rename {} into place: {}", tmp, reason);
-  }
-  // The rename is durable only once the folder itself reaches the disk; a failure here leaves a
-  // complete file either way, so it is not an error.
-  auto folder = path.parent_path();
-  detail::Fd dir(::open(folder.empty() ? "." : folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir.get() >= 0) ::fsync(dir.get());
+  write_file_atomically(path, parts, "safetensors");
 }
 
 }  // namespace io

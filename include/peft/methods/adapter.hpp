@@ -220,9 +220,7 @@ inline MethodEntry adapter_entry() {
             .activation(
                 config_value_or<std::string>(json, "activation", "relu", "options", "adapter"))
             .scaling(config_value_or<double>(json, "scaling", 1.0, "options", "adapter"));
-    if (json.contains("target_modules") && json["target_modules"].is_array()) {
-      options.targets(json["target_modules"].get<std::vector<std::string>>());
-    }
+    targets_from_json(json, options, "options", "adapter");
     return peft::attach(model, options);
   };
   e.format = AdapterFormat{"BOTTLENECK_ADAPTER", true, save_adapter_blocks, load_adapter_blocks};

@@ -158,9 +158,7 @@ inline MethodEntry bitfit_entry() {
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     auto options = BitFitOptions().layer_norm(
         config_value_or<bool>(json, "layer_norm", false, "options", "bitfit"));
-    if (json.contains("target_modules") && json["target_modules"].is_array()) {
-      options.targets(json["target_modules"].get<std::vector<std::string>>());
-    }
+    targets_from_json(json, options, "options", "bitfit");
     return peft::attach(model, options);
   };
   e.format = AdapterFormat{"BITFIT", true, save_bitfit, load_bitfit};

@@ -148,16 +148,7 @@ inline DoRAOptions dora_from_lora(const LoRAOptions& o) {
 inline void save_dora(SaveContext& c) {
   c.save_prefix = "base_model.model.";
   const auto& first = shared_lora_options<DoRAImpl>(c.methods);
-  std::vector<std::string> targets;
-  for (auto& [path, m] : c.methods) {
-    auto dora = std::dynamic_pointer_cast<DoRAImpl>(m);
-    const std::string hub = c.hub_path(path);
-    targets.push_back(hub);
-    const std::string stem = c.save_prefix + hub;
-    c.tensors.emplace_back(stem + ".lora_A.weight", dora->lora_A->weight);
-    c.tensors.emplace_back(stem + ".lora_B.weight", dora->lora_B->weight);
-    c.tensors.emplace_back(stem + ".lora_magnitude_vector", dora->lora_magnitude_vector);
-  }
+  const auto targets = save_site_parameters(c);
   lora_config(first.as_lora(), c.config);
   c.config["use_dora"] = true;
   c.config["target_modules"] = targets;

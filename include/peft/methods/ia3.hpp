@@ -113,9 +113,7 @@ inline IA3Options ia3_options_from_json(const nlohmann::json& config, const std:
   check(!config_value_or<bool>(config, "fan_in_fan_out", false, file, where), where,
         "{}: fan_in_fan_out is not supported", file);
   IA3Options options;
-  if (config.contains("target_modules") && config["target_modules"].is_array()) {
-    options.targets(config_value<std::vector<std::string>>(config, "target_modules", file, where));
-  }
+  targets_from_json(config, options, file, where);
   if (config.contains("feedforward_modules") && config["feedforward_modules"].is_array()) {
     options.feedforward(
         config_value<std::vector<std::string>>(config, "feedforward_modules", file, where));
@@ -127,13 +125,12 @@ inline IA3Options ia3_options_from_json(const nlohmann::json& config, const std:
 /// in the config.
 inline void save_ia3(SaveContext& c) {
   c.save_prefix = "base_model.model.";
-  std::vector<std::string> targets, feedforward;
-  for (auto& [path, m] : c.methods) {
-    auto ia3 = std::dynamic_pointer_cast<IA3Impl>(m);
-    const std::string hub = c.hub_path(path);
-    targets.push_back(hub);
-    if (ia3->feedforward()) feedforward.push_back(hub);
-    c.tensors.emplace_back(c.save_prefix + hub + ".ia3_l", ia3->ia3_l);
+  const auto targets = save_site_parameters(c);
+  std::vector<std::string> feedforward;
+  for (size_t i = 0; i < c.methods.size(); ++i) {
+    if (std::dynamic_pointer_cast<IA3Impl>(c.methods[i].second)->feedforward()) {
+      feedforward.push_back(targets[i]);
+    }
   }
   c.config["target_modules"] = targets;
   c.config["feedforward_modules"] = feedforward;

@@ -112,12 +112,7 @@ Options lycoris_options_from_json(const nlohmann::json& config, const std::strin
   }
   Options options(config_value_or<int64_t>(config, "r", 8, file, where));
   options.alpha(config_value_or<double>(config, "alpha", 8.0, file, where));
-  if (config.contains("target_modules") && config["target_modules"].is_array()) {
-    options.targets(config_value<std::vector<std::string>>(config, "target_modules", file, where));
-  }
-  if (config.contains("layers_to_transform") && config["layers_to_transform"].is_array()) {
-    options.layers(config_value<std::vector<int64_t>>(config, "layers_to_transform", file, where));
-  }
+  targets_from_json(config, options, file, where);
   validate_from_file(options, file);
   return options;
 }
@@ -152,15 +147,7 @@ const auto& shared_rank_alpha(const SiteMethods& methods) {
 inline void save_loha(SaveContext& c) {
   c.save_prefix = "base_model.model.";
   const auto& first = shared_rank_alpha<LoHaImpl>(c.methods);
-  std::vector<std::string> targets;
-  for (auto& [path, m] : c.methods) {
-    auto loha = std::dynamic_pointer_cast<LoHaImpl>(m);
-    const std::string hub = c.hub_path(path);
-    targets.push_back(hub);
-    for (const auto& p : loha->named_parameters(/*recurse=*/false)) {
-      c.tensors.emplace_back(c.save_prefix + hub + "." + p.key(), p.value());
-    }
-  }
+  const auto targets = save_site_parameters(c);
   lycoris_config(first.r(), first.alpha(), targets, c.config);
 }
 

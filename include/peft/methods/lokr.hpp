@@ -165,19 +165,14 @@ inline LoKrOptions lokr_options_from_json(const nlohmann::json& config, const st
 inline void save_lokr(SaveContext& c) {
   c.save_prefix = "base_model.model.";
   const auto& first = shared_rank_alpha<LoKrImpl>(c.methods);
-  std::vector<std::string> targets;
   for (auto& [path, m] : c.methods) {
-    auto lokr = std::dynamic_pointer_cast<LoKrImpl>(m);
-    check(lokr->options().decompose_both() == first.decompose_both() &&
-              lokr->options().decompose_factor() == first.decompose_factor(),
+    const auto& o = std::dynamic_pointer_cast<LoKrImpl>(m)->options();
+    check(o.decompose_both() == first.decompose_both() &&
+              o.decompose_factor() == first.decompose_factor(),
           "save_adapter", "LoKr at \"{}\" factors unlike \"{}\"; one file holds one setting", path,
           c.methods.front().first);
-    const std::string hub = c.hub_path(path);
-    targets.push_back(hub);
-    for (const auto& p : lokr->named_parameters(/*recurse=*/false)) {
-      c.tensors.emplace_back(c.save_prefix + hub + "." + p.key(), p.value());
-    }
   }
+  const auto targets = save_site_parameters(c);
   lycoris_config(first.r(), first.alpha(), targets, c.config);
   c.config["decompose_both"] = first.decompose_both();
   c.config["decompose_factor"] = first.decompose_factor();

@@ -156,12 +156,7 @@ inline LoRAOptions lora_options_from_json(const nlohmann::json& config, const st
   options.alpha(config_value_or<double>(config, "lora_alpha", 8.0, file, where))
       .dropout(config_value_or<double>(config, "lora_dropout", 0.0, file, where))
       .rslora(config_value_or<bool>(config, "use_rslora", false, file, where));
-  if (config.contains("target_modules") && config["target_modules"].is_array()) {
-    options.targets(config_value<std::vector<std::string>>(config, "target_modules", file, where));
-  }
-  if (config.contains("layers_to_transform") && config["layers_to_transform"].is_array()) {
-    options.layers(config_value<std::vector<int64_t>>(config, "layers_to_transform", file, where));
-  }
+  targets_from_json(config, options, file, where);
   validate_from_file(options, file);
   return options;
 }
@@ -228,20 +223,7 @@ inline std::vector<std::string> lora_file_targets(
 inline void save_lora(SaveContext& c) {
   c.save_prefix = "base_model.model.";
   const auto& first = shared_lora_options<LoRAImpl>(c.methods);
-  std::vector<std::string> targets;
-  for (auto& [path, m] : c.methods) {
-    auto lora = std::dynamic_pointer_cast<LoRAImpl>(m);
-    const std::string hub = c.hub_path(path);
-    targets.push_back(hub);
-    const std::string stem = c.save_prefix + hub;
-    if (lora->on_embedding()) {
-      c.tensors.emplace_back(stem + ".lora_embedding_A", lora->lora_embedding_A);
-      c.tensors.emplace_back(stem + ".lora_embedding_B", lora->lora_embedding_B);
-    } else {
-      c.tensors.emplace_back(stem + ".lora_A.weight", lora->lora_A->weight);
-      c.tensors.emplace_back(stem + ".lora_B.weight", lora->lora_B->weight);
-    }
-  }
+  const auto targets = save_site_parameters(c);
   lora_config(first, c.config);
   c.config["target_modules"] = targets;
 }

@@ -649,9 +649,7 @@ inline MethodEntry propetl_entry() {
         .r(config_value_or<int64_t>(json, "r", 8, "options", w))
         .alpha(config_value_or<double>(json, "lora_alpha", 8.0, "options", w))
         .num_virtual_tokens(config_value_or<int64_t>(json, "num_virtual_tokens", 10, "options", w));
-    if (json.contains("target_modules") && json["target_modules"].is_array()) {
-      options.targets(json["target_modules"].get<std::vector<std::string>>());
-    }
+    targets_from_json(json, options, "options", "propetl");
     return peft::attach(model, options);
   };
   e.lr_rules = [](double, const nlohmann::json& json) {

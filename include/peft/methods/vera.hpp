@@ -170,12 +170,7 @@ inline VeRAOptions vera_options_from_json(const nlohmann::json& config, const st
   VeRAOptions options(config_value_or<int64_t>(config, "r", 256, file, where));
   options.d_initial(config_value_or<double>(config, "d_initial", 0.1, file, where))
       .projection_prng_key(config_value_or<int64_t>(config, "projection_prng_key", 0, file, where));
-  if (config.contains("target_modules") && config["target_modules"].is_array()) {
-    options.targets(config_value<std::vector<std::string>>(config, "target_modules", file, where));
-  }
-  if (config.contains("layers_to_transform") && config["layers_to_transform"].is_array()) {
-    options.layers(config_value<std::vector<int64_t>>(config, "layers_to_transform", file, where));
-  }
+  targets_from_json(config, options, file, where);
   validate_from_file(options, file);
   return options;
 }
@@ -183,18 +178,15 @@ inline VeRAOptions vera_options_from_json(const nlohmann::json& config, const st
 inline void save_vera(SaveContext& c) {
   c.save_prefix = "base_model.model.";
   auto first = std::dynamic_pointer_cast<VeRAImpl>(c.methods.front().second);
-  std::vector<std::string> targets;
   for (auto& [path, m] : c.methods) {
     auto v = std::dynamic_pointer_cast<VeRAImpl>(m);
     check(v->options().r() == first->options().r() && v->vera_A.is_same(first->vera_A),
           "save_adapter",
           "VeRA at \"{}\" does not share the matrices and r of \"{}\"; one file holds one pair",
           path, c.methods.front().first);
-    const std::string hub = c.hub_path(path);
-    targets.push_back(hub);
-    c.tensors.emplace_back(c.save_prefix + hub + ".vera_lambda_b", v->vera_lambda_b);
-    c.tensors.emplace_back(c.save_prefix + hub + ".vera_lambda_d", v->vera_lambda_d);
   }
+  // The lambdas per site; the shared matrices (buffers, not parameters) once.
+  const auto targets = save_site_parameters(c);
   c.tensors.emplace_back("base_model.vera_A", first->vera_A);
   c.tensors.emplace_back("base_model.vera_B", first->vera_B);
   const auto& o = first->options();

@@ -164,26 +164,10 @@ template <class... Args>
   fail("checkpoint", "{}: {}", dir.string(), fmt::format(format, std::forward<Args>(args)...));
 }
 
-// Closes a file descriptor on every path out of a function.
-class CkptFd {
- public:
-  explicit CkptFd(int fd) : fd_(fd) {}
-  CkptFd(const CkptFd&) = delete;
-  CkptFd& operator=(const CkptFd&) = delete;
-  ~CkptFd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  int get() const { return fd_; }
-  int release() { return std::exchange(fd_, -1); }
-
- private:
-  int fd_;
-};
-
 // Writes `bytes` to `path` and flushes them to disk; a checkpoint is only complete once every
 // byte is durable, or a power cut could promote a folder of empty files.
 inline void ckpt_write_file(const std::filesystem::path& path, const std::string& bytes) {
-  CkptFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666));
+  io::detail::Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666));
   if (fd.get() < 0) ckpt_fail(path, "cannot create: {}", std::strerror(errno));
   const char* p = bytes.data();
   size_t left = bytes.size();
@@ -199,7 +183,7 @@ inline void ckpt_write_file(const std::filesystem::path& path, const std::string
 }
 
 inline void ckpt_sync_dir(const std::filesystem::path& dir) {
-  CkptFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  io::detail::Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (fd.get() >= 0) ::fsync(fd.get());
 }
 
