@@ -1,6 +1,7 @@
 #include <peft/data/clue.hpp>
 #include <peft/data/glue.hpp>
 #include <peft/data/split.hpp>
+#include <peft/data/table.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -509,4 +510,68 @@ TEST_CASE("split_holdout carves the same rows on every platform, in file order",
   CHECK_THROWS_WITH(peft::data::holdout_size(10, 1.0), Catch::Contains("(0, 1)"));
   CHECK_THROWS_WITH(peft::data::split_holdout(rows, 20),
                     Catch::Contains("holdout of 20 examples needs more than 20"));
+}
+
+TEST_CASE("A user's CSV/TSV table: quoted fields, label order, pairs, regression", "[data]") {
+  TempDir dir("table");
+  const auto csv = dir.write("train.csv",
+                             "id,text,label\n1,\"good, really\",pos\n2,\"say \"\"hi\"\"\",neg\n\n"
+                             "3,plain,pos\r\n");
+  const auto table = peft::data::read_table(csv);
+  REQUIRE(table.examples.size() == 3);
+  CHECK(table.labels == std::vector<std::string>{"pos", "neg"});
+  CHECK(table.num_labels() == 2);
+  CHECK(table.examples[0].text_a == "good, really");
+  CHECK(table.examples[1].text_a == "say \"hi\"");
+  CHECK(table.examples[1].label == 1.0f);
+  CHECK(table.examples[2].label == 0.0f);
+  CHECK(table.examples[2].line == 5);
+  CHECK(!table.is_pair);
+
+  // A fixed label order (the training file's) maps the dev file the same way.
+  const auto dev = dir.write("dev.csv", "text,label\nfine,neg\nok,pos\n");
+  const auto mapped =
+      peft::data::read_table(dev, peft::data::TableOptions().labels({"pos", "neg"}));
+  CHECK(mapped.examples[0].label == 1.0f);
+
+  const auto tsv = dir.write("pairs.tsv", "a\tb\tscore\nx \"y\tz\t0.5\n");
+  const auto pairs = peft::data::read_table(tsv, peft::data::TableOptions()
+                                                     .text_column("a")
+                                                     .text_b_column("b")
+                                                     .label_column("score")
+                                                     .regression(true));
+  CHECK(pairs.is_pair);
+  CHECK(pairs.num_labels() == 1);
+  CHECK(pairs.examples[0].text_a == "x \"y");  // TSV: quotes are text
+  CHECK(pairs.examples[0].text_b == std::optional<std::string>("z"));
+  CHECK(pairs.examples[0].label == 0.5f);
+}
+
+TEST_CASE("A user's table: errors name the file and the 1-based line", "[data]") {
+  TempDir dir("table_errors");
+  const auto where = [&](const std::string& name) { return (dir.path / name).string(); };
+  const auto read = [&](const std::string& name, peft::data::TableOptions o = {}) {
+    return message_of([&] { peft::data::read_table(dir.path / name, o); });
+  };
+  dir.write("fields.csv", "text,label\ngood,pos\nbad,neg,extra\n");
+  CHECK(read("fields.csv") ==
+        "[peft::data] " + where("fields.csv") + ":3: 3 fields, but the header has 2");
+  dir.write("quote.csv", "text,label\n\"open,pos\n");
+  CHECK(read("quote.csv") ==
+        "[peft::data] " + where("quote.csv") + ":2: a quoted field is not closed on this line");
+  dir.write("column.csv", "sentence,label\ngood,pos\n");
+  CHECK(read("column.csv") == "[peft::data] " + where("column.csv") +
+                                  ":1: no column \"text\" in the header (sentence, label)");
+  dir.write("unknown.csv", "text,label\ngood,pos\nbad,meh\n");
+  CHECK(read("unknown.csv", peft::data::TableOptions().labels({"pos", "neg"})) ==
+        "[peft::data] " + where("unknown.csv") + ":3: label \"meh\" is not one of pos, neg");
+  dir.write("score.csv", "text,label\ngood,0.5x\n");
+  CHECK(read("score.csv", peft::data::TableOptions().regression(true)) ==
+        "[peft::data] " + where("score.csv") + ":2: label \"0.5x\" is not a number");
+  dir.write("one.csv", "text,label\ngood,pos\nfine,pos\n");
+  CHECK_THAT(read("one.csv"), Catch::Contains("only one class"));
+  dir.write("empty_text.csv", "text,label\n,pos\n");
+  CHECK(read("empty_text.csv") ==
+        "[peft::data] " + where("empty_text.csv") + ":2: the text is empty");
+  CHECK_THAT(read("absent.csv"), Catch::Contains("no such file"));
 }

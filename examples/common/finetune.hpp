@@ -15,6 +15,7 @@
 #include <peft/models/heads.hpp>
 #include <peft/models/ladder_heads.hpp>
 #include <peft/models/recipes.hpp>
+#include <peft/tasks/text_classifier.hpp>
 #include "model_path.hpp"
 #include <peft/data/split.hpp>
 
@@ -48,17 +49,8 @@ namespace finetune {
 
 namespace fs = std::filesystem;
 
-/// Tokenised, padded inputs of a few examples and their labels (int64 classes, or float scores
-/// for regression).
-struct Batch {
-  torch::Tensor input_ids, token_type_ids, attention_mask, labels;
-
-  /// The same batch on `device` (the trainer moves batches with this).
-  Batch to(const torch::Device& device) const {
-    return {input_ids.to(device), token_type_ids.to(device), attention_mask.to(device),
-            labels.to(device)};
-  }
-};
+/// Tokenised, padded inputs of a few examples and their labels (the library's TextBatch).
+using Batch = peft::TextBatch;
 
 /// The model a run trains, whichever class it is: its root module (what is counted, optimised,
 /// checkpointed and saved) and its forward pass from a batch to logits.
@@ -188,10 +180,12 @@ inline std::string join(const std::vector<std::string>& items) {
 /// The examples in an order fixed by the seed, so that batches mix classes even when a file is
 /// sorted by label; mt19937_64's output is fixed by the standard, unlike std::shuffle's.
 inline void shuffle(std::vector<peft::data::Example>& examples, int64_t seed) {
-  std::mt19937_64 rng(static_cast<uint64_t>(seed));
-  for (size_t i = examples.size(); i > 1; --i) {
-    std::swap(examples[i - 1], examples[rng() % i]);
+  std::vector<peft::data::Example> out;
+  out.reserve(examples.size());
+  for (auto i : peft::data::shuffled_order(examples.size(), static_cast<uint64_t>(seed))) {
+    out.push_back(std::move(examples[i]));
   }
+  examples = std::move(out);
 }
 
 /// Tokenises every example once, in chunks of `batch_size` padded to their longest encoding.
@@ -199,24 +193,8 @@ inline std::vector<Batch> make_batches(const std::vector<peft::data::Example>& e
                                        const peft::text::WordPieceTokenizer& tokenizer,
                                        const peft::data::TaskInfo& task, int64_t batch_size,
                                        int64_t max_len) {
-  const auto encode = peft::text::EncodeOptions().max_length(max_len);
-  std::vector<Batch> batches;
-  for (size_t start = 0; start < examples.size(); start += static_cast<size_t>(batch_size)) {
-    const size_t end = std::min(examples.size(), start + static_cast<size_t>(batch_size));
-    std::vector<std::string> a, b;
-    std::vector<float> labels;
-    for (size_t i = start; i < end; ++i) {
-      a.push_back(examples[i].text_a);
-      if (task.is_pair) b.push_back(examples[i].text_b.value_or(""));
-      labels.push_back(examples[i].label);
-    }
-    auto enc =
-        task.is_pair ? tokenizer.encode_batch(a, b, encode) : tokenizer.encode_batch(a, encode);
-    auto y = torch::tensor(labels, torch::kFloat);
-    if (!task.is_regression()) y = y.to(torch::kLong);
-    batches.push_back({enc.input_ids, enc.token_type_ids, enc.attention_mask, y});
-  }
-  return batches;
+  return peft::make_text_batches(examples, tokenizer, batch_size, max_len, task.is_pair,
+                                 task.is_regression());
 }
 
 /// Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB).

@@ -42,6 +42,7 @@
 #include <peft/io/adapter_format.hpp>
 #include <peft/data/example.hpp>
 #include <peft/data/split.hpp>
+#include <peft/data/table.hpp>
 #include <peft/data/glue.hpp>
 #include <peft/data/clue.hpp>
 #include <peft/train/metrics.hpp>
@@ -52,3 +53,4 @@
 #include <peft/train/trainer.hpp>
 #include <peft/text/unicode.hpp>
 #include <peft/text/wordpiece.hpp>
+#include <peft/tasks/text_classifier.hpp>

@@ -29,6 +29,16 @@ inline std::size_t holdout_size(std::size_t rows, double fraction, std::size_t c
   return rows == 0 ? 0 : std::clamp<std::size_t>(n, 1, rows - 1);
 }
 
+/// 0 .. n-1 in the order a Fisher-Yates shuffle driven by mt19937_64 from `seed` gives them (the
+/// standard fixes mt19937_64's output, unlike std::shuffle's, so every platform agrees).
+inline std::vector<std::size_t> shuffled_order(std::size_t n, uint64_t seed) {
+  std::vector<std::size_t> order(n);
+  for (std::size_t i = 0; i < n; ++i) order[i] = i;
+  std::mt19937_64 rng(seed);
+  for (std::size_t i = n; i > 1; --i) std::swap(order[i - 1], order[rng() % i]);
+  return order;
+}
+
 /// Splits `examples` into {train, holdout}: `count` examples drawn without replacement by a
 /// Fisher-Yates shuffle driven by mt19937_64 from `seed` (whose output the standard fixes, so every
 /// platform carves the same rows), the rest kept in file order. The holdout is returned in file
@@ -40,10 +50,7 @@ inline std::pair<std::vector<Example>, std::vector<Example>> split_holdout(
     const std::vector<Example>& examples, std::size_t count, uint64_t seed = 0) {
   check(count > 0 && count < examples.size(), "data",
         "a holdout of {} examples needs more than {} examples in the file", count, examples.size());
-  std::vector<std::size_t> order(examples.size());
-  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::mt19937_64 rng(seed);
-  for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng() % i]);
+  const auto order = shuffled_order(examples.size(), seed);
   std::vector<bool> held(examples.size(), false);
   for (std::size_t i = 0; i < count; ++i) held[order[i]] = true;
   std::pair<std::vector<Example>, std::vector<Example>> out;
