@@ -521,8 +521,8 @@ inline int run(const Benchmark& bench, const Options& o) {
          "--train-pooler does not apply to --pooling mean (the classifier reads the mean of the "
          "token states; BERT's pooler is not used)");
   }
-  if (o.lora_plus_ratio > 0 && o.method != "lora") {
-    fail(bench.program, "--lora-plus-ratio applies to --method lora, not {}", o.method);
+  if (o.lora_plus_ratio > 0 && o.method != "lora" && o.method != "dora") {
+    fail(bench.program, "--lora-plus-ratio applies to --method lora or dora, not {}", o.method);
   }
   torch::Device device(torch::kCPU);
   if (o.device != "cpu") {
@@ -669,10 +669,16 @@ inline int run(const Benchmark& bench, const Options& o) {
                      .output_dir(o.output)
                      .progress_stream(&std::cout);
   if (o.head_lr > 0) options.lr_for("classifier", o.head_lr);
-  // LoRA+ (Hayou et al., 2024): B at a higher rate than A.
-  if (o.lora_plus_ratio > 0) options.lr_for("lora_B", lr * o.lora_plus_ratio);
-  // ProPETL's masks learn through their scores (mask_scores_<weight>) at their own rate.
-  if (o.method == "propetl") options.lr_for("mask_scores", o.propetl_mask_lr);
+  // The method's own rates, from its registry entry: LoRA+'s B matrices (lora, dora), ProPETL's
+  // mask scores.
+  if (o.method != "full") {
+    auto settings = method_options(o);
+    if (o.lora_plus_ratio > 0) settings["loraplus_lr_ratio"] = o.lora_plus_ratio;
+    if (o.method == "propetl") settings["mask_lr"] = o.propetl_mask_lr;
+    if (const auto rules = peft::method_entry(o.method).lr_rules) {
+      for (const auto& [pattern, rate] : rules(lr, settings)) options.lr_for(pattern, rate);
+    }
+  }
   peft::Trainer<Batch> trainer(model.root, loss_fn, options);
   // What the optimizer really holds: a line per parameter group.
   for (const auto& group : trainer.optimizer().param_groups()) {
