@@ -129,8 +129,12 @@ class Progress {
     std::string text;
     if (bar) {
       const double frac = total_ > 0 ? std::min(1.0, static_cast<double>(step) / total_) : 0.0;
-      const int filled = static_cast<int>(frac * options_.bar_width);
-      text += "[" + std::string(filled, '#') + std::string(options_.bar_width - filled, '.') + "] ";
+      const int width = std::max(0, static_cast<int>(options_.bar_width));
+      const int filled = std::clamp(static_cast<int>(frac * width), 0, width);
+      text += '[';
+      text.append(static_cast<size_t>(filled), '#');
+      text.append(static_cast<size_t>(width - filled), '.');
+      text += "] ";
     }
     text += fmt::format("step {}/{}", step, total_);
     for (const auto& [name, value] : values) {

@@ -1,0 +1,429 @@
+// Checkpoints: exact resume, the NaN policy's saves, early stopping, refusing mismatches, failed
+// saves.
+
+#include <peft/train/checkpoint.hpp>
+#include <peft/train/precision.hpp>
+#include <peft/train/progress.hpp>
+#include <peft/train/schedule.hpp>
+#include <peft/train/trainer.hpp>
+
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "train_helpers.hpp"
+
+using Catch::Matchers::Contains;
+using namespace train_testing;
+
+TEST_CASE("a resumed run ends bit-identical to an uninterrupted one", "[trainer][checkpoint]") {
+  const auto batches = make_batches(10);
+  torch::manual_seed(99);
+  const Batch dev{torch::randn({8, 6}), torch::randint(0, 3, {8})};
+  std::ostringstream sink;
+  auto options = [&](const fs::path& dir) {
+    return peft::TrainerOptions()
+        .epochs(3)
+        .lr(1e-2)
+        .weight_decay(0.01)
+        .grad_accumulation(2)
+        .warmup_ratio(0.2)
+        .schedule(peft::Schedule::cosine)
+        .grad_clip(0.5)
+        .eval_every(4)
+        .save_every(3)
+        .log_every(2)
+        .seed(7)
+        .metric("loss")
+        .greater_is_better(false)
+        .output_dir(dir)
+        .progress_stream(&sink);
+  };
+  auto eval_of = [&](Net& net) {
+    return [&net, &dev]() -> std::map<std::string, double> {
+      return {{"loss", loss_of(net, dev).item<double>()}};
+    };
+  };
+
+  TempDir a_dir, b_dir;
+  auto a = make_net();
+  const auto initial = snapshot(*a);
+  peft::TrainResult a_result;
+  {
+    peft::Trainer<Batch> trainer(
+        a, [&](const Batch& b) { return loss_of(a, b); }, options(a_dir.path));
+    trainer.evaluate_with(eval_of(a));
+    a_result = trainer.fit(batches);
+  }
+  CHECK(a_result.steps == 15);  // 3 epochs of ceil(10 / 2) steps
+
+  {
+    auto b = make_net();
+    int calls = 0;
+    peft::Trainer<Batch> trainer(
+        b,
+        [&](const Batch& batch) {
+          // Batches 17 and 18 make step 9; crash in the middle of its accumulation.
+          if (++calls == 18) throw Crash();
+          return loss_of(b, batch);
+        },
+        options(b_dir.path));
+    trainer.evaluate_with(eval_of(b));
+    CHECK_THROWS_AS(trainer.fit(batches), Crash);
+  }
+  // The latest checkpoint is from step 6 (saved every 3; the epoch-end one at 5 was pruned to
+  // keep two), and nothing of the interrupted step is on disk.
+  auto latest = peft::latest_checkpoint(b_dir.path);
+  REQUIRE(latest);
+  CHECK(latest->filename() == "checkpoint-6");
+  CHECK(fs::exists(b_dir.path / "checkpoint-5"));
+  CHECK_FALSE(fs::exists(b_dir.path / "checkpoint-3"));
+
+  TempDir kept;
+  fs::copy(b_dir.path / "checkpoint-6", kept.path / "checkpoint-6");
+
+  // A different process would start with a different generator state.
+  torch::manual_seed(2024);
+  auto c = make_net();
+  {
+    peft::Trainer<Batch> trainer(
+        c, [&](const Batch& b) { return loss_of(c, b); }, options(b_dir.path));
+    trainer.evaluate_with(eval_of(c));
+    REQUIRE(trainer.resume());
+    CHECK(trainer.state().global_step == 6);
+    CHECK(trainer.state().epoch == 1);
+    CHECK(trainer.state().batch_in_epoch == 2);
+    const auto c_result = trainer.fit(batches);
+    CHECK(c_result.steps == 15);
+    CHECK(c_result.best_step == a_result.best_step);
+    REQUIRE(c_result.best_metric);
+    CHECK(*c_result.best_metric == *a_result.best_metric);
+  }
+  for (const auto& [name, p] : peft::named_trainable_parameters(*a)) {
+    INFO(name);
+    CHECK(torch::equal(p, c->named_parameters()[name]));
+    CHECK_FALSE(torch::equal(p, initial.at(name)));
+  }
+  CHECK(torch::equal(a->body->weight, initial.at("body.weight")));
+
+  // Without the generator state the dropout masks differ, and so do the parameters: the
+  // equality above is not an accident of a model that ignores randomness.
+  TempDir d_dir;
+  auto d = make_net();
+  {
+    peft::Trainer<Batch> trainer(
+        d, [&](const Batch& b) { return loss_of(d, b); }, options(d_dir.path));
+    trainer.evaluate_with(eval_of(d));
+    trainer.resume_from(kept.path / "checkpoint-6");
+    torch::manual_seed(5);  // what a resume that forgot the generator would amount to
+    trainer.fit(batches);
+  }
+  CHECK_FALSE(torch::equal(a->hidden->weight, d->hidden->weight));
+
+  // The metrics log is JSON lines.
+  const auto records = read_json_lines(a_dir.path / "metrics.jsonl");
+  int train = 0, eval = 0;
+  for (const auto& r : records) {
+    train += r.at("type") == "train";
+    eval += r.at("type") == "eval";
+  }
+  CHECK(train == 7);  // every 2 of 15 steps
+  CHECK(eval == 6);   // steps 4, 8, 12 and the epoch ends 5, 10, 15
+}
+
+TEST_CASE("NaN loss: stop saves the last good state and names the step, skip skips",
+          "[trainer][checkpoint]") {
+  const auto batches = make_batches(6);
+  std::ostringstream sink;
+  TempDir dir;
+  auto base =
+      peft::TrainerOptions().epochs(2).lr(1e-2).seed(3).output_dir(dir.path).progress_stream(&sink);
+
+  SECTION("stop") {
+    auto net = make_net();
+    int calls = 0;
+    peft::Trainer<Batch> trainer(
+        net,
+        [&](const Batch& b) {
+          auto loss = loss_of(net, b);
+          return ++calls == 9 ? loss * std::numeric_limits<double>::quiet_NaN() : loss;
+        },
+        base);
+    std::string message;
+    try {
+      trainer.fit(batches);
+    } catch (const peft::Error& e) {
+      message = e.what();
+    }
+    CHECK_THAT(message, Contains("[peft::trainer] step 9 (epoch 1, batch 2)"));
+    CHECK_THAT(message, Contains("the loss is nan"));
+    CHECK_THAT(message, Contains("checkpoint-8"));
+    const auto after = snapshot(*net);
+    auto latest = peft::latest_checkpoint(dir.path);
+    REQUIRE(latest);
+    CHECK(latest->filename() == "checkpoint-8");  // written by the stop, not by a schedule
+    auto fresh = make_net(77);
+    torch::optim::AdamW opt(peft::trainable_parameters(*fresh));
+    const auto state = peft::load_checkpoint(*latest, *fresh, &opt);
+    CHECK(state.global_step == 8);
+    CHECK(state.epoch == 1);
+    CHECK(state.batch_in_epoch == 2);
+    for (const auto& [name, p] : peft::named_trainable_parameters(*fresh)) {
+      INFO(name);
+      CHECK(torch::equal(p, after.at(name)));
+    }
+  }
+
+  SECTION("skip") {
+    auto net = make_net();
+    int calls = 0;
+    peft::Trainer<Batch> trainer(
+        net,
+        [&](const Batch& b) {
+          auto loss = loss_of(net, b);
+          return ++calls == 4 ? loss * std::numeric_limits<double>::infinity() : loss;
+        },
+        peft::TrainerOptions(base).nan_policy(peft::NanPolicy::skip));
+    const auto result = trainer.fit(batches);
+    CHECK(result.steps == 12);
+    CHECK(result.skipped_steps == 1);
+    for (const auto& p : net->parameters()) CHECK(torch::isfinite(p).all().item<bool>());
+    int skips = 0;
+    for (const auto& r : read_json_lines(dir.path / "metrics.jsonl")) {
+      if (r.at("type") == "skip") {
+        ++skips;
+        CHECK(r.at("step") == 4);
+      }
+    }
+    CHECK(skips == 1);
+  }
+
+  SECTION("skip never updates: an always-NaN run leaves every parameter as it was") {
+    auto net = make_net();
+    const auto before = snapshot(*net);
+    peft::Trainer<Batch> trainer(
+        net, [&](const Batch& b) { return loss_of(net, b) * std::nan(""); },
+        peft::TrainerOptions(base).nan_policy(peft::NanPolicy::skip).weight_decay(0.5));
+    const auto result = trainer.fit(batches);
+    CHECK(result.skipped_steps == 12);
+    CHECK(same_as(*net, before));
+  }
+}
+
+TEST_CASE("early stopping keeps the best checkpoint", "[trainer][checkpoint]") {
+  const auto batches = make_batches(4);
+  TempDir dir;
+  std::ostringstream sink;
+  auto net = make_net();
+  const std::vector<double> scores = {0.5, 0.6, 0.55, 0.58, 0.9};
+  size_t evals = 0;
+  std::map<std::string, torch::Tensor> at_best;
+  peft::Trainer<Batch> trainer(
+      net, [&](const Batch& b) { return loss_of(net, b); },
+      peft::TrainerOptions()
+          .epochs(5)
+          .eval_every(1)
+          .metric("accuracy")
+          .patience(2)
+          .output_dir(dir.path)
+          .progress_stream(&sink));
+  trainer.evaluate_with([&]() -> std::map<std::string, double> {
+    const double s = scores.at(evals++);
+    if (evals == 2) at_best = snapshot(*net);
+    return {{"accuracy", s}};
+  });
+  const auto result = trainer.fit(batches);
+  CHECK(result.stopped_early);
+  CHECK(result.steps == 4);  // no improvement at steps 3 and 4
+  CHECK(result.best_step == 2);
+  REQUIRE(result.best_metric);
+  CHECK(*result.best_metric == 0.6);
+  REQUIRE(result.best_checkpoint == dir.path / "best");
+  CHECK(peft::read_checkpoint_state(result.best_checkpoint).global_step == 2);
+  auto fresh = make_net(5);
+  peft::load_checkpoint(result.best_checkpoint, *fresh, nullptr, /*restore_rng=*/false);
+  for (const auto& [name, p] : peft::named_trainable_parameters(*fresh)) {
+    CHECK(torch::equal(p, at_best.at(name)));
+  }
+  CHECK_THAT(sink.str(), Contains("early stop at step 4"));
+}
+
+TEST_CASE("checkpoint loading refuses mismatches and changes nothing", "[checkpoint]") {
+  TempDir dir;
+  const auto ck = dir.path / "ck";
+  auto net = make_net();
+  torch::optim::AdamW opt(peft::trainable_parameters(*net));
+  loss_of(net, {torch::randn({2, 6}), torch::tensor({1, 2}, torch::kLong)}).backward();
+  opt.step();
+  peft::TrainingState state;
+  state.global_step = 12;
+  state.last_metrics = {{"pearson", std::numeric_limits<double>::quiet_NaN()}, {"f1", 0.75}};
+  state.scheduler = {12, {1e-3}};
+  peft::save_checkpoint(ck, *net, &opt, state);
+
+  const auto back = peft::read_checkpoint_state(ck);
+  CHECK(back.global_step == 12);
+  CHECK(back.last_metrics.at("f1") == 0.75);
+  CHECK(std::isnan(back.last_metrics.at("pearson")));
+  CHECK(back.scheduler.base_lrs == std::vector<double>{1e-3});
+
+  // Models to load into, each with an optimizer that has taken a step, and a generator
+  // somewhere else. None of them may change.
+  auto other = make_net(9, /*classes=*/4);  // a wider head
+  auto match = make_net(10);                // fits the checkpoint
+  auto extra = make_net(11);                // one trainable parameter more
+  extra->register_parameter("scale", torch::ones({1, 12}));
+  torch::optim::AdamW other_opt(peft::trainable_parameters(*other));
+  torch::optim::AdamW match_opt(peft::trainable_parameters(*match));
+  for (auto* pair : {&other, &match}) {
+    loss_of(*pair, {torch::randn({2, 6}), torch::tensor({0, 2}, torch::kLong)}).backward();
+  }
+  other_opt.step();
+  match_opt.step();
+  auto grouped = peft::make_adamw(*match, peft::ParamGroupOptions().lr_for("head", 1e-2));
+  auto adam_state = [](auto& o, const torch::Tensor& p) -> torch::optim::AdamWParamState& {
+    // LibTorch 1.13 keys the state by the address as a string, 2.x by the address itself.
+    using Key = typename std::decay_t<decltype(o.state())>::key_type;
+    Key key;
+    if constexpr (std::is_same_v<Key, std::string>) {
+      std::ostringstream address;
+      address << static_cast<const void*>(p.unsafeGetTensorImpl());
+      key = address.str();
+    } else {
+      key = p.unsafeGetTensorImpl();
+    }
+    return static_cast<torch::optim::AdamWParamState&>(*o.state().at(key));
+  };
+  // Everything an AdamW step reads, in parameter order: each group's lr, each parameter's step
+  // and moments. (Not the serialized bytes: LibTorch writes the state in its hash map's order,
+  // which depends on the tensors' addresses and on the order entries were put back in.)
+  auto optimizer_state = [&](torch::optim::AdamW& o) {
+    std::vector<torch::Tensor> out;
+    for (auto& group : o.param_groups()) {
+      const double lr = static_cast<torch::optim::AdamWOptions&>(group.options()).lr();
+      out.push_back(torch::tensor(lr, torch::kDouble));
+      for (const auto& p : group.params()) {
+        auto& st = adam_state(o, p);
+        out.push_back(torch::tensor(st.step(), torch::kLong));
+        out.push_back(st.exp_avg().clone());
+        out.push_back(st.exp_avg_sq().clone());
+      }
+    }
+    return out;
+  };
+  auto same_state = [](const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (!torch::equal(a[i], b[i])) return false;
+    }
+    return true;
+  };
+  const auto other_before = snapshot(*other);
+  const auto match_before = snapshot(*match);
+  const auto extra_before = snapshot(*extra);
+  const auto other_opt_before = optimizer_state(other_opt);
+  const auto match_opt_before = optimizer_state(match_opt);
+  const auto rng_before = at::detail::getDefaultCPUGenerator().get_state();
+
+  SECTION("shape") {
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *other, &other_opt),
+                      Contains("parameter \"head.weight\": the model expects shape [4, 12], the "
+                               "checkpoint has [3, 12]"));
+  }
+  SECTION("a name the model lacks") {
+    peft::freeze(*other->head);
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *other, nullptr),
+                      Contains("holds \"head.weight\" (shape [3, 12]), which is not a trainable "
+                               "parameter"));
+  }
+  SECTION("a name the checkpoint lacks") {
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *extra, nullptr),
+                      Contains("trainable parameter \"scale\" (shape [1, 12]) is missing"));
+  }
+  SECTION("an optimizer of another shape") {
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *match, grouped.get()),
+                      Contains("parameter groups of sizes [4, 2], the checkpoint [6]"));
+  }
+  SECTION("a damaged optimizer.pt is undone") {
+    {
+      std::ofstream damaged(ck / "optimizer.pt", std::ios::binary | std::ios::trunc);
+      damaged << "PK not really a zip archive";
+    }
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *match, &match_opt),
+                      Contains("optimizer.pt does not fit the optimizer"));
+  }
+  SECTION("a fitting checkpoint loads (the control)") {
+    peft::load_checkpoint(ck, *match, &match_opt, /*restore_rng=*/false);
+    for (const auto& [name, p] : peft::named_trainable_parameters(*match)) {
+      CHECK(torch::equal(p, net->named_parameters()[name]));
+    }
+    for (const auto& [name, p] : peft::named_trainable_parameters(*match)) {
+      CHECK(torch::equal(adam_state(match_opt, p).exp_avg(),
+                         adam_state(opt, net->named_parameters()[name]).exp_avg()));
+    }
+    CHECK_FALSE(same_state(optimizer_state(match_opt), match_opt_before));  // it did change
+    return;
+  }
+  CHECK(same_as(*other, other_before));
+  CHECK(same_as(*match, match_before));
+  CHECK(same_as(*extra, extra_before));
+  const bool other_opt_same = same_state(optimizer_state(other_opt), other_opt_before);
+  const bool match_opt_same = same_state(optimizer_state(match_opt), match_opt_before);
+  CHECK(other_opt_same);
+  CHECK(match_opt_same);
+  CHECK(torch::equal(at::detail::getDefaultCPUGenerator().get_state(), rng_before));
+}
+
+TEST_CASE("a failed save leaves the previous checkpoint whole", "[checkpoint]") {
+  TempDir dir;
+  const auto ck = dir.path / "ck";
+  auto net = make_net();
+  const auto saved = snapshot(*net);
+  peft::TrainingState state;
+  state.global_step = 3;
+  peft::save_checkpoint(ck, *net, nullptr, state);
+
+  // safetensors cannot store complex numbers: the second save fails after its folder was begun.
+  struct ComplexImpl : torch::nn::Module {
+    ComplexImpl() { register_parameter("z", torch::ones({2}, torch::kComplexFloat)); }
+  };
+  ComplexImpl complex;
+  state.global_step = 4;
+  CHECK_THROWS_WITH(peft::save_checkpoint(ck, complex, nullptr, state),
+                    Contains("cannot be stored"));
+  for (const auto& entry : fs::directory_iterator(dir.path)) {
+    CHECK(entry.path().filename() == "ck");
+  }
+  CHECK(peft::read_checkpoint_state(ck).global_step == 3);
+  auto fresh = make_net(8);
+  peft::load_checkpoint(ck, *fresh, nullptr, false);
+  for (const auto& [name, p] : peft::named_trainable_parameters(*fresh)) {
+    CHECK(torch::equal(p, saved.at(name)));
+  }
+
+  // A successful save replaces it.
+  state.global_step = 5;
+  {
+    torch::NoGradGuard no_grad;
+    net->head->bias.fill_(0.25);
+  }
+  peft::save_checkpoint(ck, *net, nullptr, state);
+  CHECK(peft::read_checkpoint_state(ck).global_step == 5);
+  peft::load_checkpoint(ck, *fresh, nullptr, false);
+  CHECK(torch::equal(fresh->head->bias, torch::full({3}, 0.25)));
+  CHECK(std::distance(fs::directory_iterator(dir.path), fs::directory_iterator()) == 1);
+
+  CHECK_THROWS_WITH(peft::load_checkpoint(dir.path / "missing", *fresh, nullptr),
+                    Contains("no manifest.json"));
+}
