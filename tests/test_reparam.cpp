@@ -159,7 +159,8 @@ TEST_CASE("VeRA: one shared pair of frozen matrices, lambda_b * B (lambda_d * A 
   for (auto& v : vera) CHECK(v->vera_A.is_same(vera[0]->vera_A));
   CHECK(!vera[0]->vera_A.requires_grad());
   CHECK(peft::count_parameters(*model).trainable == kLayers * (kDim + 4 + kFF + 4));
-  // Drawn as Hugging Face PEFT draws them: kaiming-uniform A then B from one seeded generator.
+  // Kaiming-uniform A then B from one seeded CPU generator (that this equals PEFT's own draw
+  // is checked against Python in tests/python/adapter_parity.py).
   auto generator = at::make_generator<at::CPUGeneratorImpl>(0);
   auto a =
       torch::empty({4, kDim}).uniform_(-std::sqrt(6.0 / kDim), std::sqrt(6.0 / kDim), generator);

@@ -92,6 +92,19 @@ def main():
             ours = load_file(out)["logits"]
             ref_model = peft.PeftModel.from_pretrained(base(), adapter)
             compare(f"C++ {method} loaded by PEFT", ours, logits_of(ref_model))
+            if method == "vera":
+                # peft draws VeRA's shared matrices as PEFT does from projection_prng_key 0: a
+                # fresh PEFT model with the same sites must hold the very same values.
+                fresh = peft.get_peft_model(base(), peft.VeraConfig(
+                    task_type=peft.TaskType.SEQ_CLS, r=8, projection_prng_key=0,
+                    target_modules=["query", "intermediate.dense"]))
+                saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+                for name in ("vera_A", "vera_B"):
+                    same = torch.equal(getattr(fresh.base_model, name)["default"],
+                                       saved["base_model." + name])
+                    print(f"parity: VeRA {name} drawn like PEFT's: {'equal' if same else 'DIFFERENT'}")
+                    if not same:
+                        failed.append(f"VeRA {name} draw")
 
         # (b) Python -> C++
         configs = {

@@ -194,7 +194,7 @@ inline MethodEntry dora_entry() {
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return peft::attach(model, dora_from_lora(lora_options_from_json(json, "options", "dora")));
   };
-  e.lr_rules = find_method("lora") ? find_method("lora")->lr_rules : nullptr;
+  e.lr_rules = lora_entry().lr_rules;  // LoRA+ for the B matrices, as in LoRA
   // Of the LORA files, those with use_dora true.
   e.format = AdapterFormat{"LORA", true, save_dora, load_dora, [](const nlohmann::json& config) {
                              auto it = config.find("use_dora");
