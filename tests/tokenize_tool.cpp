@@ -1,12 +1,14 @@
-// Encodes requests read as JSON lines with peft's WordPiece tokenizer, for the Python parity check
-// (tests/python/tokenizer_parity.py). Usage: peft_tokenize <model folder> < requests.jsonl
+// Encodes requests read as JSON lines with the tokenizer of a model folder (WordPiece or Unigram,
+// chosen by peft::text::load_tokenizer), for the Python parity checks
+// (tests/python/tokenizer_parity.py, tests/python/unigram_parity.py). Usage: peft_tokenize <model
+// folder> < requests.jsonl
 //
 // Request: {"a": "text"} or {"a": "text", "b": "pair", "max_length": 16}, or for a padded batch
 // {"batch": ["t1", "t2"], "pairs": ["p1", "p2"], "max_length": 16} ("pairs" optional).
 // Reply, one line each: {"input_ids": [...], "token_type_ids": [...], "attention_mask": [...],
 // "tokens": [...], "decode": "..."} (batch: nested lists), or {"error": "message"}.
 
-#include <peft/text/wordpiece.hpp>
+#include <peft/text/load.hpp>
 
 #include <iostream>
 #include <string>
@@ -26,7 +28,7 @@ std::vector<std::vector<int64_t>> rows(const torch::Tensor& t) {
   return out;
 }
 
-nlohmann::json handle(const peft::text::WordPieceTokenizer& tok, const nlohmann::json& request) {
+nlohmann::json handle(const peft::text::Tokenizer& tok, const nlohmann::json& request) {
   peft::text::EncodeOptions options;
   if (request.contains("max_length")) options.max_length(request["max_length"].get<int64_t>());
   if (request.contains("batch")) {
@@ -57,7 +59,8 @@ int main(int argc, char* argv[]) {
     return 2;
   }
   try {
-    auto tok = peft::text::WordPieceTokenizer::from_pretrained(argv[1]);
+    auto tok_ptr = peft::text::load_tokenizer(argv[1]);
+    const auto& tok = *tok_ptr;
     std::string line;
     while (std::getline(std::cin, line)) {
       nlohmann::json reply;

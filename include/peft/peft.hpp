@@ -51,6 +51,9 @@
 #include <peft/train/checkpoint.hpp>
 #include <peft/train/progress.hpp>
 #include <peft/train/trainer.hpp>
+#include <peft/text/load.hpp>
+#include <peft/text/tokenizer.hpp>
 #include <peft/text/unicode.hpp>
+#include <peft/text/unigram.hpp>
 #include <peft/text/wordpiece.hpp>
 #include <peft/tasks/text_classifier.hpp>

@@ -37,7 +37,7 @@
 #include <peft/io/adapter_format.hpp>
 #include <peft/io/safetensors.hpp>
 #include <peft/models/heads.hpp>
-#include <peft/text/wordpiece.hpp>
+#include <peft/text/load.hpp>
 #include <peft/train/metrics.hpp>
 #include <peft/train/trainer.hpp>
 
@@ -58,7 +58,7 @@ struct TextBatch {
 /// Tokenises `examples` once, in their order, in chunks of `batch_size` padded to the longest
 /// encoding of the chunk (at most `max_len` tokens); sentence pairs when `pair`.
 inline std::vector<TextBatch> make_text_batches(const std::vector<data::Example>& examples,
-                                                const text::WordPieceTokenizer& tokenizer,
+                                                const text::Tokenizer& tokenizer,
                                                 int64_t batch_size, int64_t max_len, bool pair,
                                                 bool regression) {
   check(batch_size > 0, "batching", "batch_size must be positive, got {}", batch_size);
@@ -120,7 +120,7 @@ class TextClassifier {
   TextClassifier(const std::filesystem::path& model_folder, int64_t num_labels,
                  TextClassifierOptions options = {})
       : options_(std::move(options)),
-        tokenizer_(text::WordPieceTokenizer::from_pretrained(model_folder)),
+        tokenizer_(text::load_tokenizer(model_folder)),
         model_(models::BertForSequenceClassification::from_pretrained(
             model_folder, num_labels, models::pooling_from_string(options_.pooling()))) {
     const bool full = options_.method() == "full";
@@ -228,19 +228,19 @@ class TextClassifier {
   }
 
   models::BertForSequenceClassification& model() { return model_; }
-  const text::WordPieceTokenizer& tokenizer() const { return tokenizer_; }
+  const text::Tokenizer& tokenizer() const { return *tokenizer_; }
   /// Where the method was attached (empty for "full").
   const std::vector<std::string>& sites() const { return sites_; }
 
  private:
   std::vector<TextBatch> batch(const std::vector<data::Example>& examples, int64_t size) const {
     const bool pair = !examples.empty() && examples.front().text_b.has_value();
-    return make_text_batches(examples, tokenizer_, size, options_.max_len(), pair,
+    return make_text_batches(examples, *tokenizer_, size, options_.max_len(), pair,
                              model_->num_labels() == 1);
   }
 
   TextClassifierOptions options_;
-  text::WordPieceTokenizer tokenizer_;
+  std::shared_ptr<const text::Tokenizer> tokenizer_;
   models::BertForSequenceClassification model_;
   std::vector<std::string> sites_;
 };

@@ -26,6 +26,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
+#include <peft/text/tokenizer.hpp>
 #include <peft/text/unicode.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -53,39 +54,13 @@ struct WordPieceOptions {
   TORCH_ARG(std::string, mask_token) = "[MASK]";
 };
 
-/// How encode() and encode_batch() build model inputs.
-struct EncodeOptions {
-  /// Truncate so that each encoding, special tokens included, has at most max_length tokens.
-  /// Pairs lose tokens from the longer sequence first (Hugging Face's "longest_first").
-  TORCH_ARG(bool, truncation) = true;
-  /// The length limit; unset uses the tokenizer's model_max_length.
-  TORCH_ARG(std::optional<int64_t>, max_length) = std::nullopt;
-  /// encode_batch() pads to max_length instead of to the longest encoding in the batch.
-  TORCH_ARG(bool, pad_to_max_length) = false;
-};
-
-/// One encoded sentence or sentence pair: `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`.
-struct Encoding {
-  std::vector<int64_t> input_ids;       ///< token ids, special tokens included
-  std::vector<int64_t> token_type_ids;  ///< 0 for `[CLS] a [SEP]`, 1 for `b [SEP]`
-  std::vector<int64_t> attention_mask;  ///< 1 for every token (no padding in one encoding)
-};
-
-/// A padded batch; every tensor is int64 of shape [N, L] with L the longest encoding (or
-/// max_length). Padding is on the right: input_ids = pad id, token_type_ids = 0, mask = 0.
-struct BatchEncoding {
-  torch::Tensor input_ids;
-  torch::Tensor token_type_ids;
-  torch::Tensor attention_mask;
-};
-
 /// BERT's tokenizer. Immutable after construction, so one instance may be shared across threads.
 ///
 ///     auto tok = peft::text::WordPieceTokenizer::from_pretrained("models/all-MiniLM-L6-v2");
 ///     auto batch = tok.encode_batch({"Hello, world!", "Crème brûlée"});
 ///     // batch.input_ids: [[101, 7592, 1010, 2088, 999, 102, 0],
 ///     //                   [101, 13675, 21382, 7987, 9307, 2063, 102]]
-class WordPieceTokenizer {
+class WordPieceTokenizer final : public Tokenizer {
  public:
   /// Loads `folder/vocab.txt` and, if present, `folder/tokenizer_config.json` (do_lower_case,
   /// strip_accents, tokenize_chinese_chars, model_max_length and the special tokens).
@@ -189,33 +164,26 @@ class WordPieceTokenizer {
             token);
       return it->second;
     };
-    unk_id_ = require(options_.unk_token(), "unknown");
-    cls_id_ = require(options_.cls_token(), "classifier");
-    sep_id_ = require(options_.sep_token(), "separator");
-    pad_id_ = require(options_.pad_token(), "padding");
+    const int64_t unk = require(options_.unk_token(), "unknown");
+    const int64_t cls = require(options_.cls_token(), "classifier");
+    const int64_t sep = require(options_.sep_token(), "separator");
+    const int64_t pad = require(options_.pad_token(), "padding");
+    std::vector<std::string> specials;
     for (const auto* special : {&options_.unk_token(), &options_.cls_token(), &options_.sep_token(),
                                 &options_.pad_token(), &options_.mask_token()}) {
       if (special->empty()) continue;
-      if (std::find(special_tokens_.begin(), special_tokens_.end(), *special) ==
-          special_tokens_.end()) {
-        special_tokens_.push_back(*special);
+      if (std::find(specials.begin(), specials.end(), *special) == specials.end()) {
+        specials.push_back(*special);
       }
     }
-    for (const auto& special : special_tokens_) special_ids_.insert(token_to_id(special));
-    if (options_.model_max_length()) {
-      check(*options_.model_max_length() >= 2, "wordpiece",
-            "model_max_length must be at least 2, got {}", *options_.model_max_length());
-    }
+    set_specials(unk, cls, sep, pad, std::move(specials), options_.model_max_length());
   }
 
   /// The options in effect.
   const WordPieceOptions& options() const { return options_; }
+  const char* kind() const override { return "wordpiece"; }
   /// Number of ids (lines of vocab.txt).
-  int64_t vocab_size() const { return static_cast<int64_t>(id_to_token_.size()); }
-  int64_t unk_id() const { return unk_id_; }  ///< id of the unknown token
-  int64_t cls_id() const { return cls_id_; }  ///< id of the classifier token
-  int64_t sep_id() const { return sep_id_; }  ///< id of the separator token
-  int64_t pad_id() const { return pad_id_; }  ///< id of the padding token
+  int64_t vocab_size() const override { return static_cast<int64_t>(id_to_token_.size()); }
 
   /// Basic tokenization only: the words and punctuation marks WordPiece then splits further.
   /// Special tokens written in the text (e.g. "[SEP]") are kept whole.
@@ -232,7 +200,7 @@ class WordPieceTokenizer {
   }
 
   /// The WordPiece tokens of `text`, e.g. "unaffable" -> {"un", "##aff", "##able"}.
-  std::vector<std::string> tokenize(std::string_view text) const {
+  std::vector<std::string> tokenize(std::string_view text) const override {
     std::vector<std::string> tokens;
     std::vector<std::string> words;
     for_each_chunk(text, [&](std::string_view chunk, size_t offset, bool special) {
@@ -248,119 +216,31 @@ class WordPieceTokenizer {
   }
 
   /// The id of `token`, or the unknown token's id if it is not in the vocabulary.
-  int64_t token_to_id(const std::string& token) const {
+  int64_t token_to_id(const std::string& token) const override {
     auto it = token_to_id_.find(token);
-    return it == token_to_id_.end() ? unk_id_ : it->second;
-  }
-
-  /// token_to_id() of each token.
-  std::vector<int64_t> convert_tokens_to_ids(const std::vector<std::string>& tokens) const {
-    std::vector<int64_t> ids;
-    ids.reserve(tokens.size());
-    for (const auto& t : tokens) ids.push_back(token_to_id(t));
-    return ids;
+    return it == token_to_id_.end() ? unk_id() : it->second;
   }
 
   /// The token with id `id`; an id outside [0, vocab_size) is a peft::Error.
-  const std::string& id_to_token(int64_t id) const {
+  const std::string& id_to_token(int64_t id) const override {
     check(id >= 0 && id < vocab_size(), "wordpiece",
           "token id {} is outside the vocabulary [0, {})", id, vocab_size());
     return id_to_token_[static_cast<size_t>(id)];
   }
 
-  /// id_to_token() of each id.
-  std::vector<std::string> convert_ids_to_tokens(const std::vector<int64_t>& ids) const {
-    std::vector<std::string> tokens;
-    tokens.reserve(ids.size());
-    for (auto id : ids) tokens.push_back(id_to_token(id));
-    return tokens;
-  }
-
-  /// Whether `token` is one of the special tokens ([UNK], [CLS], [SEP], [PAD], [MASK]).
-  bool is_special(const std::string& token) const {
-    return std::find(special_tokens_.begin(), special_tokens_.end(), token) !=
-           special_tokens_.end();
-  }
-
   /// Ids of `text` without special tokens.
-  std::vector<int64_t> encode_ids(std::string_view text) const {
+  std::vector<int64_t> encode_ids(std::string_view text) const override {
     return convert_tokens_to_ids(tokenize(text));
-  }
-
-  /// `[CLS] text [SEP]`, truncated as `options` says.
-  Encoding encode(std::string_view text, const EncodeOptions& options = {}) const {
-    return build(encode_ids(text), std::nullopt, options);
-  }
-
-  /// `[CLS] text [SEP] pair [SEP]`, truncated longest-first as `options` says.
-  Encoding encode(std::string_view text, std::string_view pair,
-                  const EncodeOptions& options = {}) const {
-    return build(encode_ids(text), encode_ids(pair), options);
-  }
-
-  /// Encodes each text and pads the batch on the right to its longest encoding.
-  BatchEncoding encode_batch(const std::vector<std::string>& texts,
-                             const EncodeOptions& options = {}) const {
-    std::vector<Encoding> encodings;
-    encodings.reserve(texts.size());
-    for (const auto& t : texts) encodings.push_back(encode(t, options));
-    return pad(encodings, options);
-  }
-
-  /// Encodes each (texts[i], pairs[i]) pair and pads the batch like encode_batch(texts).
-  BatchEncoding encode_batch(const std::vector<std::string>& texts,
-                             const std::vector<std::string>& pairs,
-                             const EncodeOptions& options = {}) const {
-    check(texts.size() == pairs.size(), "wordpiece",
-          "encode_batch got {} first sentences but {} second sentences", texts.size(),
-          pairs.size());
-    std::vector<Encoding> encodings;
-    encodings.reserve(texts.size());
-    for (size_t i = 0; i < texts.size(); ++i)
-      encodings.push_back(encode(texts[i], pairs[i], options));
-    return pad(encodings, options);
-  }
-
-  /// Pads encodings into [N, L] int64 tensors (L: the longest, or max_length when
-  /// options.pad_to_max_length()).
-  BatchEncoding pad(const std::vector<Encoding>& encodings,
-                    const EncodeOptions& options = {}) const {
-    size_t length = 0;
-    for (const auto& e : encodings) length = std::max(length, e.input_ids.size());
-    if (options.pad_to_max_length()) {
-      auto limit = max_length(options);
-      check(limit.has_value(), "wordpiece",
-            "pad_to_max_length needs max_length or a model_max_length");
-      check(static_cast<size_t>(*limit) >= length, "wordpiece",
-            "an encoding has {} tokens, more than max_length {} to pad to (truncation is off)",
-            length, *limit);
-      length = static_cast<size_t>(*limit);
-    }
-    auto n = static_cast<int64_t>(encodings.size());
-    auto l = static_cast<int64_t>(length);
-    BatchEncoding out;
-    out.input_ids = torch::full({n, l}, pad_id_, torch::kLong);
-    out.token_type_ids = torch::zeros({n, l}, torch::kLong);
-    out.attention_mask = torch::zeros({n, l}, torch::kLong);
-    auto* ids = out.input_ids.data_ptr<int64_t>();
-    auto* types = out.token_type_ids.data_ptr<int64_t>();
-    auto* mask = out.attention_mask.data_ptr<int64_t>();
-    for (size_t i = 0; i < encodings.size(); ++i) {
-      const auto& e = encodings[i];
-      std::copy(e.input_ids.begin(), e.input_ids.end(), ids + i * length);
-      std::copy(e.token_type_ids.begin(), e.token_type_ids.end(), types + i * length);
-      std::copy(e.attention_mask.begin(), e.attention_mask.end(), mask + i * length);
-    }
-    return out;
   }
 
   /// Text back from ids: WordPiece continuations are glued on and spaces before punctuation
   /// removed, as Hugging Face's decode() does. Lossy: case, accents and spacing are not restored.
-  std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = true) const {
+  std::string decode(const std::vector<int64_t>& ids,
+                     bool skip_special_tokens = true) const override {
     std::string joined;
     for (auto id : ids) {
       const auto& token = id_to_token(id);
-      if (skip_special_tokens && special_ids_.count(id) > 0) continue;
+      if (skip_special_tokens && is_special_id(id)) continue;
       if (!joined.empty()) joined += ' ';
       joined += token;
     }
@@ -394,35 +274,6 @@ class WordPieceTokenizer {
     }
     out.append(s, at, std::string::npos);
     return out;
-  }
-
-  std::optional<int64_t> max_length(const EncodeOptions& options) const {
-    return options.max_length() ? options.max_length() : options_.model_max_length();
-  }
-
-  // Calls f(piece, offset, is_special) on the text split around special tokens written in it; at
-  // each position the longest special token starting there wins.
-  template <class F>
-  void for_each_chunk(std::string_view text, F&& f) const {
-    size_t start = 0;
-    size_t at = 0;
-    while (at < text.size()) {
-      size_t best = 0;
-      for (const auto& special : special_tokens_) {
-        if (special.size() > best && text.substr(at, special.size()) == special) {
-          best = special.size();
-        }
-      }
-      if (best == 0) {
-        ++at;
-        continue;
-      }
-      if (at > start) f(text.substr(start, at - start), start, false);
-      f(text.substr(at, best), at, true);
-      at += best;
-      start = at;
-    }
-    if (start < text.size()) f(text.substr(start), start, false);
   }
 
   void basic_tokenize_chunk(std::string_view chunk, size_t offset,
@@ -510,55 +361,9 @@ class WordPieceTokenizer {
     for (auto& p : pieces) out.push_back(std::move(p));
   }
 
-  Encoding build(std::vector<int64_t> a, std::optional<std::vector<int64_t>> b,
-                 const EncodeOptions& options) const {
-    auto limit = max_length(options);
-    if (options.truncation() && limit) {
-      int64_t specials = b ? 3 : 2;
-      check(*limit >= specials, "wordpiece",
-            "max_length {} cannot hold the {} special tokens of a {}", *limit, specials,
-            b ? "sentence pair" : "sentence");
-      auto la = static_cast<int64_t>(a.size());
-      auto lb = b ? static_cast<int64_t>(b->size()) : 0;
-      int64_t remove = la + lb + specials - *limit;
-      if (remove > 0 && !b) {
-        a.resize(static_cast<size_t>(la - remove));
-      } else if (remove > 0) {
-        // Take from the longer one until both are equal, then alternate starting with the second
-        // sequence: the second loses the odd token (Hugging Face's longest_first).
-        int64_t first = std::min(std::abs(la - lb), remove);
-        int64_t rest = remove - first;
-        int64_t from_a = rest / 2 + (la > lb ? first : 0);
-        int64_t from_b = rest - rest / 2 + (la > lb ? 0 : first);
-        a.resize(static_cast<size_t>(la - from_a));
-        b->resize(static_cast<size_t>(lb - from_b));
-      }
-    }
-    Encoding e;
-    size_t total = a.size() + (b ? b->size() + 3 : 2);
-    e.input_ids.reserve(total);
-    e.input_ids.push_back(cls_id_);
-    e.input_ids.insert(e.input_ids.end(), a.begin(), a.end());
-    e.input_ids.push_back(sep_id_);
-    e.token_type_ids.assign(e.input_ids.size(), 0);
-    if (b) {
-      e.input_ids.insert(e.input_ids.end(), b->begin(), b->end());
-      e.input_ids.push_back(sep_id_);
-      e.token_type_ids.resize(e.input_ids.size(), 1);
-    }
-    e.attention_mask.assign(e.input_ids.size(), 1);
-    return e;
-  }
-
   WordPieceOptions options_;
   std::vector<std::string> id_to_token_;
   std::unordered_map<std::string, int64_t> token_to_id_;
-  std::vector<std::string> special_tokens_;
-  std::unordered_set<int64_t> special_ids_;
-  int64_t unk_id_ = 0;
-  int64_t cls_id_ = 0;
-  int64_t sep_id_ = 0;
-  int64_t pad_id_ = 0;
 };
 
 }  // namespace text
