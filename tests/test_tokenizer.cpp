@@ -343,6 +343,13 @@ TEST_CASE("Unigram: highest-scoring cut, unknown runs fused, normaliser and meta
   // Special tokens written in the text stay whole; the text on either side is its own segment.
   CHECK(tok.encode_ids("abc<s>abc") == Ids{5, 7, 0, 5, 7});
   CHECK(tok.decode({0, 5, 7, 4, 8, 2}) == "abc c");
+  // prepend_scheme "first": only text at the very start of the input gets the metaspace, as in
+  // the tokenizers library ("<s>abc" has none: "abc" is one piece then).
+  auto first_json = unigram_json();
+  first_json["pre_tokenizer"]["prepend_scheme"] = "first";
+  peft::text::UnigramTokenizer first(first_json);
+  CHECK(first.encode_ids("abc<s>abc") == Ids{5, 7, 0, 10});
+  CHECK(first.encode_ids("<s>abc") == Ids{0, 10});
   // As the tokenizers library decodes: only the first token loses its metaspace.
   CHECK(tok.decode({0, 5, 7, 2}, false) == "<s> abc</s>");
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training parity: peft's Trainer against Hugging Face PEFT + transformers' Trainer.
 
-Usage: train_parity.py <path to peft_bert_tool> [--steps N]
+Usage: train_parity.py <path to peft_bert_tool> [--steps N] [--model minilm|e5] [--only CASES]
 
 For each case (single-sentence classification, sentence-pair classification and sentence-pair
 regression, with [CLS] pooling and with mean pooling) both sides start from the same LoRA
@@ -17,7 +17,9 @@ larger). Prints "parity: train passed" and exits 0 only when every case does.
 
 The sentences are the bundled examples/data/sst2/train.tsv (composed for this repository); pairs
 join sentence i with sentence i + 7 of the file, labelled 1 (classification) or a score near 5
-(regression) when both have the same sentiment.
+(regression) when both have the same sentiment. With --model e5 the model is the converted
+multilingual-e5-small (12 layers, the Unigram tokenizer, XLM-R pairs) and the sentences the
+bundled Chinese examples/data/chnsenticorp/train.txt.
 """
 
 import argparse
@@ -27,13 +29,15 @@ import subprocess
 import sys
 import tempfile
 
-from parity_common import model_folder
+from parity_common import e5_folder, model_folder
 
 # float32 on both sides through different kernels; measured: at most 5e-7 over 32 steps in every
 # case (LibTorch 2.13 wheel against PyTorch 2.13, transformers 5.23, PEFT 0.21).
 TOLERANCE = 1e-5
 HERE = os.path.dirname(os.path.abspath(__file__))
-SENTENCES = os.path.join(HERE, "..", "..", "examples", "data", "sst2", "train.tsv")
+DATA = os.path.join(HERE, "..", "..", "examples", "data")
+SENTENCES = {"minilm": (os.path.join(DATA, "sst2", "train.tsv"), True),
+             "e5": (os.path.join(DATA, "chnsenticorp", "train.txt"), False)}
 
 
 def no_dropout_copy(folder, dest):
@@ -53,19 +57,21 @@ def no_dropout_copy(folder, dest):
     return dest
 
 
-def read_sentences():
+def read_sentences(model):
     rows = []
-    with open(SENTENCES, encoding="utf-8") as f:
-        next(f)
+    path, header = SENTENCES[model]
+    with open(path, encoding="utf-8") as f:
+        if header:
+            next(f)
         for line in f:
             text, label = line.rstrip("\n").split("\t")
             rows.append((text, int(label)))
     return rows
 
 
-def make_batches(tokenizer, task, steps, batch_size):
+def make_batches(tokenizer, task, steps, batch_size, model):
     import torch
-    rows = read_sentences()
+    rows = read_sentences(model)
     batches = []
     for step in range(steps):
         a, b, labels = [], [], []
@@ -157,7 +163,8 @@ def main():
     parser.add_argument("tool")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--only", help="run one case, e.g. regression-cls")
+    parser.add_argument("--only", help="run these cases only, comma-separated, e.g. regression-cls")
+    parser.add_argument("--model", choices=["minilm", "e5"], default="minilm")
     opts = parser.parse_args()
 
     import logging
@@ -175,16 +182,22 @@ def main():
              for pooling in ("cls", "mean")]
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = no_dropout_copy(model_folder(), os.path.join(tmp, "model"))
-        tokenizer = transformers.BertTokenizer.from_pretrained(folder)
+        source = e5_folder() if opts.model == "e5" else model_folder()
+        folder = no_dropout_copy(source, os.path.join(tmp, "model"))
+        if opts.model == "e5":
+            tokenizer = transformers.PreTrainedTokenizerFast(
+                tokenizer_file=os.path.join(folder, "tokenizer.json"), pad_token="<pad>",
+                model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+        else:
+            tokenizer = transformers.BertTokenizer.from_pretrained(folder)
         for task, pooling in cases:
             name = f"{task}-{pooling}"
-            if opts.only and opts.only != name:
+            if opts.only and name not in opts.only.split(","):
                 continue
             work = os.path.join(tmp, name)
             os.makedirs(work)
             num_labels = 1 if task == "regression" else 2
-            batches = make_batches(tokenizer, task, opts.steps, opts.batch_size)
+            batches = make_batches(tokenizer, task, opts.steps, opts.batch_size, opts.model)
             batches_file = os.path.join(work, "batches.safetensors")
             save_file({f"{k}.{i}": v for i, b in enumerate(batches) for k, v in b.items()},
                       batches_file)

@@ -89,27 +89,31 @@ class UnigramTokenizer final : public Tokenizer {
 
   std::vector<int64_t> encode_ids(std::string_view text) const override {
     std::vector<int64_t> ids;
-    std::vector<std::pair<std::string_view, bool>> chunks;
-    for_each_chunk(text, [&](std::string_view chunk, size_t, bool special) {
-      chunks.emplace_back(chunk, special);
+    struct Chunk {
+      std::string_view text;
+      size_t offset;
+      bool special;
+    };
+    std::vector<Chunk> chunks;
+    for_each_chunk(text, [&](std::string_view chunk, size_t offset, bool special) {
+      chunks.push_back({chunk, offset, special});
     });
-    bool first_segment = true;
     for (size_t c = 0; c < chunks.size(); ++c) {
-      auto [chunk, special] = chunks[c];
+      auto [chunk, offset, special] = chunks[c];
       if (special) {
         ids.push_back(index_.at(std::string(chunk)));
         continue;
       }
       // Added tokens with lstrip/rstrip swallow the whitespace beside them.
-      if (c + 1 < chunks.size() && chunks[c + 1].second && strips(chunks[c + 1].first, true)) {
+      if (c + 1 < chunks.size() && chunks[c + 1].special && strips(chunks[c + 1].text, true)) {
         chunk = trim_right(chunk);
       }
-      if (c > 0 && chunks[c - 1].second && strips(chunks[c - 1].first, false)) {
+      if (c > 0 && chunks[c - 1].special && strips(chunks[c - 1].text, false)) {
         chunk = trim_left(chunk);
       }
       if (chunk.empty()) continue;
-      segment(chunk, first_segment, ids);
-      first_segment = false;
+      // prepend_scheme "first" marks only the text at the very start of the input.
+      segment(chunk, offset == 0, ids);
     }
     return ids;
   }
@@ -489,14 +493,13 @@ class UnigramTokenizer final : public Tokenizer {
   }
 
   // Normalises one stretch of text between added tokens and appends its pieces' ids.
-  void segment(std::string_view chunk, bool first_segment, std::vector<int64_t>& ids) const {
+  void segment(std::string_view chunk, bool at_start, std::vector<int64_t>& ids) const {
     const std::u32string text = normalized(unicode::decode_utf8(chunk, "text"));
     if (text.empty()) return;
     const char32_t meta = unicode::decode_utf8(replacement_, source_)[0];
     std::u32string spaced;
     spaced.reserve(text.size() + 1);
-    const bool prepend =
-        prepend_ == Prepend::always || (prepend_ == Prepend::first && first_segment);
+    const bool prepend = prepend_ == Prepend::always || (prepend_ == Prepend::first && at_start);
     if (prepend && text.front() != meta && text.front() != U' ') spaced.push_back(meta);
     for (char32_t cp : text) spaced.push_back(cp == U' ' ? meta : cp);
     if (!split_) {
