@@ -3,11 +3,8 @@
 // The tokenizer a model folder asks for, chosen from its files.
 
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <string>
-
-#include <nlohmann/json.hpp>
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>

@@ -18,6 +18,8 @@
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
 
@@ -50,6 +52,20 @@ struct BatchEncoding {
   torch::Tensor token_type_ids;
   torch::Tensor attention_mask;
 };
+
+/// "model_max_length" of a parsed tokenizer_config.json: unset when absent, null or Hugging
+/// Face's "no limit" sentinel (int(1e30)); an error naming `file` when not a positive number.
+inline std::optional<int64_t> config_max_length(const nlohmann::json& config,
+                                                const std::string& file, const char* kind) {
+  auto it = config.find("model_max_length");
+  if (it == config.end() || it->is_null()) return std::nullopt;
+  check(it->is_number(), kind, "{}: \"model_max_length\" must be a number, got {}", file,
+        it->dump());
+  const double value = it->get<double>();
+  check(value > 0, kind, "{}: \"model_max_length\" must be positive, got {}", file, it->dump());
+  if (value >= 1e15) return std::nullopt;
+  return static_cast<int64_t>(value);
+}
 
 /// How a sentence pair is laid out: `cls a sep [sep] b sep`.
 struct PairLayout {

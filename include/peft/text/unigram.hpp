@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <optional>
 #include <regex>
@@ -23,6 +22,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
+#include <peft/io/hf_config.hpp>
 #include <peft/text/tokenizer.hpp>
 #include <peft/text/unicode.hpp>
 
@@ -49,9 +49,9 @@ class UnigramTokenizer final : public Tokenizer {
     namespace fs = std::filesystem;
     check(fs::is_directory(folder), "unigram", "model folder {} does not exist", folder.string());
     const auto file = folder / "tokenizer.json";
-    UnigramTokenizer tok(read_json(file), file.string());
+    UnigramTokenizer tok(io::read_json(file, "unigram"), file.string());
     const auto config = folder / "tokenizer_config.json";
-    if (fs::exists(config)) tok.apply_config(read_json(config), config.string());
+    if (fs::exists(config)) tok.apply_config(io::read_json(config, "unigram"), config.string());
     return tok;
   }
 
@@ -160,16 +160,6 @@ class UnigramTokenizer final : public Tokenizer {
     bool lstrip = false;
     bool rstrip = false;
   };
-
-  static nlohmann::json read_json(const std::filesystem::path& file) {
-    std::ifstream in(file, std::ios::binary);
-    check(static_cast<bool>(in), "unigram", "cannot open {}", file.string());
-    try {
-      return nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      fail("unigram", "{} is not valid JSON: {}", file.string(), e.what());
-    }
-  }
 
   const nlohmann::json& field(const nlohmann::json& j, const char* key, const char* where) const {
     check(j.is_object() && j.contains(key), "unigram", "{}: {} has no \"{}\"", source_, where, key);
@@ -407,13 +397,7 @@ class UnigramTokenizer final : public Tokenizer {
 
   void apply_config(const nlohmann::json& config, const std::string& file) {
     check(config.is_object(), "unigram", "{} must hold a JSON object", file);
-    std::optional<int64_t> max_length;
-    if (auto it = config.find("model_max_length"); it != config.end() && !it->is_null()) {
-      check(it->is_number() && it->get<double>() > 0, "unigram",
-            "{}: \"model_max_length\" must be a positive number, got {}", file, it->dump());
-      // Hugging Face writes a huge sentinel (int(1e30)) for "no limit".
-      if (it->get<double>() < 1e15) max_length = static_cast<int64_t>(it->get<double>());
-    }
+    const auto max_length = config_max_length(config, file, "unigram");
     if (auto it = config.find("pad_token"); it != config.end() && !it->is_null()) {
       const nlohmann::json& value =
           it->is_object() && it->contains("content") ? (*it)["content"] : *it;

@@ -129,16 +129,7 @@ class WordPieceTokenizer final : public Tokenizer {
     if (auto v = flag("do_lower_case")) options.do_lower_case(*v);
     options.strip_accents(flag("strip_accents"));
     if (auto v = flag("tokenize_chinese_chars")) options.tokenize_chinese_chars(*v);
-    auto max_len = j.find("model_max_length");
-    if (max_len != j.end() && !max_len->is_null()) {
-      check(max_len->is_number(), "wordpiece", "{}: \"model_max_length\" must be a number, got {}",
-            file.string(), max_len->dump());
-      // Hugging Face writes a huge sentinel (int(1e30)) for "no limit".
-      double value = max_len->get<double>();
-      check(value > 0, "wordpiece", "{}: \"model_max_length\" must be positive, got {}",
-            file.string(), max_len->dump());
-      if (value < 1e15) options.model_max_length(static_cast<int64_t>(value));
-    }
+    options.model_max_length(config_max_length(j, file.string(), "wordpiece"));
     token("unk_token", options.unk_token());
     token("cls_token", options.cls_token());
     token("sep_token", options.sep_token());
