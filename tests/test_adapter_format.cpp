@@ -15,6 +15,8 @@
 #include <peft/models/heads.hpp>
 #include <peft/models/ladder_heads.hpp>
 
+#include "model_helpers.hpp"
+
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
@@ -35,15 +37,7 @@ namespace {
 constexpr int64_t kH = 8, kLayers = 2;
 
 peft::models::BertConfig tiny_config() {
-  peft::models::BertConfig c;
-  c.hidden_size = kH;
-  c.num_hidden_layers = kLayers;
-  c.num_attention_heads = 2;
-  c.intermediate_size = 16;
-  c.vocab_size = 30;
-  c.max_position_embeddings = 32;
-  c.name_or_path = "tiny-bert";
-  return c;
+  return testing::tiny_bert_config(kLayers);
 }
 
 // The same random base every call (same seed), with a head of 3 labels.
@@ -62,15 +56,8 @@ BertLadderForSequenceClassification tiny_ladder(const peft::LadderOptions& optio
   return model;
 }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("peft_adapter_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
+struct TempDir : testing::TempDir {
+  TempDir() : testing::TempDir("peft_adapter") {}
 };
 
 std::string error_of(const std::function<void()>& f) {

@@ -7,6 +7,8 @@
 #include "../examples/common/model_path.hpp"
 #include <peft/train/precision.hpp>
 
+#include "model_helpers.hpp"
+
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
@@ -74,19 +76,8 @@ std::map<std::string, torch::Tensor> tiny_weights(const std::string& prefix = "b
   return w;
 }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() /
-           ("peft_bert_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
+struct TempDir : testing::TempDir {
+  TempDir() : testing::TempDir("peft_bert", /*create=*/true) {}
 };
 
 void write_folder(const fs::path& dir, const nlohmann::json& config,

@@ -38,6 +38,7 @@
 #include <peft/models/bert.hpp>
 #include <peft/models/heads.hpp>
 #include <peft/models/ladder_heads.hpp>
+#include <peft/models/early_exit.hpp>
 #include <peft/models/recipes.hpp>
 #include <peft/io/adapter_format.hpp>
 #include <peft/data/example.hpp>

@@ -166,6 +166,9 @@ struct MethodEntry {
   /// Side-Tuning): whether `model` holds one, so save_adapter() saves it when the adapter name
   /// has no attached method.
   std::function<bool(torch::nn::Module&)> held_by;
+  /// false for an entry that only writes and reads adapter files of a task model's heads (early
+  /// exit), not a method to train with: method_names() leaves it out.
+  bool trainable = true;
 };
 
 namespace detail {
@@ -316,10 +319,12 @@ inline std::vector<MethodEntry> registered_methods() {
   return r.entries;
 }
 
-/// The names of the registered methods.
+/// The names of the registered methods one can train with (entries with `trainable` set).
 inline std::vector<std::string> method_names() {
   std::vector<std::string> names;
-  for (const auto& e : registered_methods()) names.push_back(e.name);
+  for (const auto& e : registered_methods()) {
+    if (e.trainable) names.push_back(e.name);
+  }
   return names;
 }
 

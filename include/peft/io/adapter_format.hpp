@@ -80,6 +80,14 @@ inline std::function<std::string(const std::string&)> hub_path_mapper(torch::nn:
   };
 }
 
+/// The model's TaskModel (it or the first module inside that is one) and its path.
+inline std::pair<std::string, TaskModel*> find_task_model(torch::nn::Module& model) {
+  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
+    if (auto* task = dynamic_cast<TaskModel*>(item.value().get())) return {item.key(), task};
+  }
+  return {"", nullptr};
+}
+
 inline bool has_module(torch::nn::Module& model, const std::string& name) {
   return model.named_modules("", /*include_self=*/false).contains(name);
 }
@@ -128,9 +136,10 @@ inline void check_slots(const io::SafetensorsFile& file, const std::vector<Slot>
 /// must consist of one method with a file format (see adapter_formats(); P-tuning is written as
 /// the prompt rows its encoder produces, PEFT's PROMPT_TUNING, and loads back as prompt tuning;
 /// an AdapterFusion file holds the fusion layers, each fused adapter is saved on its own); the
-/// modules to save (by default a `classifier` head) are written with it. A model-level method
-/// (a models::BertLadderForSequenceClassification's ladder) is saved when no attached method has
-/// that adapter name. The model is not changed.
+/// modules to save (by default a TaskModel's task_modules(), else a `classifier` head) are
+/// written with it, and a TaskModel's settings go into adapter_config.json as "task_settings". A
+/// model-level method (a models::BertLadderForSequenceClassification's ladder) is saved when no
+/// attached method has that adapter name. The model is not changed.
 ///
 ///     peft::save_adapter(*model, "out/sst2-lora");
 inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& dir,
@@ -171,6 +180,7 @@ inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& 
   }
 
   auto [hub_base, hub] = detail::find_hub_model(model);
+  auto [task_path, task] = detail::find_task_model(model);
   std::vector<std::string> to_save;
   if (options.modules_to_save()) {
     to_save = *options.modules_to_save();
@@ -178,10 +188,14 @@ inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& 
       check(detail::has_module(model, m), "save_adapter",
             "modules_to_save: the model has no \"{}\"", m);
     }
+  } else if (task != nullptr) {
+    for (const auto& m : task->task_modules())
+      to_save.push_back(task_path.empty() ? m : task_path + "." + m);
   } else if (detail::has_module(model, "classifier")) {
     to_save = {"classifier"};
   }
-  const bool classifier = std::find(to_save.begin(), to_save.end(), "classifier") != to_save.end();
+  const bool classifier =
+      task != nullptr || std::find(to_save.begin(), to_save.end(), "classifier") != to_save.end();
   std::string base = options.base_model_name_or_path();
   if (base.empty() && hub != nullptr) base = hub->hub_name_or_path();
 
@@ -193,6 +207,10 @@ inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& 
   config["revision"] = nullptr;
   config["peft_library"] = "peft-cpp";
   config["peft_type"] = entry->format->peft_type;
+  if (task != nullptr) {
+    if (auto settings = task->task_settings(); !settings.is_null())
+      config["task_settings"] = settings;
+  }
 
   NamedTensors tensors;
   torch::NoGradGuard no_grad;
@@ -282,6 +300,16 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
         {plan.save_prefix + key, tensor.sizes().vec(), [tensor] { return tensor; }});
   }
 
+  // The task model's own settings (an early-exit policy), checked before anything changes.
+  std::function<void()> apply_settings;
+  if (auto it = config.find("task_settings"); it != config.end() && !it->is_null()) {
+    auto [task_path, task] = detail::find_task_model(model);
+    check(task != nullptr, "load_adapter",
+          "{}: the adapter has task_settings for a task model (an early-exit classifier), which "
+          "this model neither is nor contains",
+          cfg_name);
+    apply_settings = task->plan_task_settings(*it, cfg_name);
+  }
   detail::check_slots(file, plan.slots);
   std::vector<torch::Tensor> values;
   for (const auto& slot : plan.slots) {
@@ -296,6 +324,7 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
     target.copy_(values[i]);
   }
   if (plan.finish) plan.finish();
+  if (apply_settings) apply_settings();
 }
 
 PEFT_NAMESPACE_END
