@@ -12,6 +12,7 @@
 #include <peft/peft.hpp>
 #include <peft/io/adapter_format.hpp>
 #include <peft/models/bert.hpp>
+#include <peft/models/early_exit.hpp>
 #include <peft/models/heads.hpp>
 #include <peft/models/ladder_heads.hpp>
 #include <peft/models/recipes.hpp>
@@ -35,6 +36,7 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -63,6 +65,11 @@ struct Classifier {
   int64_t method_bytes = 0;
   /// What --model-dropout changed, for the report ("" when it was not given).
   std::string dropout_note;
+  /// The training loss of a batch when it is not the task loss of `logits` (early exit: every
+  /// layer's exit and the confidence predictor).
+  std::function<torch::Tensor(const Batch&)> loss;
+  /// With --early-exit: the model, for the threshold sweep after training.
+  peft::models::BertEarlyExitForSequenceClassification early_exit{nullptr};
 };
 
 /// Everything the command line sets.
@@ -78,6 +85,9 @@ struct Options {
   bool resume = false, overwrite = false, train_pooler = false;
   /// --model-dropout: below 0, the config's dropout stays.
   double model_dropout = -1;
+  // Early exit
+  std::string early_exit = "none", exit_from;
+  std::vector<double> exit_thresholds;
   // LoRA
   int64_t lora_r = 8;
   double lora_alpha = 16, lora_dropout = 0.0;
@@ -217,9 +227,7 @@ inline nlohmann::ordered_json number(double value) {
 }
 
 /// Attaches the chosen method and returns the paths it went to (empty for full fine-tuning).
-inline std::vector<std::string> attach_method(const Options& o,
-                                              peft::models::BertForSequenceClassification& model) {
-  auto& bert = *model->bert;
+inline std::vector<std::string> attach_method(const Options& o, peft::models::BertImpl& bert) {
   if (o.method == "lora") {
     return peft::attach(bert, peft::LoRAOptions(o.lora_r)
                                   .alpha(o.lora_alpha)
@@ -283,8 +291,8 @@ inline std::vector<std::string> attach_method(const Options& o,
 /// Trains BERT's pooler with the head (Hugging Face PEFT: modules_to_save=["classifier",
 /// "pooler"]). On SST-2 with the default model it did not help (docs/RESULTS.md); --pooling mean
 /// is the other way around the untrained [CLS] pooler of a sentence-transformers model.
-inline void unfreeze_pooler(const Options& o, peft::models::BertForSequenceClassification& model) {
-  if (o.train_pooler) peft::unfreeze(*model->bert->pooler);
+inline void unfreeze_pooler(const Options& o, peft::models::BertImpl& bert) {
+  if (o.train_pooler) peft::unfreeze(*bert.pooler);
 }
 
 /// The training loss of a batch's logits: mean squared error for regression (one output),
@@ -341,6 +349,43 @@ inline std::string set_model_dropout(peft::models::BertImpl& bert, torch::nn::Dr
                      config.hidden_dropout_prob, config.attention_probs_dropout_prob);
 }
 
+/// The early-exit classifier of --early-exit: a head after every layer and the confidence
+/// predictor, trained with the method (or, with --exit-from, over the method and head loaded from
+/// an earlier run's adapter, which stay frozen: only the exits and the predictor train).
+inline Classifier build_early_exit(const Options& o, const fs::path& model_dir, int64_t num_labels,
+                                   peft::models::Pooling pooling) {
+  Classifier c;
+  auto model = peft::models::BertEarlyExitForSequenceClassification::from_pretrained(
+      model_dir, num_labels, pooling);
+  if (o.model_dropout >= 0) {
+    c.dropout_note = set_model_dropout(*model->bert, model->dropout, o.model_dropout);
+  }
+  if (o.exit_from.empty()) {
+    c.sites = attach_method(o, *model->bert);
+    unfreeze_pooler(o, *model->bert);
+  } else {
+    peft::load_adapter(*model, o.exit_from);
+    peft::freeze(*model->bert);
+    peft::freeze(*model->classifier);
+    for (const auto& [path, m] : peft::attached_methods(*model)) c.sites.push_back(path);
+    std::cout << fmt::format(
+        "loaded {} (frozen): {} sites and the last layer's head; the other "
+        "exits and the predictor train\n",
+        o.exit_from, c.sites.size());
+  }
+  c.root = model.ptr();
+  c.logits = [model](const Batch& b) mutable {
+    return model(b.input_ids, b.attention_mask, b.token_type_ids);
+  };
+  c.loss = [model](const Batch& b) mutable {
+    return model->loss(model->forward_exits(b.input_ids, b.attention_mask, b.token_type_ids),
+                       b.labels);
+  };
+  c.method_bytes = peft::adapter_bytes(*model);
+  c.early_exit = model;
+  return c;
+}
+
 /// The model of the run with its method: BertForSequenceClassification with the method attached,
 /// or for LST BertLadderForSequenceClassification (`train_batches` and `regression` serve
 /// --lst-init fisher).
@@ -362,13 +407,14 @@ inline Classifier build_classifier(const Options& o, const fs::path& model_dir, 
     c.method_bytes = peft::count_parameters(*model->ladder).trainable_bytes;
     return c;
   }
+  if (o.early_exit != "none") return build_early_exit(o, model_dir, num_labels, pooling);
   auto model =
       peft::models::BertForSequenceClassification::from_pretrained(model_dir, num_labels, pooling);
   if (o.model_dropout >= 0) {
     c.dropout_note = set_model_dropout(*model->bert, model->dropout, o.model_dropout);
   }
-  c.sites = attach_method(o, model);
-  unfreeze_pooler(o, model);
+  c.sites = attach_method(o, *model->bert);
+  unfreeze_pooler(o, *model->bert);
   c.root = model.ptr();
   c.logits = [model](const Batch& b) mutable {
     return model(b.input_ids, b.attention_mask, b.token_type_ids);
@@ -464,7 +510,11 @@ inline void save_result(const Options& o, const Classifier& model, const std::st
                                peft::named_trainable_parameters(*model.root), {{"format", "pt"}});
   } else {
     auto save = peft::SaveAdapterOptions();
-    if (o.train_pooler) save.modules_to_save(std::vector<std::string>{"classifier", "bert.pooler"});
+    if (o.train_pooler) {
+      std::vector<std::string> heads{"classifier", "bert.pooler"};
+      if (model.early_exit) heads.insert(heads.end(), {"exits", "predictor"});
+      save.modules_to_save(heads);
+    }
     peft::save_adapter(*model.root, out, save);
   }
   std::ofstream(out / "result.json") << line << '\n';
@@ -506,6 +556,149 @@ inline void apply_recipe(const CLI::App& app, const Benchmark& bench, Options& o
                            taken.empty() ? std::string("none (every setting given)") : join(taken));
 }
 
+/// The task's metrics of `logits_of` over one split's batches (moved to `device` first).
+inline std::map<std::string, double> split_metrics(
+    const peft::data::TaskInfo& task, const std::vector<Batch>& batches, torch::Device device,
+    const std::function<torch::Tensor(const Batch&)>& logits_of) {
+  std::vector<double> scores, gold_scores;
+  std::vector<int64_t> classes, gold_classes;
+  for (const auto& raw : batches) {
+    const auto b = raw.to(device);
+    auto logits = logits_of(b).cpu();
+    if (task.is_regression()) {
+      auto s = logits.squeeze(-1).to(torch::kDouble).contiguous();
+      auto g = raw.labels.to(torch::kDouble).contiguous();
+      scores.insert(scores.end(), s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
+      gold_scores.insert(gold_scores.end(), g.data_ptr<double>(), g.data_ptr<double>() + g.numel());
+    } else {
+      auto c = logits.argmax(-1).contiguous();
+      auto g = raw.labels.contiguous();
+      classes.insert(classes.end(), c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+      gold_classes.insert(gold_classes.end(), g.data_ptr<int64_t>(),
+                          g.data_ptr<int64_t>() + g.numel());
+    }
+  }
+  return task.is_regression() ? peft::metrics::evaluate(task, scores, gold_scores)
+                              : peft::metrics::evaluate(task, classes, gold_classes);
+}
+
+/// The thresholds --early-exit tries when --exit-threshold is not given: from cautious to eager.
+inline std::vector<double> default_exit_thresholds(peft::models::ExitPolicy policy,
+                                                   int64_t layers) {
+  using peft::models::ExitPolicy;
+  if (policy == ExitPolicy::Entropy) return {0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6};
+  if (policy == ExitPolicy::Learned) return {0.99, 0.95, 0.9, 0.85, 0.8, 0.7};
+  std::vector<double> out;
+  for (int64_t t = layers - 2; t >= 1; --t) out.push_back(static_cast<double>(t));
+  return out;
+}
+
+/// Passes over the evaluation split per exit setting; the fastest is reported.
+inline constexpr int kExitTimings = 3;
+
+/// After an --early-exit run: the first split's metric, mean layers run and inference time of
+/// the full model (every layer) and of each threshold, in one process on the same batches. The
+/// model keeps the fastest threshold whose metric is at most one point (0.01) below the full
+/// model's (the most cautious one when none is), which --output saves. Returns the report for
+/// the result line.
+inline nlohmann::ordered_json exit_sweep(
+    const Options& o, const peft::data::TaskInfo& task, const std::string& split,
+    const std::vector<Batch>& batches, torch::Device device,
+    peft::models::BertEarlyExitForSequenceClassification model) {
+  using peft::models::ExitPolicy;
+  const auto policy = peft::models::exit_policy_from_string(o.early_exit);
+  auto thresholds = o.exit_thresholds.empty() ? default_exit_thresholds(policy, model->num_layers())
+                                              : o.exit_thresholds;
+  const std::string metric = task.metrics.front();
+  model->eval();
+  torch::NoGradGuard no_grad;
+  struct Point {
+    double threshold, value, layers, seconds;
+  };
+  // Every setting: the full model first, then each threshold.
+  std::vector<std::pair<ExitPolicy, double>> settings{{ExitPolicy::None, 0.0}};
+  for (double t : thresholds) settings.emplace_back(policy, t);
+  std::vector<Point> measured(settings.size(),
+                              Point{0, 0, 0, std::numeric_limits<double>::infinity()});
+  auto pass = [&](size_t i) {
+    model->set_exit(settings[i].first, settings[i].second);
+    int64_t layers = 0, examples = 0;
+    auto logits_of = [&](const Batch& b) {
+      auto r = model->early_exit(b.input_ids, b.attention_mask, b.token_type_ids);
+      layers += r.layers.sum().item<int64_t>();
+      examples += r.layers.numel();
+      return r.logits;
+    };
+    const auto start = std::chrono::steady_clock::now();
+    const auto metrics = split_metrics(task, batches, device, logits_of);
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    auto& p = measured[i];
+    p = Point{settings[i].second, metrics.at(metric),
+              static_cast<double>(layers) / static_cast<double>(std::max<int64_t>(examples, 1)),
+              std::min(p.seconds, seconds)};
+  };
+  // A warm-up pass, then kExitTimings rounds over all settings, each setting's fastest pass
+  // kept: one pass of a few seconds on a shared CPU varies by tens of percent, and rounds spread
+  // any drift evenly over the settings.
+  std::cout << fmt::format(
+                   "early exit: timing the full model and {} threshold{} on {}, {} passes "
+                   "each...\n",
+                   thresholds.size(), thresholds.size() == 1 ? "" : "s", split, kExitTimings)
+            << std::flush;
+  pass(0);
+  measured[0].seconds = std::numeric_limits<double>::infinity();
+  for (int round = 0; round < kExitTimings; ++round) {
+    for (size_t i = 0; i < settings.size(); ++i) pass(i);
+  }
+  const Point full = measured[0];
+  const std::vector<Point> points(measured.begin() + 1, measured.end());
+  int64_t examples = 0;
+  for (const auto& b : batches) examples += b.labels.size(0);
+  std::cout << fmt::format(
+      "early exit on {} ({} examples; time: the fastest of {} passes): full model {} {:.4f}, {} "
+      "layers, {:.2f} s\n",
+      split, examples, kExitTimings, metric, full.value, model->num_layers(), full.seconds);
+  for (const auto& p : points) {
+    std::cout << fmt::format(
+        "  {} {:<5g} {} {:.4f} ({:+.2f} points), mean layers {:.2f}, {:.2f} s, {:.2f}x faster\n",
+        o.early_exit, p.threshold, metric, p.value, 100 * (p.value - full.value), p.layers,
+        p.seconds, full.seconds / p.seconds);
+  }
+  // Thresholds run from cautious to eager as given; pick by measured speed among those within
+  // one point.
+  const Point* chosen = nullptr;
+  for (const auto& p : points) {
+    if (p.value < full.value - 0.01) continue;
+    if (chosen == nullptr || p.seconds < chosen->seconds) chosen = &p;
+  }
+  if (chosen == nullptr) {
+    chosen = &*std::max_element(points.begin(), points.end(),
+                                [](const Point& a, const Point& b) { return a.layers < b.layers; });
+  }
+  model->set_exit(policy, chosen->threshold);
+  std::cout << fmt::format("early exit kept: {} {:g} ({}){}\n", o.early_exit, chosen->threshold,
+                           chosen->value >= full.value - 0.01 ? "fastest within 1 point"
+                                                              : "none within 1 point; the most "
+                                                                "cautious",
+                           o.output.empty() ? "" : ", saved with the adapter");
+  nlohmann::ordered_json report;
+  report["policy"] = o.early_exit;
+  report["threshold"] = chosen->threshold;
+  report["full_" + metric] = number(full.value);
+  report["full_seconds"] = round_to(full.seconds, 3);
+  nlohmann::ordered_json curve = nlohmann::ordered_json::array();
+  for (const auto& p : points) {
+    curve.push_back({{"threshold", p.threshold},
+                     {metric, number(p.value)},
+                     {"mean_layers", round_to(p.layers, 3)},
+                     {"seconds", round_to(p.seconds, 3)},
+                     {"speedup", round_to(full.seconds / p.seconds, 3)}});
+  }
+  report["curve"] = curve;
+  return report;
+}
+
 inline int run(const Benchmark& bench, const Options& o) {
   const auto task = bench.task_info(o.task);
   if (o.resume && o.output.empty()) {
@@ -523,6 +716,24 @@ inline int run(const Benchmark& bench, const Options& o) {
   }
   if (o.lora_plus_ratio > 0 && o.method != "lora" && o.method != "dora") {
     fail(bench.program, "--lora-plus-ratio applies to --method lora or dora, not {}", o.method);
+  }
+  const bool early_exit = o.early_exit != "none";
+  if (early_exit) {
+    if (o.method == "lst") {
+      fail(bench.program,
+           "--early-exit does not apply to --method lst (its head reads the side "
+           "network's last layer)");
+    }
+    if (task.is_regression()) {
+      fail(bench.program, "--early-exit needs a classification task; {} is a regression task",
+           task.name);
+    }
+    const auto policy = peft::models::exit_policy_from_string(o.early_exit);
+    for (double t : o.exit_thresholds) {
+      peft::models::check_exit_threshold(policy, t, "--exit-threshold");
+    }
+  } else if (!o.exit_thresholds.empty() || !o.exit_from.empty()) {
+    fail(bench.program, "--exit-threshold and --exit-from need --early-exit POLICY");
   }
   torch::Device device(torch::kCPU);
   if (o.device != "cpu") {
@@ -655,7 +866,9 @@ inline int run(const Benchmark& bench, const Options& o) {
   std::cout << std::flush;
 
   const bool regression = task.is_regression();
-  auto loss_fn = [&](const Batch& b) { return task_loss(model.logits(b), b, regression); };
+  auto loss_fn = [&](const Batch& b) {
+    return model.loss ? model.loss(b) : task_loss(model.logits(b), b, regression);
+  };
   auto options = peft::TrainerOptions()
                      .epochs(o.epochs)
                      .max_steps(o.max_steps > 0 ? o.max_steps : -1)
@@ -669,10 +882,14 @@ inline int run(const Benchmark& bench, const Options& o) {
                      .precision(precision)
                      .output_dir(o.output)
                      .progress_stream(&std::cout);
-  if (o.head_lr > 0) options.lr_for("classifier", o.head_lr);
+  if (o.head_lr > 0) {
+    // With --exit-from the last layer's head is loaded and frozen.
+    if (o.exit_from.empty()) options.lr_for("classifier", o.head_lr);
+    if (early_exit) options.lr_for("exits", o.head_lr).lr_for("predictor", o.head_lr);
+  }
   // The method's own rates, from its registry entry: LoRA+'s B matrices (lora, dora), ProPETL's
   // mask scores.
-  if (o.method != "full") {
+  if (o.method != "full" && o.exit_from.empty()) {
     auto settings = method_options(o);
     if (o.lora_plus_ratio > 0) settings["loraplus_lr_ratio"] = o.lora_plus_ratio;
     if (o.method == "propetl") settings["mask_lr"] = o.propetl_mask_lr;
@@ -702,28 +919,9 @@ inline int run(const Benchmark& bench, const Options& o) {
   trainer.evaluate_with([&] {
     std::map<std::string, double> out;
     for (const auto& [split, batches] : eval_batches) {
-      std::vector<double> scores, gold_scores;
-      std::vector<int64_t> classes, gold_classes;
-      for (const auto& raw : batches) {
-        const auto b = raw.to(device);
-        auto logits = model.logits(b).cpu();
-        if (regression) {
-          auto s = logits.squeeze(-1).to(torch::kDouble).contiguous();
-          auto g = raw.labels.to(torch::kDouble).contiguous();
-          scores.insert(scores.end(), s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
-          gold_scores.insert(gold_scores.end(), g.data_ptr<double>(),
-                             g.data_ptr<double>() + g.numel());
-        } else {
-          auto c = logits.argmax(-1).contiguous();
-          auto g = raw.labels.contiguous();
-          classes.insert(classes.end(), c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
-          gold_classes.insert(gold_classes.end(), g.data_ptr<int64_t>(),
-                              g.data_ptr<int64_t>() + g.numel());
-        }
+      for (const auto& [name, value] : split_metrics(task, batches, device, model.logits)) {
+        out[metric_name(split, name)] = value;
       }
-      const auto metrics = regression ? peft::metrics::evaluate(task, scores, gold_scores)
-                                      : peft::metrics::evaluate(task, classes, gold_classes);
-      for (const auto& [name, value] : metrics) out[metric_name(split, name)] = value;
     }
     return out;
   });
@@ -760,6 +958,10 @@ inline int run(const Benchmark& bench, const Options& o) {
   line["adapter_bytes"] = adapter_bytes;
   line["train_seconds"] = round_to(seconds, 2);
   line["peak_rss_mb"] = round_to(peak_rss_mb(), 1);
+  if (early_exit) {
+    line["early_exit"] = exit_sweep(o, task, eval_splits.front(), eval_batches.front().second,
+                                    device, model.early_exit);
+  }
   const auto text = line.dump();
   save_result(o, model, text);
   std::cout << text << std::endl;
@@ -868,6 +1070,22 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
   app.add_flag("--overwrite", o.overwrite, "replace an earlier run saved in --output");
   app.add_option("--eval-every", o.eval_every, "evaluate every N steps (0: at each epoch end)")
       ->check(CLI::NonNegativeNumber);
+
+  app.add_option("--early-exit", o.early_exit,
+                 "train a classifier after every layer and a confidence predictor, then report the "
+                 "metric, mean layers run and inference time of each --exit-threshold against "
+                 "the full model: entropy (DeeBERT), patience (PABEE) or learned (BERxiT); none: "
+                 "off")
+      ->check(CLI::IsMember({"none", "entropy", "patience", "learned"}));
+  app.add_option("--exit-threshold", o.exit_thresholds,
+                 "thresholds to measure, comma-separated: entropy in nats (exit below), patience "
+                 "in layers, learned confidence in [0, 1] (exit at or above); the fastest within "
+                 "one point of the full model is kept and saved (default: a sweep per policy)")
+      ->delimiter(',');
+  app.add_option("--exit-from", o.exit_from,
+                 "with --early-exit: start from an earlier run's --output (its method and head, "
+                 "kept frozen) and train only the other exits and the predictor; use that run's "
+                 "--pooling");
 
   app.add_option("--lora-r", o.lora_r, "LoRA rank")->check(CLI::PositiveNumber);
   app.add_option("--lora-alpha", o.lora_alpha, "LoRA alpha (scale alpha / r)")
