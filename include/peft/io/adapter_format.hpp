@@ -80,14 +80,6 @@ inline std::function<std::string(const std::string&)> hub_path_mapper(torch::nn:
   };
 }
 
-/// The model's TaskModel (it or the first module inside that is one) and its path.
-inline std::pair<std::string, TaskModel*> find_task_model(torch::nn::Module& model) {
-  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
-    if (auto* task = dynamic_cast<TaskModel*>(item.value().get())) return {item.key(), task};
-  }
-  return {"", nullptr};
-}
-
 inline bool has_module(torch::nn::Module& model, const std::string& name) {
   return model.named_modules("", /*include_self=*/false).contains(name);
 }
@@ -180,7 +172,7 @@ inline void save_adapter(torch::nn::Module& model, const std::filesystem::path& 
   }
 
   auto [hub_base, hub] = detail::find_hub_model(model);
-  auto [task_path, task] = detail::find_task_model(model);
+  auto [task_path, task] = detail::find_module<TaskModel>(model);
   std::vector<std::string> to_save;
   if (options.modules_to_save()) {
     to_save = *options.modules_to_save();
@@ -303,10 +295,10 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
   // The task model's own settings (an early-exit policy), checked before anything changes.
   std::function<void()> apply_settings;
   if (auto it = config.find("task_settings"); it != config.end() && !it->is_null()) {
-    auto [task_path, task] = detail::find_task_model(model);
+    auto [task_path, task] = detail::find_module<TaskModel>(model);
     check(task != nullptr, "load_adapter",
-          "{}: the adapter has task_settings for a task model (an early-exit classifier), which "
-          "this model neither is nor contains",
+          "{}: the adapter has task_settings for a task model (a peft::TaskModel), which this "
+          "model neither is nor contains",
           cfg_name);
     apply_settings = task->plan_task_settings(*it, cfg_name);
   }
