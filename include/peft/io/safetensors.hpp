@@ -176,6 +176,26 @@ class Fd {
   int fd_;
 };
 
+// Maps the whole regular file at `path` read-only in effect (private copy-on-write pages). A file
+// that cannot be opened, is not a regular file, or is shorter than `min_size` bytes (`min_what`
+// names what those bytes are) is reported through `fail(message)`, which must throw.
+template <class Fail>
+std::shared_ptr<Mapping> map_file(const std::string& path, uint64_t min_size, const char* min_what,
+                                  Fail&& fail) {
+  if (!host_is_little_endian()) fail(std::string("reading needs a little-endian host"));
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) fail(fmt::format("cannot open: {}", std::strerror(errno)));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) fail(fmt::format("cannot stat: {}", std::strerror(errno)));
+  if (!S_ISREG(st.st_mode)) fail(std::string("not a regular file"));
+  const auto size = static_cast<uint64_t>(st.st_size);
+  if (size < min_size) fail(fmt::format("file is {} bytes, shorter than {}", size, min_what));
+  void* addr =
+      ::mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.get(), 0);
+  if (addr == MAP_FAILED) fail(fmt::format("cannot mmap: {}", std::strerror(errno)));
+  return std::make_shared<Mapping>(addr, static_cast<size_t>(size));
+}
+
 template <class... Args>
 [[noreturn]] void save_fail(const std::string& path, fmt::format_string<Args...> format,
                             Args&&... args) {
@@ -197,20 +217,9 @@ class SafetensorsFile {
   /// Opens and validates `path`. Throws peft::Error naming the file and the problem when it
   /// cannot be read or is not a well-formed safetensors file.
   explicit SafetensorsFile(const std::filesystem::path& path) : path_(path.string()) {
-    if (!detail::host_is_little_endian()) fail("reading needs a little-endian host");
-    detail::Fd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.get() < 0) fail("cannot open: {}", std::strerror(errno));
-    struct stat st {};
-    if (::fstat(fd.get(), &st) != 0) fail("cannot stat: {}", std::strerror(errno));
-    if (!S_ISREG(st.st_mode)) fail("not a regular file");
-    const auto file_size = static_cast<uint64_t>(st.st_size);
-    if (file_size < 8) {
-      fail("file is {} bytes, shorter than the 8-byte header length", file_size);
-    }
-    void* addr = ::mmap(nullptr, static_cast<size_t>(file_size), PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE, fd.get(), 0);
-    if (addr == MAP_FAILED) fail("cannot mmap: {}", std::strerror(errno));
-    mapping_ = std::make_shared<detail::Mapping>(addr, static_cast<size_t>(file_size));
+    mapping_ = detail::map_file(path_, 8, "the 8-byte header length",
+                                [this](const std::string& m) { fail("{}", m); });
+    const auto file_size = static_cast<uint64_t>(mapping_->size());
 
     uint64_t header_size = 0;
     for (int i = 7; i >= 0; --i) header_size = (header_size << 8) | mapping_->data()[i];
