@@ -47,4 +47,23 @@ macro(peft_find_dependencies)
       IMPORTED_LOCATION "${PEFT_UTF8PROC_LIBRARY}"
       INTERFACE_INCLUDE_DIRECTORIES "${PEFT_UTF8PROC_INCLUDE_DIR}")
   endif()
+  if(NOT TARGET peft::pcre2)
+    # PCRE2's 8-bit library runs the BPE split patterns (Unicode classes, lookahead). Like
+    # utf8proc it may ship no CMake package; pkg-config, when present, only adds hints.
+    find_package(PkgConfig QUIET)
+    if(PKG_CONFIG_FOUND)
+      pkg_check_modules(_PEFT_PC_PCRE2 QUIET libpcre2-8)
+    endif()
+    find_path(PEFT_PCRE2_INCLUDE_DIR pcre2.h HINTS ${_PEFT_PC_PCRE2_INCLUDE_DIRS})
+    find_library(PEFT_PCRE2_LIBRARY NAMES pcre2-8 HINTS ${_PEFT_PC_PCRE2_LIBRARY_DIRS})
+    if(NOT PEFT_PCRE2_INCLUDE_DIR OR NOT PEFT_PCRE2_LIBRARY)
+      message(FATAL_ERROR "[peft] PCRE2 not found (pcre2.h: ${PEFT_PCRE2_INCLUDE_DIR}, "
+        "library: ${PEFT_PCRE2_LIBRARY}); install it (Debian: libpcre2-dev) or set "
+        "PEFT_PCRE2_INCLUDE_DIR and PEFT_PCRE2_LIBRARY.")
+    endif()
+    add_library(peft::pcre2 UNKNOWN IMPORTED)
+    set_target_properties(peft::pcre2 PROPERTIES
+      IMPORTED_LOCATION "${PEFT_PCRE2_LIBRARY}"
+      INTERFACE_INCLUDE_DIRECTORIES "${PEFT_PCRE2_INCLUDE_DIR}")
+  endif()
 endmacro()

@@ -1,3 +1,5 @@
+#include <peft/text/bpe.hpp>
+#include <peft/text/chat.hpp>
 #include <peft/text/load.hpp>
 #include <peft/text/unigram.hpp>
 #include <peft/text/wordpiece.hpp>
@@ -434,4 +436,155 @@ TEST_CASE("load_tokenizer picks the tokenizer from the folder's files", "[tokeni
   TempDir bert;
   bert.write("vocab.txt", lines(kVocab));
   CHECK(std::string(peft::text::load_tokenizer(bert.path)->kind()) == "wordpiece");
+}
+
+namespace {
+
+// A byte-level BPE small enough to work out by hand: id 0 is a control token, ids 1..256 spell
+// the bytes 0..255 in GPT-2's alphabet (byte b is id b + 1), then five merges by rank.
+peft::text::BpeVocabulary tiny_bpe() {
+  peft::text::BpeVocabulary v;
+  v.tokens.push_back("<|endoftext|>");
+  for (char32_t cp : peft::text::detail::byte_chars()) {
+    v.tokens.push_back(peft::text::unicode::encode_utf8(std::u32string(1, cp)));
+  }
+  for (const char* t : {"lo", "low", "\u0120low", "er", "lower"}) v.tokens.push_back(t);
+  v.merges = peft::text::BpeVocabulary::split_merges({"l o", "lo w", "\u0120 low", "e r", "low er"},
+                                                     "tiny");
+  v.special_ids = {0};
+  v.eos_id = 0;
+  v.source = "tiny";
+  return v;
+}
+
+nlohmann::json tiny_bpe_json() {
+  const auto v = tiny_bpe();
+  nlohmann::json vocab = nlohmann::json::object();
+  for (size_t i = 0; i < v.tokens.size(); ++i) vocab[v.tokens[i]] = i;
+  nlohmann::json merges = nlohmann::json::array();
+  for (const auto& [a, b] : v.merges) merges.push_back({a, b});
+  nlohmann::json byte_level = {
+      {"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}};
+  return {{"added_tokens",
+           {{{"id", 0}, {"content", "<|endoftext|>"}, {"special", true}, {"normalized", false}}}},
+          {"normalizer", nullptr},
+          {"pre_tokenizer",
+           {{"type", "Sequence"},
+            {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, byte_level}}}},
+          {"post_processor", byte_level},
+          {"decoder", byte_level},
+          {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges}}}};
+}
+
+}  // namespace
+
+TEST_CASE("BPE: merges by rank, byte-level spelling, special tokens kept whole",
+          "[tokenizer][bpe]") {
+  const peft::text::BpeTokenizer tok(tiny_bpe());
+  CHECK(tok.vocab_size() == 262);
+  // "lower": l o w e r -> lo w e r -> low e r -> low er -> lower (rank 4 waits for rank 3).
+  // " low": the space is spelled U+0120 and merges last.
+  CHECK(tok.encode_ids("lower low") == Ids{261, 259});
+  CHECK(tok.tokenize("lower low") == Tokens{"lower", "\u0120low"});
+  // No merge covers "ow", "e" + "l", or "é" (bytes C3 A9): each byte is its own symbol.
+  CHECK(tok.encode_ids("owel") == Ids{112, 120, 102, 109});
+  CHECK(tok.tokenize("\u00e9\n") == Tokens{"\u00c3", "\u00a9", "\u010a"});
+  CHECK(tok.encode_ids("\u00e9\n") == Ids{0xC3 + 1, 0xA9 + 1, 0x0A + 1});
+  // The control token is matched whole; decode leaves it out unless asked not to.
+  const Ids ids = tok.encode_ids("low<|endoftext|>er");
+  CHECK(ids == Ids{258, 0, 260});
+  CHECK(tok.decode(ids) == "lower");
+  CHECK(tok.decode(ids, false) == "low<|endoftext|>er");
+  CHECK(tok.decode(tok.encode_ids("\u00e9\n lower")) == "\u00e9\n lower");
+  // One byte of a two-byte character decodes to U+FFFD, like the tokenizers library.
+  CHECK(tok.decode({0xC3 + 1, 109}) == "\ufffdl");
+  // A decoder adds no special tokens around a sentence; pairs are concatenated.
+  CHECK(tok.encode("low").input_ids == Ids{258});
+  CHECK(tok.encode("low", "er").input_ids == Ids{258, 260});
+  CHECK(tok.encode("low", "er").token_type_ids == Ids{0, 1});
+  CHECK(tok.pad_id() == 0);
+  CHECK_THROWS_WITH(tok.encode_ids("a\xff"), Catch::Contains("not valid UTF-8 at byte 1"));
+}
+
+TEST_CASE("BPE: pre-tokenizers put digits apart and split with Unicode classes",
+          "[tokenizer][bpe]") {
+  auto v = tiny_bpe();
+  v.pre_tokenizer = peft::text::BpePreTokenizer::smollm();
+  const peft::text::BpeTokenizer smollm(v);
+  using Pieces = std::vector<std::string>;
+  CHECK(smollm.pre_tokenize("don't 123  x") == Pieces{"don", "'t", " ", "1", "2", "3", " ", " x"});
+  CHECK(smollm.pre_tokenize("caf\u00e9 \u0663\u0664") ==
+        Pieces{"caf\u00e9", " ", "\u0663", "\u0664"});
+  const peft::text::BpeTokenizer gpt2(tiny_bpe());
+  CHECK(gpt2.pre_tokenize("don't 123  x") == Pieces{"don", "'t", " 123", " ", " x"});
+  v.pre_tokenizer = peft::text::BpePreTokenizer::split("[0-9]+|(?");
+  CHECK_THROWS_WITH(peft::text::BpeTokenizer(v), Catch::Contains("tiny: split pattern"));
+  CHECK_THROWS_WITH(peft::text::BpePreTokenizer::from_gguf("unheard-of"),
+                    Catch::Contains("GGUF pre-tokenizer \"unheard-of\" is not supported"));
+}
+
+TEST_CASE("BPE: tokenizer.json is read, and refused by name when malformed", "[tokenizer][bpe]") {
+  TempDir dir;
+  dir.write("tokenizer.json", tiny_bpe_json().dump());
+  dir.write("tokenizer_config.json", R"({"model_max_length": 3, "pad_token": "<|endoftext|>"})");
+  auto tok = peft::text::load_tokenizer(dir.path);
+  CHECK(std::string(tok->kind()) == "bpe");
+  CHECK(tok->encode("lower 12").input_ids == Ids{261, 33, 50});
+  CHECK(tok->encode_ids("lower 12") == Ids{261, 33, 50, 51});
+
+  const auto file = (dir.path / "tokenizer.json").string();
+  auto refused = [&](const nlohmann::json& j) {
+    dir.write("tokenizer.json", j.dump());
+    try {
+      peft::text::BpeTokenizer::from_pretrained(dir.path);
+    } catch (const peft::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  auto j = tiny_bpe_json();
+  j["model"]["merges"].push_back({"lower", "zz"});
+  CHECK_THAT(refused(j), Catch::Contains(file + ": merge 5 \"lower zz\" uses \"zz\""));
+  j = tiny_bpe_json();
+  j["model"]["merges"][0] = "l o w";
+  CHECK_THAT(refused(j), Catch::Contains(file + ": model.merges mixes"));
+  j = tiny_bpe_json();
+  j["pre_tokenizer"] = {{"type", "Whitespace"}};
+  CHECK_THAT(refused(j), Catch::Contains(file + ": pre_tokenizer \"Whitespace\" is not supported"));
+  j = tiny_bpe_json();
+  j["model"]["byte_fallback"] = true;
+  CHECK_THAT(refused(j), Catch::Contains(file + ": BPE byte_fallback"));
+  j = tiny_bpe_json();
+  j["model"]["vocab"].erase("lo");
+  CHECK_THAT(refused(j), Catch::Contains(file + ": no token has id 257"));
+  j = tiny_bpe_json();
+  j["decoder"] = {{"type", "WordPiece"}};
+  CHECK_THAT(refused(j), Catch::Contains(file + ": decoder \"WordPiece\" is not supported"));
+  j = tiny_bpe_json();
+  j["pre_tokenizer"] = {
+      {"type", "Split"}, {"pattern", {{"Regex", "(?<"}}}, {"behavior", "Isolated"}};
+  CHECK_THAT(refused(j), Catch::Contains(file + ": the pre_tokenizer must end with ByteLevel"));
+}
+
+TEST_CASE("ChatTemplate renders SmolLM2's ChatML and refuses other templates",
+          "[tokenizer][chat]") {
+  const std::string smollm =
+      "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+      "'<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+      "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+      "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
+      "'<|im_start|>assistant\n' }}{% endif %}";
+  const peft::text::ChatTemplate chat(smollm);
+  REQUIRE(chat.default_system().has_value());
+  CHECK(*chat.default_system() ==
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
+  CHECK(chat.render({{"user", "Hi"}}, true) ==
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+  CHECK(chat.render({{"system", "Be brief."}, {"user", "Hi"}}) ==
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+  CHECK_THROWS_WITH(peft::text::ChatTemplate("{{ bos_token }}{{ messages[0]['content'] }}"),
+                    Catch::Contains("only ChatML chat templates"));
+  CHECK_THROWS_WITH(peft::text::ChatTemplate(smollm + "{{ eos_token }}"),
+                    Catch::Contains("only ChatML chat templates are supported, in SmolLM2's form"));
 }

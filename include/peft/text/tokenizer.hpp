@@ -79,11 +79,17 @@ struct PairLayout {
   /// keeps it, the second when equal (the Rust `tokenizers` library, whose tokenizer.json files
   /// UnigramTokenizer reads).
   bool longer_keeps_odd = false;
+  /// Whether an encoding starts with cls_id(). Decoders such as GPT-2 add nothing, or only a
+  /// beginning-of-sequence token: cls_id() then plays its part.
+  bool add_cls = true;
+  /// Whether each sentence ends with sep_id() (and a pair has separators between its sentences).
+  bool add_sep = true;
 };
 
 /// A tokenizer: text to ids, and ids to model inputs. Immutable after construction, so one
-/// instance may be shared across threads. Subclasses: WordPieceTokenizer (BERT's vocab.txt) and
-/// UnigramTokenizer (SentencePiece unigram models in a Hugging Face tokenizer.json).
+/// instance may be shared across threads. Subclasses: WordPieceTokenizer (BERT's vocab.txt),
+/// UnigramTokenizer (SentencePiece unigram models in a Hugging Face tokenizer.json) and
+/// BpeTokenizer (byte-level BPE: GPT-2, Llama 3, SmolLM2).
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
@@ -113,8 +119,12 @@ class Tokenizer {
   std::optional<int64_t> model_max_length() const { return model_max_length_; }
   /// How sentence pairs are laid out.
   const PairLayout& pair_layout() const { return pair_; }
-  /// Special tokens added by encode() to a sentence (2) or a pair (3 for BERT, 4 for XLM-R).
-  int64_t special_tokens_added(bool pair) const { return pair ? 2 + pair_.separators_between : 2; }
+  /// Special tokens added by encode() to a sentence (2) or a pair (3 for BERT, 4 for XLM-R); 0 or
+  /// 1 for decoders.
+  int64_t special_tokens_added(bool pair) const {
+    const int64_t seps = pair_.add_sep ? (pair ? 1 + pair_.separators_between : 1) : 0;
+    return (pair_.add_cls ? 1 : 0) + seps;
+  }
 
   /// Whether `token` is one of the special tokens.
   bool is_special(const std::string& token) const {
@@ -306,16 +316,16 @@ class Tokenizer {
     }
     Encoding e;
     e.input_ids.reserve(a.size() + (b ? b->size() : 0) + static_cast<size_t>(specials));
-    e.input_ids.push_back(cls_id_);
+    if (pair_.add_cls) e.input_ids.push_back(cls_id_);
     e.input_ids.insert(e.input_ids.end(), a.begin(), a.end());
-    e.input_ids.push_back(sep_id_);
-    if (b) {
+    if (pair_.add_sep) e.input_ids.push_back(sep_id_);
+    if (b && pair_.add_sep) {
       for (int64_t i = 1; i < pair_.separators_between; ++i) e.input_ids.push_back(sep_id_);
     }
     e.token_type_ids.assign(e.input_ids.size(), 0);
     if (b) {
       e.input_ids.insert(e.input_ids.end(), b->begin(), b->end());
-      e.input_ids.push_back(sep_id_);
+      if (pair_.add_sep) e.input_ids.push_back(sep_id_);
       e.token_type_ids.resize(e.input_ids.size(), pair_.second_type_id);
     }
     e.attention_mask.assign(e.input_ids.size(), 1);
