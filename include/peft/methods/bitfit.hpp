@@ -66,6 +66,13 @@ class BitFitImpl : public MethodImpl {
   BitFitImpl(const SiteImpl& site, const BitFitOptions& options)
       : MethodImpl("bitfit", options.adapter_name()),
         has_frozen_bias_(site.frozen_bias().defined()) {
+    // A bias-free architecture (Llama-family decoders) has nothing for BitFit to tune; adding
+    // biases it never had would be another method under BitFit's name.
+    check(has_frozen_bias_, "bitfit",
+          "the {} projection has no bias: BitFit tunes a model's existing biases and this "
+          "architecture has none (Llama-family decoders have no biases); use LoRA, IA3 or another "
+          "method",
+          site.role());
     bias = register_parameter("bias", torch::zeros({site.out_features()}));
   }
 

@@ -3,6 +3,9 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <string>
+#include <utility>
+
 #include <peft/config.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/core/site.hpp>
@@ -12,11 +15,13 @@ PEFT_NAMESPACE_BEGIN
 namespace nn {
 
 /// A frozen stock Linear whose output passes through a site: `site(x, base(x))`.
-/// The stock module is registered as `base`; methods attach to this module itself.
+/// The stock module is registered as `base`; methods attach to this module itself. `role` is
+/// what the projection is in its layer ("query", "out_proj", ...; see SiteImpl::role), which
+/// target aliases and role-dependent options (IA3's feedforward) read.
 class LinearImpl : public SiteImpl {
  public:
-  explicit LinearImpl(torch::nn::Linear stock)
-      : SiteImpl(SiteKind::Linear, "linear", stock->options.in_features(),
+  explicit LinearImpl(torch::nn::Linear stock, std::string role = "linear")
+      : SiteImpl(SiteKind::Linear, std::move(role), stock->options.in_features(),
                  stock->options.out_features()),
         base(register_module("base", std::move(stock))) {
     freeze(*base);

@@ -1,0 +1,376 @@
+// The Llama decoder, the GGUF reader/writer and the llama.cpp export on a tiny random model. The
+// real model (SmolLM2 from GGUF) is checked against transformers, PEFT and llama.cpp in
+// tests/python/llama_parity.py.
+
+#include <catch2/catch.hpp>
+
+#include <peft/data/lm.hpp>
+#include <peft/io/adapter_format.hpp>
+#include <peft/io/gguf.hpp>
+#include <peft/methods/adapter.hpp>
+#include <peft/methods/bitfit.hpp>
+#include <peft/methods/dora.hpp>
+#include <peft/methods/ia3.hpp>
+#include <peft/methods/lora.hpp>
+#include <peft/methods/prefix.hpp>
+#include <peft/methods/prompt.hpp>
+#include <peft/models/llama.hpp>
+#include <peft/models/llama_cpp.hpp>
+
+#include <cmath>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "helpers.hpp"
+#include "model_helpers.hpp"
+
+namespace {
+
+using peft::models::LlamaImpl;
+
+peft::models::LlamaConfig tiny_llama_config() {
+  peft::models::LlamaConfig c;
+  c.vocab_size = 40;
+  c.hidden_size = 16;
+  c.intermediate_size = 24;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.max_position_embeddings = 64;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 10000;
+  c.tie_word_embeddings = true;
+  c.name_or_path = "tiny-llama";
+  return c;
+}
+
+std::shared_ptr<LlamaImpl> tiny_llama(uint64_t seed = 0) {
+  torch::manual_seed(seed);
+  auto m = std::make_shared<LlamaImpl>(tiny_llama_config());
+  torch::NoGradGuard no_grad;
+  for (auto& p : m->parameters()) {
+    if (p.dim() == 1) p.uniform_(0.8, 1.2);  // RMSNorm weights away from exactly one
+  }
+  m->eval();
+  return m;
+}
+
+torch::Tensor logits(LlamaImpl& m, const torch::Tensor& ids, const torch::Tensor& mask = {}) {
+  torch::NoGradGuard no_grad;
+  return m.logits(m.forward(ids, mask));
+}
+
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
+
+}  // namespace
+
+TEST_CASE("Llama: stepping with the key/value cache equals the full forward", "[llama]") {
+  auto m = tiny_llama();
+  auto ids = torch::randint(0, 40, {2, 9}, torch::kLong);
+  auto full = logits(*m, ids);
+  peft::models::KVCache cache;
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> steps = {m->logits(m->forward(ids.narrow(1, 0, 5), {}, &cache))};
+  for (int64_t t = 5; t < 9; ++t) {
+    steps.push_back(m->logits(m->forward(ids.narrow(1, t, 1), {}, &cache)));
+  }
+  CHECK(cache.length() == 9);
+  CHECK(max_diff(torch::cat(steps, 1), full) <= 1e-5);
+}
+
+TEST_CASE("Llama: right padding leaves the real positions as the sequence alone", "[llama]") {
+  auto m = tiny_llama();
+  auto a = torch::randint(0, 40, {1, 7}, torch::kLong);
+  auto b = torch::randint(0, 40, {1, 4}, torch::kLong);
+  auto ids = torch::cat({a, torch::cat({b, torch::full({1, 3}, 2, torch::kLong)}, 1)}, 0);
+  auto mask = torch::ones({2, 7}, torch::kLong);
+  mask[1].narrow(0, 4, 3).zero_();
+  auto batch = logits(*m, ids, mask);
+  CHECK(max_diff(batch[0], logits(*m, a)[0]) <= 1e-5);
+  CHECK(max_diff(batch[1].narrow(0, 0, 4), logits(*m, b)[0]) <= 1e-5);
+  CHECK(torch::isfinite(batch).all().item<bool>());
+}
+
+TEST_CASE("Llama: causal attention, a later token never changes an earlier logit", "[llama]") {
+  auto m = tiny_llama();
+  auto ids = torch::randint(0, 40, {1, 6}, torch::kLong);
+  auto other = ids.clone();
+  other[0][5] = (ids[0][5].item<int64_t>() + 1) % 40;
+  CHECK(max_diff(logits(*m, ids).narrow(1, 0, 5), logits(*m, other).narrow(1, 0, 5)) == 0);
+}
+
+TEST_CASE("Llama: LoRA, DoRA, IA3 and adapters are the identity at initialisation", "[llama]") {
+  auto ids = torch::randint(0, 40, {2, 6}, torch::kLong);
+  auto expected = logits(*tiny_llama(), ids);
+  SECTION("lora") {
+    auto m = tiny_llama();
+    peft::attach(*m, peft::LoRAOptions(4).targets({"q_proj", "v_proj", "gate_proj", "down_proj"}));
+    CHECK(max_diff(logits(*m, ids), expected) <= 1e-6);
+  }
+  SECTION("dora") {
+    auto m = tiny_llama();
+    peft::attach(*m, peft::DoRAOptions(4));
+    CHECK(max_diff(logits(*m, ids), expected) <= 1e-5);
+  }
+  SECTION("ia3 with its default targets, down_proj scaling its input") {
+    auto m = tiny_llama();
+    peft::attach(*m, peft::IA3Options());
+    CHECK(max_diff(logits(*m, ids), expected) <= 1e-6);
+    int64_t sites = 0;
+    for (const auto& ref : peft::find_sites(*m)) sites += !ref.site->methods().empty();
+    CHECK(sites == 2 * 4);  // k, v, o and down in each of the two layers
+  }
+  SECTION("houlsby adapters on both sub-layers") {
+    auto m = tiny_llama();
+    peft::attach(*m, peft::AdapterOptions());
+    CHECK(max_diff(logits(*m, ids), expected) <= 1e-6);
+  }
+}
+
+TEST_CASE("Llama: BitFit says the architecture has no biases", "[llama]") {
+  auto m = tiny_llama();
+  CHECK_THROWS_WITH(peft::attach(*m, peft::BitFitOptions()),
+                    Catch::Contains("has no bias") && Catch::Contains("Llama"));
+  CHECK(peft::trainable_parameters(*m).empty());
+}
+
+TEST_CASE("Llama: prefix rows shift the positions and train alone, prompts prepend rows",
+          "[llama]") {
+  auto ids = torch::randint(0, 40, {2, 5}, torch::kLong);
+  SECTION("prefix") {
+    auto m = tiny_llama();
+    peft::attach(*m, peft::PrefixOptions(3));
+    CHECK(m->prefix_length() == 3);
+    m->train();
+    auto loss = m->logits(m->forward(ids)).pow(2).mean();
+    loss.backward();
+    for (const auto& p : m->named_parameters()) {
+      const bool trains = p.value().requires_grad();
+      CHECK(trains == (p.key().find("prefix") != std::string::npos));
+      if (!trains) CHECK_FALSE(p.value().grad().defined());
+    }
+    // With a prefix, stepping through the cache still equals the full forward.
+    m->eval();
+    peft::models::KVCache cache;
+    torch::NoGradGuard no_grad;
+    auto full = m->logits(m->forward(ids));
+    auto first = m->logits(m->forward(ids.narrow(1, 0, 3), {}, &cache));
+    auto rest = m->logits(m->forward(ids.narrow(1, 3, 2), {}, &cache));
+    CHECK(max_diff(torch::cat({first, rest}, 1), full) <= 1e-5);
+  }
+  SECTION("prompt") {
+    auto m = tiny_llama();
+    peft::attach(*m, peft::PromptOptions(4));
+    auto out = logits(*m, ids);
+    CHECK(out.size(1) == 4 + 5);
+  }
+}
+
+TEST_CASE("Llama: merged LoRA equals the unmerged model and unmerge restores the weights",
+          "[llama]") {
+  auto m = tiny_llama();
+  const auto q = m->layer(0).self_attn->q_proj->base->weight.clone();
+  peft::attach(*m, peft::LoRAOptions(4).targets({"q_proj", "k_proj", "o_proj", "up_proj"}));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : peft::trainable_parameters(*m)) p.normal_(0, 0.3);
+  }
+  auto ids = torch::randint(0, 40, {2, 6}, torch::kLong);
+  auto unmerged = logits(*m, ids);
+  CHECK(peft::merge(*m) == 8);
+  CHECK(max_diff(logits(*m, ids), unmerged) <= 1e-5);
+  peft::unmerge(*m);
+  CHECK(max_diff(m->layer(0).self_attn->q_proj->base->weight, q) <= 1e-6);
+}
+
+TEST_CASE("Llama: a saved adapter loads into a fresh model bit for bit, under Hugging Face names",
+          "[llama]") {
+  testing::TempDir dir;
+  auto m = tiny_llama();
+  peft::attach(*m, peft::LoRAOptions(4).targets({"q_proj", "v_proj", "down_proj"}));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : peft::trainable_parameters(*m)) p.normal_(0, 0.3);
+  }
+  peft::save_adapter(*m, dir.path);
+  peft::io::SafetensorsFile f(dir.path / "adapter_model.safetensors");
+  CHECK(f.contains("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"));
+  auto fresh = tiny_llama();
+  peft::load_adapter(*fresh, dir.path);
+  auto ids = torch::randint(0, 40, {2, 6}, torch::kLong);
+  CHECK(torch::equal(logits(*fresh, ids), logits(*m, ids)));
+}
+
+TEST_CASE("causal_lm_loss is the mean next-token cross-entropy over labelled positions",
+          "[llama]") {
+  // One sequence of 3 positions, vocabulary 2; position t predicts label t + 1.
+  auto logits = torch::tensor({0.0f, 1.0f, 2.0f, 0.0f, 5.0f, 5.0f}).view({1, 3, 2});
+  auto labels = torch::tensor({-100, 1, 0}, torch::kLong).view({1, 3});
+  // -log softmax([0, 1])[1] = log(1 + e^-1); -log softmax([2, 0])[0] = log(1 + e^-2).
+  const double expected = (std::log(1 + std::exp(-1.0)) + std::log(1 + std::exp(-2.0))) / 2;
+  CHECK(peft::models::causal_lm_loss(logits, labels).item<double>() == Approx(expected));
+  labels[0][2] = -100;
+  CHECK(peft::models::causal_lm_loss(logits, labels).item<double>() ==
+        Approx(std::log(1 + std::exp(-1.0))));
+}
+
+TEST_CASE("generate: greedy follows the full forward's argmax and stops at a stop token",
+          "[llama]") {
+  auto m = tiny_llama(3);
+  std::vector<int64_t> prompt = {5, 9, 11};
+  auto out = peft::models::generate(
+      *m, prompt, peft::models::GenerateOptions().max_new_tokens(6).stop_tokens({99}));
+  REQUIRE(out.size() == 6);
+  std::vector<int64_t> seq = prompt;
+  for (auto token : out) {
+    auto ids = torch::tensor(seq, torch::kLong).view({1, -1});
+    CHECK(logits(*m, ids)[0][-1].argmax().item<int64_t>() == token);
+    seq.push_back(token);
+  }
+  auto stopped = peft::models::generate(
+      *m, prompt, peft::models::GenerateOptions().max_new_tokens(6).stop_tokens({out[0]}));
+  CHECK(stopped == std::vector<int64_t>{out[0]});
+  auto sampled = peft::models::generate(
+      *m, prompt, peft::models::GenerateOptions().max_new_tokens(4).temperature(1.0).top_k(1));
+  CHECK(sampled == std::vector<int64_t>(out.begin(), out.begin() + 4));  // top-1 is greedy
+  CHECK_THROWS_WITH(peft::models::generate(*m, {40}), Catch::Contains("outside the vocabulary"));
+}
+
+TEST_CASE("GGUF: written metadata and tensors read back, Q8_0 within half a step", "[gguf]") {
+  testing::TempDir dir("peft_gguf", true);
+  const auto path = dir.path / "t.gguf";
+  peft::io::GgufWriter w;
+  w.add("general.architecture", peft::io::GgufValue::string("llama"));
+  w.add("x.count", peft::io::GgufValue::u32(7));
+  w.add("x.eps", peft::io::GgufValue::f32(0.25f));
+  w.add("x.flag", peft::io::GgufValue::boolean(true));
+  w.add("x.words", peft::io::GgufValue::strings({"a", "bc", "美"}));
+  auto a = torch::randn({3, 64});
+  auto b = torch::randn({5});
+  w.add_tensor("a32", a, peft::io::GgmlType::F32);
+  w.add_tensor("a16", a, peft::io::GgmlType::F16);
+  w.add_tensor("a8", a, peft::io::GgmlType::Q8_0);
+  w.add_tensor("b", b, peft::io::GgmlType::F32);
+  w.write(path);
+
+  peft::io::GgufFile f(path);
+  CHECK(f.version() == 3);
+  CHECK(f.get_string("general.architecture") == "llama");
+  CHECK(f.get_int("x.count") == 7);
+  CHECK(f.get_float("x.eps") == 0.25);
+  CHECK(f.get_bool("x.flag", false));
+  CHECK(f.get_strings("x.words") == std::vector<std::string>{"a", "bc", "美"});
+  CHECK(torch::equal(f.tensor("a32"), a));
+  CHECK(torch::equal(f.tensor("a16"), a.to(torch::kHalf).to(torch::kFloat)));
+  CHECK(torch::equal(f.tensor("b"), b));
+  CHECK(f.info("a8").nbytes == 3 * 2 * 34);
+  // Q8_0: one scale per 32 values, d = max|x| / 127; every value within d / 2 (plus the fp16
+  // rounding of d times 127).
+  auto step = a.view({3, 2, 32}).abs().amax(-1, true) / 127;
+  auto err = (f.tensor("a8").view({3, 2, 32}) - a.view({3, 2, 32})).abs();
+  CHECK((err <= step * 0.5 + step * 127 * 1e-3).all().item<bool>());
+  CHECK_THROWS_WITH(f.get_int("x.words"), Catch::Contains("x.words") && Catch::Contains("array"));
+  CHECK_THROWS_WITH(f.tensor("nope"), Catch::Contains("t.gguf") && Catch::Contains("nope"));
+}
+
+TEST_CASE("GGUF: damaged files are refused with the file and the problem", "[gguf]") {
+  testing::TempDir dir("peft_gguf_bad", true);
+  const auto good = dir.path / "good.gguf";
+  peft::io::GgufWriter w;
+  w.add("general.architecture", peft::io::GgufValue::string("llama"));
+  w.add_tensor("t", torch::randn({4, 32}), peft::io::GgmlType::F32);
+  w.write(good);
+  std::string bytes;
+  {
+    std::ifstream in(good, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  auto write_bad = [&](const std::string& name, const std::string& content) {
+    const auto p = dir.path / name;
+    std::ofstream(p, std::ios::binary) << content;
+    return p;
+  };
+  auto magic = bytes;
+  magic[0] = 'X';
+  CHECK_THROWS_WITH(peft::io::GgufFile(write_bad("magic.gguf", magic)),
+                    Catch::Contains("magic.gguf") && Catch::Contains("not a GGUF file"));
+  CHECK_THROWS_WITH(peft::io::GgufFile(write_bad("short.gguf", bytes.substr(0, bytes.size() - 64))),
+                    Catch::Contains("short.gguf") && Catch::Contains("runs past the end"));
+  CHECK_THROWS_WITH(peft::io::GgufFile(write_bad("cut.gguf", bytes.substr(0, 40))),
+                    Catch::Contains("cut.gguf") && Catch::Contains("truncated"));
+  auto version = bytes;
+  version[4] = 9;
+  CHECK_THROWS_WITH(peft::io::GgufFile(write_bad("version.gguf", version)),
+                    Catch::Contains("version 9"));
+}
+
+TEST_CASE("llama.cpp LoRA export: base tensor names, alpha, rotary order of query rows",
+          "[llama]") {
+  testing::TempDir dir("peft_lcpp", true);
+  auto m = tiny_llama();
+  peft::attach(*m, peft::LoRAOptions(4).alpha(16).targets({"q_proj", "v_proj"}));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : peft::trainable_parameters(*m)) p.normal_(0, 0.3);
+  }
+  const auto path = dir.path / "a.gguf";
+  peft::models::save_llama_cpp_lora(*m, path);
+  peft::io::GgufFile f(path);
+  CHECK(f.get_string("general.type") == "adapter");
+  CHECK(f.get_string("adapter.type") == "lora");
+  CHECK(f.get_float("adapter.lora.alpha") == 16);
+  CHECK(f.tensors().size() == 2 * 2 * 2);
+  auto lora =
+      std::dynamic_pointer_cast<peft::LoRAImpl>(m->layer(1).self_attn->q_proj->methods().front());
+  CHECK(torch::equal(f.tensor("blk.1.attn_q.weight.lora_a"), lora->lora_A->weight));
+  auto b = f.tensor("blk.1.attn_q.weight.lora_b");
+  CHECK(torch::equal(LlamaImpl::unpermute_rotary(b, 4), lora->lora_B->weight));
+  CHECK_FALSE(torch::equal(b, lora->lora_B->weight));
+  auto v =
+      std::dynamic_pointer_cast<peft::LoRAImpl>(m->layer(0).self_attn->v_proj->methods().front());
+  CHECK(torch::equal(f.tensor("blk.0.attn_v.weight.lora_b"), v->lora_B->weight));
+}
+
+TEST_CASE("Llama sequence classification reads the last real token, whatever the padding",
+          "[llama]") {
+  torch::manual_seed(5);
+  peft::models::LlamaForSequenceClassification cls(
+      std::make_shared<peft::models::LlamaForSequenceClassificationImpl>(
+          peft::models::Llama(tiny_llama()), 3));
+  cls->eval();
+  auto a = torch::randint(0, 40, {1, 6}, torch::kLong);
+  auto padded = torch::cat({a, torch::full({1, 2}, 2, torch::kLong)}, 1);
+  auto mask =
+      torch::cat({torch::ones({1, 6}, torch::kLong), torch::zeros({1, 2}, torch::kLong)}, 1);
+  torch::NoGradGuard no_grad;
+  auto expected = peft::detail::linear(cls->model->forward(a)[0][5], cls->score->weight);
+  CHECK(max_diff(cls(a)[0], expected) <= 1e-6);
+  CHECK(max_diff(cls(padded, mask)[0], expected) <= 1e-5);
+  testing::TempDir dir;
+  peft::attach(*cls->model, peft::LoRAOptions(2));
+  peft::save_adapter(*cls, dir.path);
+  peft::io::SafetensorsFile f(dir.path / "adapter_model.safetensors");
+  CHECK(f.contains("base_model.model.score.weight"));
+  CHECK(f.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+}
+
+TEST_CASE("data::lm labels the completion only and pads on the right", "[llama]") {
+  auto e = peft::data::make_lm_example({5, 6, 7}, {8, 9}, {2}, 16, "row 1");
+  CHECK(e.input_ids == std::vector<int64_t>{5, 6, 7, 8, 9, 2});
+  CHECK(e.labels == std::vector<int64_t>{-100, -100, -100, 8, 9, 2});
+  auto f = peft::data::make_lm_example({4}, {3}, {}, 16, "row 2");
+  auto b = peft::data::lm_batch({e, f}, {1, 0}, 0);
+  CHECK(torch::equal(
+      b.input_ids, torch::tensor({4, 3, 0, 0, 0, 0, 5, 6, 7, 8, 9, 2}, torch::kLong).view({2, 6})));
+  CHECK(
+      torch::equal(b.attention_mask,
+                   torch::tensor({1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1}, torch::kLong).view({2, 6})));
+  CHECK(b.labels[0][1].item<int64_t>() == 3);
+  CHECK(b.labels[0][2].item<int64_t>() == -100);
+  CHECK_THROWS_WITH(peft::data::make_lm_example({1, 2, 3}, {4}, {2}, 4, "data.jsonl:7"),
+                    Catch::Contains("data.jsonl:7") && Catch::Contains("5 tokens"));
+  CHECK(peft::data::lm_batches({e, f, e}, {0, 1, 2}, 2, 0).size() == 2);
+}
