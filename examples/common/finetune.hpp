@@ -59,6 +59,8 @@ using Batch = peft::TextBatch;
 struct Classifier {
   std::shared_ptr<torch::nn::Module> root;
   std::function<torch::Tensor(const Batch&)> logits;
+  /// The trained head's module name (lr_for() takes it): "classifier", or "score" on a decoder.
+  std::string head = "classifier";
   /// Where the method was attached (empty for full fine-tuning and LST, which attach nothing).
   std::vector<std::string> sites;
   /// Bytes of the method's own parameters (without the head).
@@ -227,7 +229,7 @@ inline nlohmann::ordered_json number(double value) {
 }
 
 /// Attaches the chosen method and returns the paths it went to (empty for full fine-tuning).
-inline std::vector<std::string> attach_method(const Options& o, peft::models::BertImpl& bert) {
+inline std::vector<std::string> attach_method(const Options& o, torch::nn::Module& bert) {
   if (o.method == "lora") {
     return peft::attach(bert, peft::LoRAOptions(o.lora_r)
                                   .alpha(o.lora_alpha)
@@ -386,6 +388,11 @@ inline Classifier build_early_exit(const Options& o, const fs::path& model_dir, 
   return c;
 }
 
+/// Whether `model` is a decoder's GGUF file (models::Llama) rather than a BERT folder.
+inline bool is_decoder(const fs::path& model) {
+  return model.extension() == ".gguf";
+}
+
 /// The model of the run with its method: BertForSequenceClassification with the method attached,
 /// or for LST BertLadderForSequenceClassification (`train_batches` and `regression` serve
 /// --lst-init fisher).
@@ -405,6 +412,18 @@ inline Classifier build_classifier(const Options& o, const fs::path& model_dir, 
       return model(b.input_ids, b.attention_mask, b.token_type_ids);
     };
     c.method_bytes = peft::count_parameters(*model->ladder).trainable_bytes;
+    return c;
+  }
+  if (is_decoder(model_dir)) {
+    // A decoder classifies from its last real token (Hugging Face's
+    // LlamaForSequenceClassification); the recipes' pooling and pooler settings do not apply.
+    auto model =
+        peft::models::LlamaForSequenceClassification::from_pretrained(model_dir, num_labels);
+    c.sites = attach_method(o, *model->model);
+    c.head = "score";
+    c.root = model.ptr();
+    c.logits = [model](const Batch& b) mutable { return model(b.input_ids, b.attention_mask); };
+    c.method_bytes = peft::adapter_bytes(*model);
     return c;
   }
   if (o.early_exit != "none") return build_early_exit(o, model_dir, num_labels, pooling);
@@ -735,6 +754,14 @@ inline int run(const Benchmark& bench, const Options& o) {
   } else if (!o.exit_thresholds.empty() || !o.exit_from.empty()) {
     fail(bench.program, "--exit-threshold and --exit-from need --early-exit POLICY");
   }
+  if (is_decoder(examples::default_model_dir(o.model, bench.default_model))) {
+    for (auto [bad, what] :
+         {std::pair{o.method == "lst", "--method lst"}, std::pair{early_exit, "--early-exit"},
+          std::pair{o.train_pooler, "--train-pooler"},
+          std::pair{o.method == "bitfit", "--method bitfit (no biases)"}}) {
+      if (bad) fail(bench.program, "{} does not apply to a decoder model ({})", what, o.model);
+    }
+  }
   torch::Device device(torch::kCPU);
   if (o.device != "cpu") {
     if (!torch::cuda::is_available()) {
@@ -825,7 +852,8 @@ inline int run(const Benchmark& bench, const Options& o) {
       task.is_regression() ? "regression" : fmt::format("{} classes", task.num_labels);
   std::cout << fmt::format("{}: task {} ({}), data {}\n", bench.program, task.name, labels,
                            dir.string())
-            << fmt::format("model {}; {} pooling{}\n", model_dir.string(), o.pooling,
+            << fmt::format("model {}; {} pooling{}\n", model_dir.string(),
+                           is_decoder(model_dir) ? "last-token" : o.pooling,
                            model.dropout_note.empty() ? "" : "; " + model.dropout_note)
             << fmt::format("train {} examples in {} batches of up to {}; eval {}; max length {}\n",
                            train.size(), train_batches.size(), o.batch_size, eval_summary,
@@ -884,7 +912,7 @@ inline int run(const Benchmark& bench, const Options& o) {
                      .progress_stream(&std::cout);
   if (o.head_lr > 0) {
     // With --exit-from the last layer's head is loaded and frozen.
-    if (o.exit_from.empty()) options.lr_for("classifier", o.head_lr);
+    if (o.exit_from.empty()) options.lr_for(model.head, o.head_lr);
     if (early_exit) options.lr_for("exits", o.head_lr).lr_for("predictor", o.head_lr);
   }
   // The method's own rates, from its registry entry: LoRA+'s B matrices (lora, dora), ProPETL's
@@ -982,7 +1010,8 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                  "the task's folder (train/dev files) or the benchmark folder holding it")
       ->required();
   app.add_option("--model", o.model,
-                 fmt::format("Hugging Face BERT folder, or a name: {} (default: {})",
+                 fmt::format("Hugging Face BERT folder, a decoder's .gguf file, or a name: {} "
+                             "(default: {})",
                              examples::model_names(), bench.default_model));
   app.add_option("--method", o.method,
                  "PEFT method: " + detail::join(available_methods()) +

