@@ -21,8 +21,6 @@
 #include <CLI/CLI.hpp>
 #include <torch/optim/adamw.h>
 
-#include <sys/resource.h>
-
 #include <algorithm>
 #include <chrono>
 #include <fstream>
@@ -32,27 +30,11 @@
 
 #include <nlohmann/json.hpp>
 
-namespace {
+#include "measure.hpp"
 
-double current_rss_mb() {
-  std::ifstream statm("/proc/self/statm");
-  long pages = 0, resident = 0;
-  statm >> pages >> resident;
-  return static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)) / 1048576.0;
-}
-
-double peak_rss_mb() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_maxrss) / 1024.0;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-}  // namespace
+using bench::current_rss_mb;
+using bench::median;
+using bench::peak_rss_mb;
 
 int main(int argc, char** argv) {
   CLI::App app{"peft-lm-bench: a decoder's training step or generation, one JSON line"};

@@ -49,6 +49,7 @@
 #include <peft/peft.hpp>
 
 #include "../examples/common/model_path.hpp"
+#include "measure.hpp"
 
 #ifdef PEFT_BENCH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -57,6 +58,10 @@
 namespace fs = std::filesystem;
 
 namespace {
+
+using bench::current_rss_mb;
+using bench::median;
+using bench::peak_rss_mb;
 
 /// Every training setting: the measured baselines and variants, then every other registered method
 /// (at its default options; AdapterFusion needs trained adapters and is left out).
@@ -90,22 +95,6 @@ struct Settings {
   int64_t seed = 1234;
   double lr = 1e-3;
 };
-
-/// Resident set size now, in MiB (VmRSS from /proc/self/status; 0 where that file is missing).
-double current_rss_mb() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-  }
-  return 0.0;
-}
-
-double peak_rss_mb() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux reports KiB
-}
 
 /// Bytes of every regular file under `dir`.
 int64_t folder_bytes(const fs::path& dir) {
@@ -240,13 +229,6 @@ std::pair<torch::Tensor, torch::Tensor> make_inputs(const Settings& s, int64_t v
   auto ids = torch::randint(1000, vocab, {s.batch, s.seq}, torch::kLong);
   auto labels = torch::randint(0, 2, {s.batch}, torch::kLong);
   return {ids, labels};
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 void synchronize(const torch::Device& device) {

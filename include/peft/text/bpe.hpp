@@ -457,13 +457,6 @@ class BpeTokenizer final : public Tokenizer {
     return tokens_[static_cast<size_t>(id)];
   }
 
-  /// The tokens of `text`, spelled in the byte alphabet ("Ġworld" for " world").
-  std::vector<std::string> tokenize(std::string_view text) const override {
-    std::vector<std::string> out;
-    for (auto id : encode_ids(text)) out.push_back(id_to_token(id));
-    return out;
-  }
-
   std::vector<int64_t> encode_ids(std::string_view text) const override {
     unicode::decode_utf8(text, "text");
     std::vector<int64_t> ids;

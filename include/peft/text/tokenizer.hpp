@@ -98,11 +98,15 @@ class Tokenizer {
   virtual const char* kind() const = 0;
   /// Number of ids.
   virtual int64_t vocab_size() const = 0;
-  /// The tokens of `text` without special tokens around it (special tokens written in the text
-  /// are kept whole).
-  virtual std::vector<std::string> tokenize(std::string_view text) const = 0;
   /// The ids of `text` without special tokens around it.
   virtual std::vector<int64_t> encode_ids(std::string_view text) const = 0;
+  /// The tokens of `text` without special tokens around it (special tokens written in the text
+  /// are kept whole): by default the tokens of encode_ids().
+  virtual std::vector<std::string> tokenize(std::string_view text) const {
+    std::vector<std::string> out;
+    for (auto id : encode_ids(text)) out.push_back(id_to_token(id));
+    return out;
+  }
   /// The id of `token`, or unk_id() if it is not in the vocabulary.
   virtual int64_t token_to_id(const std::string& token) const = 0;
   /// The token with id `id`; an id outside [0, vocab_size) is a peft::Error.

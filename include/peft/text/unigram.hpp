@@ -81,12 +81,6 @@ class UnigramTokenizer final : public Tokenizer {
     return pieces_[static_cast<size_t>(id)];
   }
 
-  std::vector<std::string> tokenize(std::string_view text) const override {
-    std::vector<std::string> out;
-    for (auto id : encode_ids(text)) out.push_back(id_to_token(id));
-    return out;
-  }
-
   std::vector<int64_t> encode_ids(std::string_view text) const override {
     std::vector<int64_t> ids;
     struct Chunk {
