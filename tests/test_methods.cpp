@@ -118,10 +118,16 @@ TEST_CASE("LoRA: several named adapters, switching and disabling", "[lora]") {
 
   {
     peft::AdaptersDisabled off(*model);
-    CHECK(torch::equal(model(x), [&] {
-      peft::nn::TransformerEncoder plain(stock);
-      return plain(x);
-    }()));
+    const auto plain = [&] {
+      peft::nn::TransformerEncoder p(stock);
+      return p(x);
+    }();
+    CHECK(torch::equal(model(x), plain));
+    {
+      // Guards nest: the inner one gives back the outer one's state, not "enabled".
+      peft::AdaptersDisabled inner(*model);
+    }
+    CHECK(torch::equal(model(x), plain));
   }
   CHECK(torch::equal(model(x), only_b));
   peft::set_adapter(*model, {"a", "b"});

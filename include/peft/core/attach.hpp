@@ -202,16 +202,24 @@ inline void enable_adapters(torch::nn::Module& model) {
   for (auto& ref : find_sites(model)) ref.site->set_enabled(true);
 }
 
-/// Disables the adapters of a model for the guard's lifetime.
+/// Disables the adapters of a model for the guard's lifetime, then gives each site back the
+/// state it had (so guards nest: an inner one does not switch on what an outer one switched off).
 class AdaptersDisabled {
  public:
-  explicit AdaptersDisabled(torch::nn::Module& model) : model_(model) { disable_adapters(model_); }
-  ~AdaptersDisabled() { enable_adapters(model_); }
+  explicit AdaptersDisabled(torch::nn::Module& model) {
+    for (auto& ref : find_sites(model)) {
+      sites_.emplace_back(ref.site, ref.site->enabled());
+      ref.site->set_enabled(false);
+    }
+  }
+  ~AdaptersDisabled() {
+    for (auto& [site, enabled] : sites_) site->set_enabled(enabled);
+  }
   AdaptersDisabled(const AdaptersDisabled&) = delete;
   AdaptersDisabled& operator=(const AdaptersDisabled&) = delete;
 
  private:
-  torch::nn::Module& model_;
+  std::vector<std::pair<std::shared_ptr<SiteImpl>, bool>> sites_;
 };
 
 /// Adds every active, mergeable method into the frozen weights it sits on, so forward runs at the
