@@ -25,6 +25,7 @@
 #include <peft/models/llama.hpp>
 #include <peft/models/llama_cpp.hpp>
 #include <peft/text/chat.hpp>
+#include <peft/tasks/prompting.hpp>
 #include <peft/text/gguf_tokenizer.hpp>
 
 #include <CLI/CLI.hpp>
@@ -40,6 +41,7 @@
 #include <vector>
 
 #include "../common/model_path.hpp"
+#include "prompt.hpp"
 
 namespace {
 
@@ -196,6 +198,41 @@ int generate(const std::string& model_path, const std::string& adapter, const st
   return 0;
 }
 
+// Prints each input's label probabilities and predicted label as a JSON line.
+int classify(const std::string& model_path, const std::string& dir, const std::string& inputs) {
+  const auto file =
+      model_path.empty() ? examples::smollm2_model_file() : std::filesystem::path(model_path);
+  auto clf = peft::prompting::PromptClassifier::load(file, dir);
+  std::ifstream in(inputs);
+  peft::check(in.good(), "peft-lm", "cannot open {}", inputs);
+  std::vector<peft::prompting::Fields> fields;
+  std::string line;
+  for (size_t n = 1; std::getline(in, line); ++n) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    try {
+      fields.push_back(nlohmann::json::parse(line).get<peft::prompting::Fields>());
+    } catch (const nlohmann::json::exception& e) {
+      peft::fail("peft-lm", "{}:{}: expected a JSON object of strings: {}", inputs, n, e.what());
+    }
+  }
+  const auto probs = clf.predict_proba(fields);
+  const auto values = clf.values(probs);
+  const auto& labels = clf.spec().verbalizer.labels;
+  for (size_t i = 0; i < fields.size(); ++i) {
+    nlohmann::ordered_json out;
+    for (size_t c = 0; c < labels.size(); ++c)
+      out["probabilities"][labels[c]] =
+          probs[static_cast<int64_t>(i)][static_cast<int64_t>(c)].item<double>();
+    if (clf.spec().regression) {
+      out["value"] = values[i];
+    } else {
+      out["label"] = labels[static_cast<size_t>(values[i])];
+    }
+    std::cout << out.dump() << "\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -241,11 +278,29 @@ int main(int argc, char** argv) {
   g->add_option("--top-p", top_p)->capture_default_str();
   g->add_option("--seed", gseed)->capture_default_str();
 
+  auto* p = app.add_subcommand(
+      "prompt",
+      "classify a GLUE/CLUE task with the LM head at a template's blank (zero-shot, "
+      "few-shot, LM-BFF demonstrations, PET)");
+  lm::PromptArgs pa;
+  lm::add_prompt_options(p, pa);
+
+  auto* c =
+      app.add_subcommand("classify", "label inputs with a prompt model saved by prompt --out");
+  std::string prompt_model, inputs;
+  c->add_option("--prompt-model", prompt_model, "folder written by peft-lm prompt --out")
+      ->required();
+  c->add_option("--input", inputs,
+                "JSON-lines file of inputs, each an object of the template's fields")
+      ->required();
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*t) {
       return train(model, a);
     }
+    if (*p) return lm::run_prompt(model, pa);
+    if (*c) return classify(model, prompt_model, inputs);
     return generate(model, adapter, prompt,
                     peft::models::GenerateOptions()
                         .max_new_tokens(max_new)
