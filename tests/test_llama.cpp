@@ -67,6 +67,25 @@ double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
 
 }  // namespace
 
+TEST_CASE("LlamaConfig reads config.json, rope settings old and new, and names bad keys",
+          "[llama]") {
+  nlohmann::json j = {{"vocab_size", 40},         {"hidden_size", 16},
+                      {"intermediate_size", 24},  {"num_hidden_layers", 2},
+                      {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+                      {"rope_theta", 500.0},      {"rope_scaling", nullptr}};
+  auto c = peft::models::LlamaConfig::from_json(j, "a/config.json");
+  CHECK(c.num_key_value_heads == 2);
+  CHECK(c.rope_theta == 500.0);
+  j["rope_parameters"] = {{"rope_theta", 100000.0}, {"rope_type", "linear"}, {"factor", 2.0}};
+  c = peft::models::LlamaConfig::from_json(j, "a/config.json");
+  CHECK(c.rope_theta == 100000.0);
+  CHECK(c.rope_scaling_factor == 2.0);
+  j["hidden_size"] = "sixteen";
+  CHECK_THROWS_WITH(
+      peft::models::LlamaConfig::from_json(j, "a/config.json"),
+      Catch::Contains("a/config.json") && Catch::Contains("\"hidden_size\" has the wrong type"));
+}
+
 TEST_CASE("Llama: stepping with the key/value cache equals the full forward", "[llama]") {
   auto m = tiny_llama();
   auto ids = torch::randint(0, 40, {2, 9}, torch::kLong);

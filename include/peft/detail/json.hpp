@@ -48,5 +48,14 @@ T config_value_or(const nlohmann::json& config, const char* key, T fallback,
   return config_value<T>(config, key, file, where);
 }
 
+/// Sets `out` to config[key] when the key is present and not null; a mistyped value throws (from
+/// `where`, naming `file`). For configs whose fields all have defaults (config.json).
+template <class T>
+void config_read(const nlohmann::json& config, const char* key, T& out, const std::string& file,
+                 const char* where) {
+  auto it = config.find(key);
+  if (it != config.end() && !it->is_null()) out = config_value<T>(config, key, file, where);
+}
+
 }  // namespace detail
 PEFT_NAMESPACE_END

@@ -11,6 +11,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
+#include <peft/detail/json.hpp>
 
 PEFT_NAMESPACE_BEGIN
 namespace io {
@@ -99,13 +100,7 @@ struct BertConfig {
     check(j.is_object(), "models::bert", "{}: expected a JSON object", source);
     BertConfig c;
     auto get = [&](const char* key, auto& out) {
-      auto it = j.find(key);
-      if (it == j.end() || it->is_null()) return;
-      try {
-        it->get_to(out);
-      } catch (const nlohmann::json::exception&) {
-        fail("models::bert", "{}: \"{}\" has the wrong type ({})", source, key, it->dump());
-      }
+      peft::detail::config_read(j, key, out, source, "models::bert");
     };
     get("model_type", c.model_type);
     get("vocab_size", c.vocab_size);

@@ -33,6 +33,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
+#include <peft/detail/json.hpp>
 #include <peft/core/hub.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/core/site.hpp>
@@ -131,12 +132,7 @@ struct LlamaConfig {
     check(j.is_object(), "models::llama", "{}: expected a JSON object", file);
     LlamaConfig c;
     auto get = [&](const char* key, auto& field) {
-      if (!j.contains(key) || j[key].is_null()) return;
-      try {
-        j[key].get_to(field);
-      } catch (const nlohmann::json::exception&) {
-        fail("models::llama", "{}: \"{}\" has the wrong type: {}", file, key, j[key].dump());
-      }
+      peft::detail::config_read(j, key, field, file, "models::llama");
     };
     get("vocab_size", c.vocab_size);
     get("hidden_size", c.hidden_size);
