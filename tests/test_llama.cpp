@@ -351,6 +351,13 @@ TEST_CASE("llama.cpp LoRA export: base tensor names, alpha, rotary order of quer
   auto v =
       std::dynamic_pointer_cast<peft::LoRAImpl>(m->layer(0).self_attn->v_proj->methods().front());
   CHECK(torch::equal(f.tensor("blk.0.attn_v.weight.lora_b"), v->lora_B->weight));
+
+  // A method whose update is not a pair of low-rank factors is named, not skipped.
+  auto d = tiny_llama();
+  peft::attach(*d, peft::DoRAOptions(4).targets({"v_proj"}));
+  CHECK_THROWS_WITH(peft::models::save_llama_cpp_lora(*d, dir.path / "d.gguf"),
+                    Catch::Contains("the dora method at \"layers.0.self_attn.v_proj\" has none"));
+  CHECK_FALSE(std::filesystem::exists(dir.path / "d.gguf"));
 }
 
 TEST_CASE("Llama sequence classification reads the last real token, whatever the padding",

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -93,6 +94,16 @@ class MethodImpl : public torch::nn::Module {
   /// Whether this instance shares trained state with the instances at its adapter's other
   /// sites (ProPETL's prototype), so it cannot leave one site alone.
   virtual bool shared_across_sites() const { return false; }
+
+  /// A low-rank update of a linear layer's weight, delta = scaling * b.matmul(a) with a [r, in]
+  /// and b [out, r], for file formats that store the factors (llama.cpp's LoRA adapters).
+  struct LowRank {
+    torch::Tensor a, b;
+    double scaling = 1.0;
+  };
+  /// This method's update as LowRank factors, or nothing when it has another form (the default;
+  /// LoRA on a linear layer says yes).
+  virtual std::optional<LowRank> low_rank() const { return std::nullopt; }
 
  private:
   friend class SiteImpl;

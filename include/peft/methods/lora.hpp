@@ -123,6 +123,12 @@ class LoRAImpl : public MethodImpl {
   const LoRAOptions& options() const { return options_; }
   double scaling() const { return scaling_; }
   bool on_embedding() const { return embedding_; }
+  /// The factors of a LoRA on a linear layer (none on an embedding, whose factors are laid out
+  /// for a lookup).
+  std::optional<LowRank> low_rank() const override {
+    if (embedding_) return std::nullopt;
+    return LowRank{lora_A->weight.detach(), lora_B->weight.detach(), scaling_};
+  }
 
   torch::nn::Linear lora_A{nullptr}, lora_B{nullptr};
   torch::Tensor lora_embedding_A, lora_embedding_B;

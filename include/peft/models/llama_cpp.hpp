@@ -9,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -17,7 +18,6 @@
 #include <peft/core/error.hpp>
 #include <peft/core/targets.hpp>
 #include <peft/io/gguf.hpp>
-#include <peft/methods/lora.hpp>
 #include <peft/models/llama.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -27,9 +27,11 @@ namespace models {
 /// general.type = "adapter", adapter.type = "lora", adapter.lora.alpha; tensors
 /// `<base tensor>.lora_a` [r, in] and `.lora_b` [out, r] in float32. llama.cpp scales by
 /// alpha / r, as peft does; rsLoRA's alpha / sqrt(r) is stored as the alpha that gives the same
-/// scale. Query and key B rows are put in llama.cpp's rotary order. Throws peft::Error when the
-/// adapter has no LoRA, sits where llama.cpp has no tensor (embeddings), or its sites disagree on
-/// the scale (llama.cpp has one alpha per file).
+/// scale. Query and key B rows are put in llama.cpp's rotary order. The factors come from each
+/// method's MethodImpl::low_rank(), so any method that has them can be written. Throws
+/// peft::Error when the adapter is empty, holds a method without low-rank factors (DoRA, IA3,
+/// a LoRA on the embeddings), sits where llama.cpp has no tensor, or its sites disagree on the
+/// scale (llama.cpp has one alpha per file).
 inline void save_llama_cpp_lora(LlamaImpl& model, const std::filesystem::path& path,
                                 const std::string& adapter = "default") {
   io::GgufWriter w;
@@ -40,24 +42,29 @@ inline void save_llama_cpp_lora(LlamaImpl& model, const std::filesystem::path& p
   size_t count = 0;
   for (const auto& ref : find_sites(model)) {
     for (const auto& m : ref.site->methods()) {
-      auto lora = std::dynamic_pointer_cast<LoRAImpl>(m);
-      if (!lora || lora->adapter() != adapter) continue;
+      if (m->adapter() != adapter) continue;
+      const auto factors = m->low_rank();
+      check(factors.has_value(), "models::llama_cpp",
+            "{}: llama.cpp adapters hold low-rank factors of linear layers; the {} method at "
+            "\"{}\" has none",
+            path.string(), m->method(), ref.path);
       const auto name = LlamaImpl::gguf_name(ref.path);
-      check(!name.empty() && !lora->on_embedding(), "models::llama_cpp",
+      check(!name.empty(), "models::llama_cpp",
             "{}: llama.cpp has no LoRA tensor for the site \"{}\"", path.string(), ref.path);
-      auto a = lora->lora_A->weight.detach();
-      auto b = lora->lora_B->weight.detach();
+      auto a = factors->a;
+      auto b = factors->b;
       const double r = static_cast<double>(a.size(0));
-      const double site_alpha = lora->scaling() * r;
+      const double site_alpha = factors->scaling * r;
       check(alpha < 0 || std::fabs(site_alpha - alpha) <= 1e-9 * alpha, "models::llama_cpp",
             "{}: llama.cpp stores one alpha per adapter file, but site \"{}\" scales by {} where "
             "the others scale by {}",
-            path.string(), ref.path, lora->scaling(), alpha / r);
+            path.string(), ref.path, factors->scaling, alpha / r);
       alpha = site_alpha;
+      // llama.cpp keeps the query and key rows of each head in its rotary order.
       const auto& c = model.config();
-      if (ref.path.find("self_attn.q_proj") != std::string::npos) {
+      if (ref.site->role() == "query") {
         b = LlamaImpl::permute_rotary(b, c.num_attention_heads);
-      } else if (ref.path.find("self_attn.k_proj") != std::string::npos) {
+      } else if (ref.site->role() == "key") {
         b = LlamaImpl::permute_rotary(b, c.num_key_value_heads);
       }
       w.add_tensor(name + ".weight.lora_a", a, io::GgmlType::F32);
