@@ -21,7 +21,7 @@ run() {  # task, then arguments
 }
 for t in "${tasks[@]}"; do
   run "$t" --shots 0
-  run "$t" --seeds 5
+  run "$t" --seeds 5 --demos none
   run "$t" --seeds 5 --mode head
 done
 for t in "${tasks[@]}"; do run "$t" --seeds 3 --demos random; done

@@ -11,7 +11,7 @@
 namespace lm {
 
 struct PromptArgs {
-  std::string task, data_dir, template_text, verbalizer, word_score = "sum", demos = "none";
+  std::string task, data_dir, template_text, verbalizer, word_score = "sum", demos = "random";
   std::string method = "lora", options, out, mode = "prompt";
   int64_t shots = 16, seeds = 5, first_seed = 1, epochs = 10, batch_size = 8, eval_max = 0;
   int64_t unlabeled = 500, eval_batch = 16, max_length = 256;
