@@ -6,7 +6,8 @@
 //   <dir>/trainable.safetensors   the trainable parameters by dotted name (frozen ones are not
 //                                 saved: they are the base model, loaded from elsewhere)
 //   <dir>/optimizer.pt            the optimizer's state (torch::serialize archive)
-//   <dir>/rng.safetensors         the default CPU generator's state ("cpu", uint8)
+//   <dir>/rng.safetensors         the default CPU generator's state ("cpu", uint8); a run of
+//                                 several processes adds rank r's as "cpu.rank<r>"
 //
 // The folder is built as `<dir>.tmp-<random>`, every file and the folder are flushed to disk, and
 // only then does it take the place of `<dir>` (an atomic exchange where the file system has one),
@@ -78,6 +79,7 @@ struct TrainingState {
   int64_t evals_without_improvement = 0;  ///< for early stopping
   std::map<std::string, double> last_metrics;  ///< latest evaluation's metrics
   bool finished = false;                       ///< the run ended (all steps done or stopped early)
+  int64_t world_size = 1;  ///< processes the run trained on (data parallel); resume needs as many
   nlohmann::json user = nlohmann::json::object();  ///< free-form data of the caller
 };
 
@@ -128,6 +130,7 @@ inline nlohmann::json state_to_json(const TrainingState& s) {
           {"evals_without_improvement", s.evals_without_improvement},
           {"last_metrics", metrics},
           {"finished", s.finished},
+          {"world_size", s.world_size},
           {"user", s.user}};
 }
 
@@ -154,6 +157,8 @@ inline TrainingState state_from_json(const nlohmann::json& j) {
   s.evals_without_improvement = j.at("evals_without_improvement").get<int64_t>();
   for (const auto& [k, v] : j.at("last_metrics").items()) s.last_metrics[k] = ckpt_number_from(v);
   s.finished = j.at("finished").get<bool>();
+  // Written since data-parallel training came; older checkpoints are from one process.
+  s.world_size = j.value("world_size", int64_t{1});
   s.user = j.at("user");
   return s;
 }
@@ -261,8 +266,12 @@ inline void write_folder_atomically(const std::filesystem::path& target,
 /// the default CPU generator's state and `state` to the folder `dir`, replacing a previous
 /// checkpoint there only once the new one is complete on disk. Throws peft::Error naming the
 /// folder and the problem; `dir` is then left as it was.
+///
+/// In a run of several processes, rank 0 saves and `rank_rngs` holds every rank's generator
+/// state by rank (rank 0's is taken from this process, whatever index 0 holds).
 inline void save_checkpoint(const std::filesystem::path& dir, const torch::nn::Module& module,
-                            const torch::optim::Optimizer* optimizer, const TrainingState& state) {
+                            const torch::optim::Optimizer* optimizer, const TrainingState& state,
+                            const std::vector<at::Tensor>& rank_rngs = {}) {
   const auto named = named_trainable_parameters(module);
   std::string optimizer_bytes;
   if (optimizer != nullptr) {
@@ -299,7 +308,11 @@ inline void save_checkpoint(const std::filesystem::path& dir, const torch::nn::M
 
   detail::write_folder_atomically(dir, [&](const std::filesystem::path& tmp) {
     io::save_safetensors(tmp / "trainable.safetensors", named);
-    io::save_safetensors(tmp / "rng.safetensors", {{"cpu", rng}});
+    std::vector<std::pair<std::string, at::Tensor>> rngs{{"cpu", rng}};
+    for (size_t r = 1; r < rank_rngs.size(); ++r) {
+      rngs.emplace_back(fmt::format("cpu.rank{}", r), rank_rngs[r]);
+    }
+    io::save_safetensors(tmp / "rng.safetensors", rngs);
     if (optimizer != nullptr) detail::ckpt_write_file(tmp / "optimizer.pt", optimizer_bytes);
     // The manifest goes last: a folder that has one is complete.
     detail::ckpt_write_file(tmp / "manifest.json", manifest.dump(2) + "\n");
@@ -340,14 +353,16 @@ inline TrainingState read_checkpoint_state(const std::filesystem::path& dir) {
 }
 
 /// Restores the checkpoint in `dir` into `module`'s trainable parameters, `optimizer` (when not
-/// null) and, with `restore_rng`, the default CPU generator, and returns its TrainingState.
+/// null) and, with `restore_rng`, the default CPU generator (rank `rank`'s state, in a run of
+/// several processes), and returns its TrainingState.
 ///
 /// Everything is checked first: the manifest, that the file holds exactly the trainable
 /// parameters of `module` with the same shapes and dtypes, the generator state and the optimizer
 /// archive. A mismatch throws peft::Error naming the key with the expected and found shapes, and
 /// leaves the module, the optimizer and the generator unchanged.
 inline TrainingState load_checkpoint(const std::filesystem::path& dir, torch::nn::Module& module,
-                                     torch::optim::Optimizer* optimizer, bool restore_rng = true) {
+                                     torch::optim::Optimizer* optimizer, bool restore_rng = true,
+                                     int rank = 0) {
   const auto manifest = detail::read_manifest(dir);
   TrainingState state = detail::state_from_json(manifest.at("state"));
   const auto tensors_path = dir / "trainable.safetensors";
@@ -383,7 +398,14 @@ inline TrainingState load_checkpoint(const std::filesystem::path& dir, torch::nn
   at::Tensor rng;
   if (restore_rng) {
     const io::SafetensorsFile rng_file(dir / "rng.safetensors");
-    rng = rng_file.tensor("cpu");
+    const auto key = rank == 0 ? std::string("cpu") : fmt::format("cpu.rank{}", rank);
+    if (!rng_file.contains(key)) {
+      detail::ckpt_fail(dir,
+                        "rng.safetensors has no generator state for rank {} (the run that saved "
+                        "it had {} process{})",
+                        rank, state.world_size, state.world_size == 1 ? "" : "es");
+    }
+    rng = rng_file.tensor(key);
     const auto current = at::detail::getDefaultCPUGenerator().get_state();
     if (rng.scalar_type() != current.scalar_type() || rng.sizes() != current.sizes()) {
       detail::ckpt_fail(dir, "rng.safetensors: CPU generator state of shape {} {}, expected {} {}",

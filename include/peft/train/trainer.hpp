@@ -10,6 +10,7 @@
 // takes, and the batches of an epoch come from a vector (shuffled by the trainer from the seed)
 // or from a BatchSource that hands out batch i of epoch e on demand.
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/arg.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -28,6 +29,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <string>
@@ -43,6 +45,7 @@
 #include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/train/checkpoint.hpp>
+#include <peft/train/collective.hpp>
 #include <peft/train/precision.hpp>
 #include <peft/train/progress.hpp>
 #include <peft/train/schedule.hpp>
@@ -125,6 +128,12 @@ struct TrainerOptions {
   TORCH_ARG(OstreamPtr, progress_stream) = &std::cerr;
   /// Fine control of the progress display.
   TORCH_ARG(ProgressOptions, progress_options) = {};
+  /// The processes this one trains with, data parallel (peft::init_distributed()), or null for
+  /// one process. Every rank runs fit() on its own shard of batches (the same count on every
+  /// rank, see peft::shard_for_rank); the trainer starts them from rank 0's trainable state,
+  /// averages the gradients before clipping, reduces the logged loss, takes rank 0's evaluation
+  /// metrics for every decision, and lets rank 0 alone write logs, progress and checkpoints.
+  TORCH_ARG(std::shared_ptr<Collective>, collective) = nullptr;
 
  public:
   /// Trains parameters whose dotted name contains `pattern` at `lr` (first match wins), e.g.
@@ -319,7 +328,12 @@ class Trainer {
     check(peek.scheduler.base_lrs.size() == optimizer_->param_groups().size(), "trainer",
           "{}: the checkpoint has {} learning-rate groups, the optimizer {}", dir.string(),
           peek.scheduler.base_lrs.size(), optimizer_->param_groups().size());
-    state_ = load_checkpoint(dir, *model_, optimizer_.get(), /*restore_rng=*/true);
+    const int world = group() ? group()->world_size() : 1;
+    check(peek.world_size == world, "trainer",
+          "{} was saved by a run of {} process{}, this one has {}; resume with as many",
+          dir.string(), peek.world_size, peek.world_size == 1 ? "" : "es", world);
+    state_ = load_checkpoint(dir, *model_, optimizer_.get(), /*restore_rng=*/true,
+                             group() ? group()->rank() : 0);
     resumed_ = true;
     resumed_from_ = dir;
   }
@@ -378,12 +392,23 @@ class Trainer {
             state_.batches_per_epoch, n);
       scheduler.load_state(state_.scheduler);
     } else {
-      torch::manual_seed(static_cast<uint64_t>(options_.seed()));
+      // Each rank its own random stream (dropout), all of them from the run's seed.
+      torch::manual_seed(static_cast<uint64_t>(options_.seed() + (group() ? group()->rank() : 0)));
       state_ = TrainingState();
       state_.seed = options_.seed();
       state_.total_steps = total;
       state_.batches_per_epoch = n;
       state_.scheduler = scheduler.state();
+      state_.world_size = group() ? group()->world_size() : 1;
+      if (group()) broadcast_module_state(*group(), *model_);
+    }
+    // A data-parallel run checks that every rank plans the same run before the first step.
+    if (group()) {
+      const auto plan = all_reduce_sum(*group(), {static_cast<double>(n), 1.0}, "the run's plan");
+      check(plan[0] == static_cast<double>(n) * plan[1], "trainer",
+            "rank {} has {} batches per epoch, but not every rank has as many (the {} ranks have "
+            "{} in all); shard the rows with peft::shard_for_rank",
+            group()->rank(), n, group()->world_size(), plan[0]);
     }
     const bool fp16 = options_.precision() == Precision::fp16;
     // A resumed fp16 run goes on with its saved scale; any other start begins at the initial one.
@@ -394,10 +419,11 @@ class Trainer {
       state_.loss_scale_good_steps = 0;
     }
     const auto& out_dir = options_.output_dir();
+    const bool main_rank = !group() || group()->is_main();
     std::optional<MetricsLog> log;
-    if (!out_dir.empty()) log.emplace(out_dir / "metrics.jsonl");
+    if (!out_dir.empty() && main_rank) log.emplace(out_dir / "metrics.jsonl");
     std::optional<Progress> progress;
-    if (options_.progress() && options_.progress_stream() != nullptr) {
+    if (options_.progress() && options_.progress_stream() != nullptr && main_rank) {
       progress.emplace(*options_.progress_stream(), total, options_.progress_options(),
                        state_.global_step);
     }
@@ -406,6 +432,8 @@ class Trainer {
 
     TrainResult result;
     const auto params = trainable_parameters(*model_);
+    std::optional<GradientAverager> averager;
+    if (group()) averager.emplace(params);
     model_->train();
     bool done = state_.finished || state_.global_step >= total;
     double window_loss_sum = 0.0;
@@ -435,6 +463,13 @@ class Trainer {
             (loss / static_cast<double>(window)).backward();
           }
           loss_sum += value;
+        }
+        if (averager) {
+          // The step's loss and whether any rank saw a non-finite one travel with the gradients.
+          const auto summed = averager->average(*group(), {bad.empty() ? 0.0 : 1.0, loss_sum},
+                                                fmt::format("step {}", step));
+          if (bad.empty() && summed[0] > 0) bad = "the loss is not finite on another rank";
+          loss_sum = summed[1] / static_cast<double>(group()->world_size());
         }
         double norm = std::numeric_limits<double>::quiet_NaN();
         bool overflow = false;
@@ -618,6 +653,11 @@ class Trainer {
       metrics = eval_();
     }
     model_->train();
+    // Rank 0's metrics decide for every rank (best checkpoint, early stopping).
+    if (group()) {
+      metrics = broadcast_metrics(*group(), metrics, 0,
+                                  fmt::format("the evaluation of step {}", state_.global_step));
+    }
     state_.last_eval_step = state_.global_step;
     state_.last_metrics = metrics;
     nlohmann::json values = nlohmann::json::object();
@@ -647,9 +687,7 @@ class Trainer {
       state_.best_metric = v;
       state_.best_step = state_.global_step;
       state_.evals_without_improvement = 0;
-      if (!options_.output_dir().empty()) {
-        save_checkpoint(options_.output_dir() / "best", *model_, optimizer_.get(), state_);
-      }
+      if (!options_.output_dir().empty()) save_to(options_.output_dir() / "best");
     } else {
       ++state_.evals_without_improvement;
     }
@@ -672,9 +710,9 @@ class Trainer {
     const auto& out = options_.output_dir();
     if (out.empty()) return {};
     const auto dir = out / fmt::format("checkpoint-{}", state_.global_step);
-    save_checkpoint(dir, *model_, optimizer_.get(), state_);
+    save_to(dir);
     last_save_step_ = state_.global_step;
-    if (options_.keep_checkpoints() > 0) {
+    if (options_.keep_checkpoints() > 0 && (!group() || group()->is_main())) {
       std::vector<std::pair<int64_t, fs::path>> found;
       std::error_code ec;
       for (const auto& entry : fs::directory_iterator(out, ec)) {
@@ -695,6 +733,30 @@ class Trainer {
       }
     }
     return dir;
+  }
+
+  // Saves a checkpoint: in a run of several processes every rank's generator state is gathered
+  // and rank 0 alone writes.
+  void save_to(const std::filesystem::path& dir) {
+    if (!group()) {
+      save_checkpoint(dir, *model_, optimizer_.get(), state_);
+      return;
+    }
+    at::Tensor rng;
+    {
+      auto gen = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      rng = gen.get_state();
+    }
+    const auto rngs = group()->all_gather(
+        rng, fmt::format("the generator states of checkpoint {}", dir.filename().string()));
+    if (group()->is_main()) save_checkpoint(dir, *model_, optimizer_.get(), state_, rngs);
+  }
+
+  // The group of a data-parallel run, or null for a single process (or a group of one).
+  Collective* group() const {
+    const auto& c = options_.collective();
+    return c && c->world_size() > 1 ? c.get() : nullptr;
   }
 
   void write_log(const nlohmann::json& record) {
