@@ -66,4 +66,76 @@ macro(peft_find_dependencies)
       IMPORTED_LOCATION "${PEFT_PCRE2_LIBRARY}"
       INTERFACE_INCLUDE_DIRECTORIES "${PEFT_PCRE2_INCLUDE_DIR}")
   endif()
+  if(NOT TARGET peft::distributed)
+    # Data-parallel training (peft/train/distributed.hpp) runs on LibTorch's c10d with Gloo. The
+    # pip wheel's LibTorch has both compiled in and ships c10d's headers but not Gloo's, which
+    # ProcessGroupGloo.hpp includes: they come from elsewhere (Debian: libgloo-dev). A probe that
+    # makes the calls distributed.hpp makes must compile and link; otherwise peft::distributed
+    # still exists and the header says why distributed training is unavailable.
+    add_library(peft::distributed INTERFACE IMPORTED)
+    if(NOT DEFINED PEFT_C10D_OK)
+      set(_peft_c10d_why "")
+      find_path(PEFT_C10D_INCLUDE_DIR torch/csrc/distributed/c10d/ProcessGroupGloo.hpp
+        PATHS ${TORCH_INCLUDE_DIRS} NO_DEFAULT_PATH)
+      find_path(PEFT_GLOO_INCLUDE_DIR gloo/rendezvous/store.h)
+      if(NOT PEFT_C10D_INCLUDE_DIR)
+        set(_peft_c10d_why "LibTorch ${Torch_VERSION} has no c10d headers (ProcessGroupGloo.hpp)")
+      elseif(NOT PEFT_GLOO_INCLUDE_DIR)
+        set(_peft_c10d_why "the Gloo headers are missing (Debian: apt-get install libgloo-dev)")
+      else()
+        include(CheckCXXSourceCompiles)
+        include(CMakePushCheckState)
+        cmake_push_check_state(RESET)
+        set(CMAKE_REQUIRED_QUIET ON)
+        # Plain paths, not the torch target: its link interface names targets (protobuf, ...)
+        # that a try_compile project does not have.
+        get_filename_component(_peft_torch_libdir "${TORCH_LIBRARY}" DIRECTORY)
+        set(CMAKE_REQUIRED_INCLUDES ${TORCH_INCLUDE_DIRS} ${PEFT_GLOO_INCLUDE_DIR})
+        set(CMAKE_REQUIRED_DEFINITIONS -DUSE_C10D_GLOO=1)
+        set(CMAKE_REQUIRED_LIBRARIES "${_peft_torch_libdir}/libtorch_cpu.so"
+          "${_peft_torch_libdir}/libc10.so")
+        set(CMAKE_REQUIRED_LINK_OPTIONS "-Wl,-rpath-link,${_peft_torch_libdir}")
+        if(Torch_VERSION VERSION_GREATER_EQUAL 2.12)
+          set(CMAKE_REQUIRED_FLAGS -std=c++20)
+        else()
+          set(CMAKE_REQUIRED_FLAGS -std=c++17)
+        endif()
+        message(STATUS "[peft] probing c10d and Gloo for data-parallel training")
+        check_cxx_source_compiles([=[
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+int main() {
+  c10d::TCPStoreOptions o;
+  o.port = 1;
+  o.numWorkers = 2;
+  auto opts = c10d::ProcessGroupGloo::Options::create();
+  opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  auto store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", o);
+  c10::intrusive_ptr<c10d::Backend> pg =
+      c10::make_intrusive<c10d::ProcessGroupGloo>(store, 0, 2, opts);
+  return pg ? 0 : 1;
+}]=] PEFT_C10D_PROBE)
+        cmake_pop_check_state()
+        if(NOT PEFT_C10D_PROBE)
+          set(_peft_c10d_why "c10d with the Gloo headers in ${PEFT_GLOO_INCLUDE_DIR} did not compile or link with LibTorch ${Torch_VERSION} (see CMakeFiles/CMakeError.log or CMakeConfigureLog.yaml)")
+        endif()
+      endif()
+      if(_peft_c10d_why STREQUAL "")
+        set(PEFT_C10D_OK ON CACHE INTERNAL "c10d and Gloo usable")
+      else()
+        set(PEFT_C10D_OK OFF CACHE INTERNAL "c10d and Gloo usable")
+        set(PEFT_C10D_WHY "${_peft_c10d_why}" CACHE INTERNAL "why c10d is unusable")
+      endif()
+    endif()
+    if(PEFT_C10D_OK)
+      set_target_properties(peft::distributed PROPERTIES
+        INTERFACE_COMPILE_DEFINITIONS "PEFT_WITH_C10D=1;USE_C10D_GLOO=1"
+        INTERFACE_INCLUDE_DIRECTORIES "${PEFT_GLOO_INCLUDE_DIR}")
+      message(STATUS "[peft] data-parallel training: c10d with Gloo (headers ${PEFT_GLOO_INCLUDE_DIR})")
+    else()
+      set_target_properties(peft::distributed PROPERTIES
+        INTERFACE_COMPILE_DEFINITIONS "PEFT_C10D_MISSING=\"${PEFT_C10D_WHY}\"")
+      message(STATUS "[peft] data-parallel training unavailable: ${PEFT_C10D_WHY}")
+    endif()
+  endif()
 endmacro()

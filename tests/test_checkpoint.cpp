@@ -6,12 +6,14 @@
 #include <peft/train/progress.hpp>
 #include <peft/train/schedule.hpp>
 #include <peft/train/trainer.hpp>
+#include <peft/train/distributed.hpp>
 
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <filesystem>
@@ -426,4 +428,143 @@ TEST_CASE("a failed save leaves the previous checkpoint whole", "[checkpoint]") 
 
   CHECK_THROWS_WITH(peft::load_checkpoint(dir.path / "missing", *fresh, nullptr),
                     Contains("no manifest.json"));
+}
+
+// ---- Data parallel: what needs no second process (the 2-process runs are in distributed_tool).
+
+namespace {
+
+// A "world" of two in one process: rank 0 is this process; rank 1's contributions to each
+// reduction are given in advance, in order.
+class ScriptedPeer : public peft::Collective {
+ public:
+  explicit ScriptedPeer(std::vector<torch::Tensor> peer) : peer_(std::move(peer)) {}
+  int rank() const override { return 0; }
+  int world_size() const override { return 2; }
+  void all_reduce_sum(std::vector<torch::Tensor>& tensors, const std::string& what) override {
+    count_reduced(tensors);
+    for (auto& t : tensors) {
+      REQUIRE(next_ < peer_.size());
+      INFO(what);
+      REQUIRE(peer_[next_].sizes() == t.sizes());
+      t.add_(peer_[next_++].to(t.scalar_type()));
+    }
+  }
+  void broadcast(std::vector<torch::Tensor>&, int, const std::string&) override {}
+  std::vector<torch::Tensor> all_gather(const torch::Tensor& t, const std::string&) override {
+    return {t, t};
+  }
+  void barrier(const std::string&) override {}
+  size_t used() const { return next_; }
+
+ private:
+  std::vector<torch::Tensor> peer_;
+  size_t next_ = 0;
+};
+
+}  // namespace
+
+TEST_CASE("gradient averaging: means over ranks, a gradient nobody has stays absent",
+          "[distributed]") {
+  auto a = torch::zeros({2, 2}, torch::requires_grad());
+  auto b = torch::zeros({3}, torch::requires_grad());  // no gradient on either rank
+  auto c = torch::zeros({1}, torch::requires_grad());  // a gradient on the peer only
+  a.mutable_grad() = torch::tensor({1.0f, 2.0f, 3.0f, 4.0f}).view({2, 2});
+  // The peer: values {1 (non-finite loss flag), 0.5 (loss)}, then its has-gradient flags for a,
+  // b, c; then its flat gradients of a, b, c packed in one float buffer.
+  ScriptedPeer peer({torch::tensor({1.0, 0.5, 1.0, 0.0, 1.0}, torch::kDouble),
+                     torch::tensor({3.0f, 2.0f, 1.0f, 0.0f, 0.0f, 0.0f, 0.0f, 8.0f})});
+  peft::GradientAverager averager({a, b, c});
+  CHECK(averager.buckets() == 1);
+  CHECK(averager.bytes_per_step() == 8 * 4);
+  const auto summed = averager.average(peer, {0.0, 1.5}, "step 1");
+  CHECK(peer.used() == 2);
+  CHECK(summed == std::vector<double>{1.0, 2.0});
+  CHECK(torch::equal(a.grad(), torch::tensor({2.0f, 2.0f, 2.0f, 2.0f}).view({2, 2})));
+  CHECK_FALSE(b.grad().defined());
+  REQUIRE(c.grad().defined());
+  CHECK(c.grad().item<float>() == 4.0f);
+  CHECK(peer.reduced_bytes() == 5 * 8 + 8 * 4);
+}
+
+TEST_CASE("shards: every global batch split between the ranks, evaluation rows once",
+          "[distributed]") {
+  std::vector<int> rows(10);
+  for (int i = 0; i < 10; ++i) rows[static_cast<size_t>(i)] = i;
+  // Padded to 12 with the first rows, dealt out in turn.
+  CHECK(peft::shard_for_rank(rows, 4, 0) == std::vector<int>{0, 4, 8});
+  CHECK(peft::shard_for_rank(rows, 4, 2) == std::vector<int>{2, 6, 0});
+  CHECK(peft::shard_for_rank(rows, 4, 3) == std::vector<int>{3, 7, 1});
+  // Global batches of 4 over 2 ranks (2 rows each): local batch k on both ranks is global batch k.
+  const auto r0 = peft::shard_for_rank(rows, 2, 0), r1 = peft::shard_for_rank(rows, 2, 1);
+  REQUIRE(r0.size() == r1.size());
+  for (size_t k = 0; k * 2 < r0.size(); ++k) {
+    std::vector<int> together;
+    for (size_t j = k * 2; j < std::min(r0.size(), k * 2 + 2); ++j) {
+      together.push_back(r0[j]);
+      together.push_back(r1[j]);
+    }
+    std::sort(together.begin(), together.end());
+    std::vector<int> expected;
+    for (int i = static_cast<int>(k) * 4; i < std::min(10, static_cast<int>(k) * 4 + 4); ++i) {
+      expected.push_back(i);
+    }
+    CHECK(together == expected);
+  }
+  CHECK(peft::shard_for_evaluation(rows, 4, 2) == std::vector<int>{2, 6});
+  CHECK(peft::shard_for_evaluation(rows, 4, 1) == std::vector<int>{1, 5, 9});
+  CHECK_THROWS_WITH(peft::shard_for_rank(rows, 2, 2),
+                    Contains("rank 2 is not within a world of 2 processes"));
+}
+
+TEST_CASE("a checkpoint of 2 processes is refused by 1, naming both counts", "[distributed]") {
+  TempDir dir;
+  auto net = make_net();
+  torch::optim::AdamW opt(peft::trainable_parameters(*net));
+  peft::TrainingState state;
+  state.global_step = 3;
+  state.world_size = 2;
+  state.scheduler = {3, {5e-4}};
+  peft::save_checkpoint(dir.path / "checkpoint-3", *net, &opt, state);
+  CHECK(peft::read_checkpoint_state(dir.path / "checkpoint-3").world_size == 2);
+  std::ostringstream sink;
+  peft::Trainer<Batch> trainer(
+      net, [&](const Batch& b) { return loss_of(net, b); },
+      peft::TrainerOptions().output_dir(dir.path).progress_stream(&sink));
+  CHECK_THROWS_WITH(trainer.resume(),
+                    Contains("was saved by a run of 2 processes, this one has 1"));
+  // A one-process checkpoint has no generator state for rank 1.
+  state.world_size = 1;
+  peft::save_checkpoint(dir.path / "single", *net, &opt, state);
+  CHECK_THROWS_WITH(peft::load_checkpoint(dir.path / "single", *net, &opt, true, 1),
+                    Contains("no generator state for rank 1"));
+}
+
+TEST_CASE("the launch environment is read and checked", "[distributed]") {
+  struct Env {
+    ~Env() {
+      for (const char* k : {"WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"}) {
+        ::unsetenv(k);
+      }
+    }
+  } restore;
+  CHECK_FALSE(peft::launch_env().from_env);
+  CHECK(peft::launch_env().world_size == 1);
+  ::setenv("WORLD_SIZE", "2", 1);
+  ::setenv("RANK", "1", 1);
+  ::setenv("MASTER_ADDR", "10.0.0.7", 1);
+  ::setenv("MASTER_PORT", "29555", 1);
+  const auto env = peft::launch_env();
+  CHECK(env.from_env);
+  CHECK(env.world_size == 2);
+  CHECK(env.rank == 1);
+  CHECK(env.local_rank == 1);
+  CHECK(env.master_addr == "10.0.0.7");
+  CHECK(env.master_port == 29555);
+  ::setenv("RANK", "2", 1);
+  CHECK_THROWS_WITH(peft::launch_env(),
+                    Contains("environment variable RANK=\"2\" is not an integer in [0, 1]"));
+  ::setenv("RANK", "0", 1);
+  ::setenv("MASTER_PORT", "http", 1);
+  CHECK_THROWS_WITH(peft::launch_env(), Contains("MASTER_PORT=\"http\""));
 }
