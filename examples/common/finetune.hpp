@@ -19,6 +19,8 @@
 #include <peft/tasks/text_classifier.hpp>
 #include "model_path.hpp"
 #include <peft/data/split.hpp>
+#include <peft/train/distributed.hpp>
+#include <peft/train/launch.hpp>
 
 #include <torch/torch.h>
 
@@ -81,10 +83,15 @@ struct Options {
   std::vector<std::string> eval_splits;
   int64_t epochs = 1, max_steps = 0, batch_size = 32, eval_batch_size = 64, max_len = 128;
   int64_t max_train_samples = 0, max_eval_samples = 0, seed = 42, eval_every = 0, threads = 0;
+  int64_t save_every = 0;
   double lr = 0, head_lr = 0, weight_decay = 0.01, warmup_ratio = 0.06, grad_clip = 1.0;
   /// --holdout: share of the training rows carved out for validation (--eval-split holdout).
   double holdout = 0.15;
   bool resume = false, overwrite = false, train_pooler = false;
+  /// --nproc: processes on this machine, data parallel (1: this process alone).
+  int64_t nproc = 1;
+  /// --master-port: port of rank 0's store for --nproc (0: a free one).
+  int64_t master_port = 0;
   /// --model-dropout: below 0, the config's dropout stays.
   double model_dropout = -1;
   // Early exit
@@ -578,7 +585,8 @@ inline void apply_recipe(const CLI::App& app, const Benchmark& bench, Options& o
 /// The task's metrics of `logits_of` over one split's batches (moved to `device` first).
 inline std::map<std::string, double> split_metrics(
     const peft::data::TaskInfo& task, const std::vector<Batch>& batches, torch::Device device,
-    const std::function<torch::Tensor(const Batch&)>& logits_of) {
+    const std::function<torch::Tensor(const Batch&)>& logits_of,
+    peft::Collective* group = nullptr) {
   std::vector<double> scores, gold_scores;
   std::vector<int64_t> classes, gold_classes;
   for (const auto& raw : batches) {
@@ -595,6 +603,21 @@ inline std::map<std::string, double> split_metrics(
       classes.insert(classes.end(), c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
       gold_classes.insert(gold_classes.end(), g.data_ptr<int64_t>(),
                           g.data_ptr<int64_t>() + g.numel());
+    }
+  }
+  // Data parallel: each rank scored its share of the rows; the metrics need all of them.
+  if (group != nullptr) {
+    if (task.is_regression()) {
+      scores = peft::gather_values(*group, scores, "the evaluation's scores");
+      gold_scores = peft::gather_values(*group, gold_scores, "the evaluation's labels");
+    } else {
+      auto gather = [&](std::vector<int64_t>& v, const std::string& what) {
+        auto all = peft::gather_values(*group, std::vector<double>(v.begin(), v.end()), what);
+        v.assign(all.size(), 0);
+        for (size_t i = 0; i < all.size(); ++i) v[i] = static_cast<int64_t>(all[i]);
+      };
+      gather(classes, "the evaluation's predictions");
+      gather(gold_classes, "the evaluation's labels");
     }
   }
   return task.is_regression() ? peft::metrics::evaluate(task, scores, gold_scores)
@@ -723,6 +746,9 @@ inline int run(const Benchmark& bench, const Options& o) {
   if (o.resume && o.output.empty()) {
     fail(bench.program, "--resume needs --output (the folder the run was saved in)");
   }
+  if (o.save_every > 0 && o.output.empty()) {
+    fail(bench.program, "--save-every needs --output (the folder checkpoints are written to)");
+  }
   if (o.train_pooler && o.method == "lst") {
     fail(bench.program,
          "--train-pooler does not apply to --method lst (its head reads the side network, not "
@@ -760,6 +786,25 @@ inline int run(const Benchmark& bench, const Options& o) {
           std::pair{o.train_pooler, "--train-pooler"},
           std::pair{o.method == "bitfit", "--method bitfit (no biases)"}}) {
       if (bad) fail(bench.program, "{} does not apply to a decoder model ({})", what, o.model);
+    }
+  }
+  // Data parallel: this process is one rank of the run the environment describes (--nproc set
+  // it, or torchrun-style variables on several machines); nothing for a single process.
+  const auto group = peft::init_distributed();
+  const int world = group ? group->world_size() : 1;
+  const int rank = group ? group->rank() : 0;
+  if (group) {
+    if (early_exit) fail(bench.program, "--early-exit is not supported with several processes yet");
+    if (o.device != "cpu") {
+      fail(bench.program,
+           "--device {} with several processes needs NCCL, which peft does not support yet; "
+           "data-parallel training runs on CPU (Gloo)",
+           o.device);
+    }
+    if (o.batch_size % world != 0) {
+      fail(bench.program,
+           "--batch-size {} (the global batch) must be a multiple of the {} processes",
+           o.batch_size, world);
     }
   }
   torch::Device device(torch::kCPU);
@@ -831,12 +876,16 @@ inline int run(const Benchmark& bench, const Options& o) {
   const auto tokenizer_ptr = peft::text::load_tokenizer(model_dir);
   const auto& tokenizer = *tokenizer_ptr;
   detail::shuffle(train, o.seed);
-  const auto train_batches = make_batches(train, tokenizer, task, o.batch_size, o.max_len);
+  const size_t global_train_rows = train.size();
+  // Each rank trains on its share of every global batch, and scores its share of each split.
+  if (group) train = peft::shard_for_rank(train, world, rank);
+  const auto train_batches = make_batches(train, tokenizer, task, o.batch_size / world, o.max_len);
   std::vector<std::pair<std::string, std::vector<Batch>>> eval_batches;
   std::string eval_summary;
   for (const auto& [split, examples] : evals) {
     eval_batches.emplace_back(
-        split, make_batches(examples, tokenizer, task, o.eval_batch_size, o.max_len));
+        split, make_batches(group ? peft::shard_for_evaluation(examples, world, rank) : examples,
+                            tokenizer, task, o.eval_batch_size, o.max_len));
     eval_summary +=
         fmt::format("{}{} {}", eval_summary.empty() ? "" : ", ", split, examples.size());
   }
@@ -856,7 +905,7 @@ inline int run(const Benchmark& bench, const Options& o) {
                            is_decoder(model_dir) ? "last-token" : o.pooling,
                            model.dropout_note.empty() ? "" : "; " + model.dropout_note)
             << fmt::format("train {} examples in {} batches of up to {}; eval {}; max length {}\n",
-                           train.size(), train_batches.size(), o.batch_size, eval_summary,
+                           global_train_rows, train_batches.size(), o.batch_size, eval_summary,
                            o.max_len)
             << fmt::format("method {}: {}{}{}\n", o.method, describe_method(o),
                            sites.empty() ? "" : fmt::format(" ({} sites)", sites.size()),
@@ -905,11 +954,13 @@ inline int run(const Benchmark& bench, const Options& o) {
                      .warmup_ratio(o.warmup_ratio)
                      .grad_clip(o.grad_clip)
                      .eval_every(o.eval_every)
+                     .save_every(o.save_every)
                      .seed(o.seed)
                      .device(device)
                      .precision(precision)
                      .output_dir(o.output)
-                     .progress_stream(&std::cout);
+                     .progress_stream(&std::cout)
+                     .collective(group);
   if (o.head_lr > 0) {
     // With --exit-from the last layer's head is loaded and frozen.
     if (o.exit_from.empty()) options.lr_for(model.head, o.head_lr);
@@ -947,14 +998,23 @@ inline int run(const Benchmark& bench, const Options& o) {
   trainer.evaluate_with([&] {
     std::map<std::string, double> out;
     for (const auto& [split, batches] : eval_batches) {
-      for (const auto& [name, value] : split_metrics(task, batches, device, model.logits)) {
+      for (const auto& [name, value] :
+           split_metrics(task, batches, device, model.logits, group.get())) {
         out[metric_name(split, name)] = value;
       }
     }
     return out;
   });
 
-  prepare_output(o, bench.program);
+  if (group) {
+    std::cout << fmt::format(
+        "data parallel: {} processes (Gloo), {} rows each per step; {} bytes of gradients "
+        "averaged per step\n",
+        world, o.batch_size / world, count.trainable_bytes);
+  }
+  // Rank 0 alone prepares (and may clear) --output; the others wait for it.
+  if (rank == 0) prepare_output(o, bench.program);
+  if (group) group->barrier("preparing --output");
   if (o.resume) {
     if (trainer.resume()) {
       std::cout << fmt::format("resuming from step {} of {}\n", trainer.state().global_step,
@@ -976,6 +1036,16 @@ inline int run(const Benchmark& bench, const Options& o) {
   }
   std::cout << fmt::format("trained {} steps in {:.1f} s; {} {:.4f}\n", result.steps, seconds, key,
                            found->second);
+  if (group) {
+    // Measured on this rank: what the reductions carried and how long they took (including
+    // waits for the other ranks), the ceiling on what overlapping them with backward could save.
+    std::cout << fmt::format(
+        "data parallel: {} bytes reduced per step ({} in all), {:.2f} s of {:.1f} s in "
+        "reductions ({:.1f} %)\n",
+        group->reduced_bytes() / std::max<int64_t>(result.steps, 1), group->reduced_bytes(),
+        group->reduce_seconds(), seconds,
+        100.0 * group->reduce_seconds() / std::max(seconds, 1e-9));
+  }
   nlohmann::ordered_json line;
   line["task"] = task.name;
   line["method"] = o.method;
@@ -991,7 +1061,7 @@ inline int run(const Benchmark& bench, const Options& o) {
                                     device, model.early_exit);
   }
   const auto text = line.dump();
-  save_result(o, model, text);
+  if (rank == 0) save_result(o, model, text);
   std::cout << text << std::endl;
   return 0;
 }
@@ -1096,8 +1166,21 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
   app.add_flag("--train-pooler", o.train_pooler,
                "also train BERT's pooler (saved with the adapter, like the head)");
   app.add_flag("--resume", o.resume, "continue the run saved in --output");
+  app.add_option("--nproc", o.nproc,
+                 "train on this many processes of this machine, data parallel: each takes "
+                 "--batch-size / N rows of every batch and cores / N threads (several machines: "
+                 "start one process per rank with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT "
+                 "set, as torchrun does; see README)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--master-port", o.master_port,
+                 "with --nproc: the port rank 0's store listens on (0: a free one)")
+      ->check(CLI::Range(0, 65535));
   app.add_flag("--overwrite", o.overwrite, "replace an earlier run saved in --output");
   app.add_option("--eval-every", o.eval_every, "evaluate every N steps (0: at each epoch end)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--save-every", o.save_every,
+                 "also write a checkpoint to --output every N steps, for --resume after a crash "
+                 "(0: only at evaluations)")
       ->check(CLI::NonNegativeNumber);
 
   app.add_option("--early-exit", o.early_exit,
@@ -1190,7 +1273,20 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
     return app.exit(e);
   }
   try {
+    // In a data-parallel run rank 0 reports; the others stay quiet but for errors (stderr).
+    if (const auto env = peft::launch_env(); env.world_size > 1 && env.rank != 0) {
+      std::cout.setstate(std::ios::badbit);
+    }
     detail::apply_recipe(app, bench, o);
+    // --nproc N: this process becomes the launcher of N ranks running the same command line.
+    if (o.nproc > 1 && !peft::launch_env().from_env) {
+      std::vector<std::string> args{"/proc/self/exe"};
+      for (int i = 1; i < argc; ++i) args.emplace_back(argv[i]);
+      return peft::launch_local(args, peft::LaunchOptions()
+                                          .nproc(static_cast<int>(o.nproc))
+                                          .master_port(static_cast<int>(o.master_port))
+                                          .log(&std::cout));
+    }
     return detail::run(bench, o);
   } catch (const peft::Error& e) {
     std::cerr << "error: " << e.what() << '\n';

@@ -11,6 +11,9 @@
 // reported before and after training. The adapter is saved in Hugging Face PEFT's layout
 // (adapter_config.json + adapter_model.safetensors) and, for LoRA, as a llama.cpp LoRA adapter
 // (adapter.gguf: `llama-cli -m base.gguf --lora adapter.gguf`).
+//
+// `train --nproc N` trains data parallel on N processes (docs/DISTRIBUTED.md): --batch-size is
+// the global batch, each rank takes its share of every batch; rank 0 writes --out.
 
 #include <peft/core/parameters.hpp>
 #include <peft/data/lm.hpp>
@@ -42,6 +45,9 @@
 
 #include "../common/model_path.hpp"
 #include "prompt.hpp"
+
+#include <peft/train/distributed.hpp>
+#include <peft/train/launch.hpp>
 
 namespace {
 
@@ -87,10 +93,18 @@ struct TrainArgs {
   double lr = 1e-3, held_out = 0.1, warmup = 0.0;
   int64_t epochs = 3, batch_size = 8, max_length = 512;
   int64_t seed = 0;
+  int64_t nproc = 1;
   bool resume = false;
 };
 
 int train(const std::string& model_path, const TrainArgs& a) {
+  // With --nproc (or the torchrun variables) this process is one rank of a data-parallel run.
+  const auto group = peft::init_distributed();
+  const int world = group ? group->world_size() : 1;
+  const int rank = group ? group->rank() : 0;
+  peft::check(a.batch_size % world == 0, "peft-lm",
+              "--batch-size {} (the global batch) must be a multiple of the {} processes",
+              a.batch_size, world);
   torch::manual_seed(static_cast<uint64_t>(a.seed));
   auto lm = load(model_path);
   auto& model = *lm.model;
@@ -125,12 +139,16 @@ int train(const std::string& model_path, const TrainArgs& a) {
   std::vector<size_t> rows(order.begin() + static_cast<std::ptrdiff_t>(n_held), order.end());
   peft::check(!rows.empty(), "peft-lm", "--held-out {} leaves no training examples", a.held_out);
   const int64_t pad = lm.tokenizer->pad_id();
-  const auto train_batches = peft::data::lm_batches(examples, rows, a.batch_size, pad);
+  const size_t global_rows = rows.size();
+  // Each rank its share of every batch; every rank scores the whole held-out set (the same
+  // number everywhere, so the best checkpoint is chosen alike).
+  if (group) rows = peft::shard_for_rank(rows, world, rank);
+  const auto train_batches = peft::data::lm_batches(examples, rows, a.batch_size / world, pad);
   const auto held_batches = peft::data::lm_batches(examples, held, a.batch_size, pad);
 
   nlohmann::ordered_json report = {{"method", a.method},
                                    {"trainable_params", counts.trainable},
-                                   {"train_examples", rows.size()},
+                                   {"train_examples", global_rows},
                                    {"held_out_examples", held.size()}};
   if (!held.empty()) {
     model.eval();
@@ -144,7 +162,8 @@ int train(const std::string& model_path, const TrainArgs& a) {
           .seed(a.seed)
           .grad_clip(1.0)
           .log_every(1)
-          .output_dir(a.out.empty() ? std::filesystem::path() : std::filesystem::path(a.out));
+          .output_dir(a.out.empty() ? std::filesystem::path() : std::filesystem::path(a.out))
+          .collective(group);
   if (!held.empty()) trainer_options.metric("held_out_loss").greater_is_better(false);
   std::vector<double> curve;
   peft::Trainer<peft::data::LmBatch> trainer(
@@ -175,6 +194,8 @@ int train(const std::string& model_path, const TrainArgs& a) {
     model.eval();
     report["held_out_loss_after"] = evaluate(model, held_batches);
   }
+  if (group) report["processes"] = world;
+  if (rank != 0) return 0;  // rank 0 writes and reports
   if (!a.out.empty()) {
     peft::save_adapter(model, a.out);
     if (a.method == "lora") {
@@ -264,6 +285,10 @@ int main(int argc, char** argv) {
                 "folder for the adapter (HF PEFT layout + adapter.gguf), checkpoints and "
                 "metrics.jsonl");
   t->add_flag("--resume", a.resume, "continue from the newest checkpoint in --out");
+  t->add_option("--nproc", a.nproc,
+                "train on this many processes of this machine, data parallel (several machines: "
+                "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them)")
+      ->check(CLI::PositiveNumber);
 
   auto* g = app.add_subcommand("generate", "continue a chat prompt");
   std::string adapter, prompt;
@@ -297,6 +322,11 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     if (*t) {
+      if (a.nproc > 1 && !peft::launch_env().from_env) {
+        std::vector<std::string> args{"/proc/self/exe"};
+        for (int i = 1; i < argc; ++i) args.emplace_back(argv[i]);
+        return peft::launch_local(args, peft::LaunchOptions().nproc(static_cast<int>(a.nproc)));
+      }
       return train(model, a);
     }
     if (*p) return lm::run_prompt(model, pa);
