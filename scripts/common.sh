@@ -54,7 +54,7 @@ peft_pip_install() {
 
 peft_setup() {
   peft_apt_install build-essential cmake ninja-build ccache clang-format catch2 libfmt-dev \
-    nlohmann-json3-dev libcli11-dev libutf8proc-dev libpcre2-dev pkg-config python3-pip
+    nlohmann-json3-dev libcli11-dev libutf8proc-dev libpcre2-dev libgloo-dev strace pkg-config python3-pip
   if [[ "$PEFT_TORCH" == system ]]; then
     peft_apt_install libtorch-dev
   fi

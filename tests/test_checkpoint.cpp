@@ -11,6 +11,8 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +20,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <sstream>
@@ -428,6 +431,107 @@ TEST_CASE("a failed save leaves the previous checkpoint whole", "[checkpoint]") 
 
   CHECK_THROWS_WITH(peft::load_checkpoint(dir.path / "missing", *fresh, nullptr),
                     Contains("no manifest.json"));
+}
+
+namespace {
+
+// Lowers this process's file-size limit (RLIMIT_FSIZE) to `bytes` while alive, with SIGXFSZ
+// ignored, so a write past it fails with EFBIG as on a full disk; restores both after.
+struct FileSizeLimit {
+  rlimit previous{};
+  struct sigaction previous_action {};
+  explicit FileSizeLimit(rlim_t bytes) {
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &previous) == 0);
+    struct sigaction ignore {};
+    ignore.sa_handler = SIG_IGN;
+    REQUIRE(::sigaction(SIGXFSZ, &ignore, &previous_action) == 0);
+    rlimit limited = previous;
+    limited.rlim_cur = bytes;
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &limited) == 0);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &previous);
+    ::sigaction(SIGXFSZ, &previous_action, nullptr);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a full disk while saving: a clear error, the previous checkpoint and file intact",
+          "[checkpoint]") {
+  TempDir dir;
+  const auto ck = dir.path / "ck";
+  auto net = make_net();
+  const auto saved = snapshot(*net);
+  peft::TrainingState state;
+  state.global_step = 3;
+  peft::save_checkpoint(ck, *net, nullptr, state);
+  const auto tensors = dir.path / "weights.safetensors";
+  peft::io::save_safetensors(tensors, {{"w", torch::arange(4, torch::kFloat)}});
+
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : peft::trainable_parameters(*net)) p.add_(1.0);
+  }
+  state.global_step = 4;
+  {
+    // Smaller than the trainable tensors: the first file of the new checkpoint cannot be written.
+    const FileSizeLimit limit(64);
+    CHECK_THROWS_WITH(peft::save_checkpoint(ck, *net, nullptr, state),
+                      Contains("cannot write") && Contains("trainable.safetensors") &&
+                          Contains("File too large"));
+    CHECK_THROWS_WITH(
+        peft::io::save_safetensors(tensors, {{"w", torch::zeros({1000}, torch::kFloat)}}),
+        Contains("weights.safetensors") && Contains("File too large"));
+  }
+  // Nothing half-written is left, and the earlier versions are whole.
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(dir.path))
+    names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  CHECK(names == std::vector<std::string>{"ck", "weights.safetensors"});
+  CHECK(peft::read_checkpoint_state(ck).global_step == 3);
+  auto fresh = make_net(8);
+  peft::load_checkpoint(ck, *fresh, nullptr, false);
+  for (const auto& [name, p] : peft::named_trainable_parameters(*fresh)) {
+    CHECK(torch::equal(p, saved.at(name)));
+  }
+  CHECK(torch::equal(peft::io::load_safetensors(tensors).at(0).second,
+                     torch::arange(4, torch::kFloat)));
+}
+
+TEST_CASE("what a killed writer left is cleaned: temporaries removed, a moved-aside one restored",
+          "[checkpoint]") {
+  TempDir dir;
+  const auto make = [&](const std::string& name) {
+    fs::create_directories(dir.path / name);
+    std::ofstream(dir.path / name / "manifest.json") << name;
+  };
+  make("checkpoint-8");
+  make("checkpoint-10.tmp-0123456789abcdef");  // killed while being built
+  make("checkpoint-6.old-00000000deadbeef");   // moved aside, its replacement never came
+  make("checkpoint-8.old-fedcba9876543210");   // moved aside, replaced
+  std::ofstream(dir.path / "adapter_model.safetensors.tmp-aaaaaaaaaaaaaaaa") << "half";
+  std::ofstream(dir.path / "notes.tmp-draft") << "not ours";  // not 16 hex digits: kept
+  std::ofstream(dir.path / "metrics.jsonl") << "{}";
+
+  auto cleaned = peft::clean_interrupted_writes(dir.path);
+  std::sort(cleaned.begin(), cleaned.end());
+  CHECK(cleaned == std::vector<std::string>{"adapter_model.safetensors.tmp-aaaaaaaaaaaaaaaa",
+                                            "checkpoint-10.tmp-0123456789abcdef",
+                                            "checkpoint-6.old-00000000deadbeef -> checkpoint-6",
+                                            "checkpoint-8.old-fedcba9876543210"});
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(dir.path))
+    names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  CHECK(names == std::vector<std::string>{"checkpoint-6", "checkpoint-8", "metrics.jsonl",
+                                          "notes.tmp-draft"});
+  // The restored folder is the one that was moved aside.
+  std::ifstream restored(dir.path / "checkpoint-6" / "manifest.json");
+  std::string content((std::istreambuf_iterator<char>(restored)), std::istreambuf_iterator<char>());
+  CHECK(content == "checkpoint-6.old-00000000deadbeef");
+  CHECK(peft::clean_interrupted_writes(dir.path).empty());
 }
 
 // ---- Data parallel: what needs no second process (the 2-process runs are in distributed_tool).

@@ -469,6 +469,46 @@ inline TrainingState load_checkpoint(const std::filesystem::path& dir, torch::nn
   return state;
 }
 
+/// Cleans what an interrupted writer left in `dir`: peft's atomic writers build a file or folder
+/// under `<name>.tmp-<16 hex digits>` and, where the system cannot swap two folders in one
+/// step, move the previous one aside as `<name>.old-<16 hex digits>` for an instant. A process
+/// killed in between leaves these behind. Temporary entries are removed; an `.old-` entry whose
+/// `<name>` is missing is the last complete version and is moved back, any other is removed.
+/// Returns the names it removed or restored. Call it only while no other process writes to
+/// `dir` (the Trainer does on resume(), on rank 0).
+inline std::vector<std::string> clean_interrupted_writes(const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> cleaned;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return cleaned;
+  const auto split = [](const std::string& name, const std::string& marker, std::string& base) {
+    const auto at = name.rfind(marker);
+    if (at == std::string::npos || at == 0 || name.size() != at + marker.size() + 16) return false;
+    if (name.find_first_not_of("0123456789abcdef", at + marker.size()) != std::string::npos)
+      return false;
+    base = name.substr(0, at);
+    return true;
+  };
+  std::vector<fs::path> entries;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) entries.push_back(entry.path());
+  for (const auto& path : entries) {
+    const std::string name = path.filename().string();
+    std::string base;
+    if (split(name, ".old-", base) && !fs::exists(dir / base, ec)) {
+      if (::rename(path.c_str(), (dir / base).c_str()) == 0) {
+        cleaned.push_back(name + " -> " + base);
+        continue;
+      }
+    }
+    if (split(name, ".tmp-", base) || split(name, ".old-", base)) {
+      fs::remove_all(path, ec);
+      if (!ec) cleaned.push_back(name);
+    }
+  }
+  if (!cleaned.empty()) detail::ckpt_sync_dir(dir);
+  return cleaned;
+}
+
 /// The `checkpoint-<step>` folder under `output_dir` with the highest step and a manifest, or
 /// nothing when there is none. Unfinished `*.tmp-*` folders of an interrupted save are ignored.
 inline std::optional<std::filesystem::path> latest_checkpoint(

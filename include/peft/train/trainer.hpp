@@ -312,9 +312,14 @@ class Trainer {
 
   /// Loads the newest `checkpoint-<step>` under options.output_dir() (parameters, optimizer,
   /// RNG and position) so that fit() continues that run. Returns false, changing nothing, when
-  /// there is none. Throws peft::Error when the checkpoint does not fit the model.
+  /// there is none. Throws peft::Error when the checkpoint does not fit the model. First cleans
+  /// what a killed run left in the folder (clean_interrupted_writes()).
   bool resume() {
     check(!options_.output_dir().empty(), "trainer", "resume() needs options.output_dir()");
+    // What a run killed while writing left behind: half-written temporaries, or (where folders
+    // cannot be swapped in one step) the previous checkpoint moved aside.
+    if (!group() || group()->is_main()) clean_interrupted_writes(options_.output_dir());
+    if (group()) group()->barrier("cleaning the output folder before resuming");
     auto latest = latest_checkpoint(options_.output_dir());
     if (!latest) return false;
     resume_from(*latest);
