@@ -1,0 +1,401 @@
+// libFuzzer targets for every reader of files other people make.
+//
+// One binary holds them all (one translation unit with LibTorch's headers costs ~15 s to
+// compile); PEFT_FUZZ_TARGET picks the reader:
+//
+//   safetensors  bytes as a .safetensors file: header parsed, every tensor loaded
+//   gguf         bytes as a .gguf file: header, metadata and tensor table parsed, every tensor
+//                dequantised, the tokenizer in the metadata built and run
+//   config       bytes as a model folder's config.json (BERT)
+//   adapter      a LoRA adapter folder of which one file is the bytes (the first byte picks
+//                adapter_config.json or adapter_model.safetensors; the other is a valid one):
+//                loaded into a tiny BERT, which must be left exactly as it was when loading fails
+//   tokenizer    bytes as vocab.txt, tokenizer.json or tokenizer_config.json beside a valid
+//                vocab (the first byte picks), then the tokenizer encodes two sentences
+//   glue, clue   bytes as a data file of the task the first byte picks, with or without labels
+//                (TSV or JSON lines)
+//   checkpoint   a training checkpoint folder of which one file is the bytes (the first byte
+//                picks which): loaded into a tiny BERT with LoRA, which, with the random
+//                generator, must be left exactly as it was when loading fails
+//
+// A reader must return or throw peft::Error: any other exception, a crash, a sanitizer report,
+// a hang (-timeout) or an allocation beyond -malloc_limit_mb is a finding. scripts/fuzz.sh runs
+// the targets; docs/HARDENING.md has what they found. Two more variables serve the tests:
+// PEFT_FUZZ_WRITE_SEEDS=DIR writes the seeds only peft's writers make (and, with
+// PEFT_FUZZ_DATA=tests/data, the GLUE/CLUE samples) and exits; PEFT_FUZZ_EXPECT_VALID makes a
+// peft::Error a failure too (fuzz.seeds: the valid inputs are read).
+
+#include <peft/core/attach.hpp>
+#include <peft/core/error.hpp>
+#include <peft/core/parameters.hpp>
+#include <peft/data/clue.hpp>
+#include <peft/data/glue.hpp>
+#include <peft/io/adapter_format.hpp>
+#include <peft/io/gguf.hpp>
+#include <peft/io/hf_config.hpp>
+#include <peft/io/safetensors.hpp>
+#include <peft/methods/lora.hpp>
+#include <peft/models/bert.hpp>
+#include <peft/models/heads.hpp>
+#include <peft/text/gguf_tokenizer.hpp>
+#include <peft/text/load.hpp>
+#include <peft/train/checkpoint.hpp>
+
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// A folder of this process under /dev/shm (memory, fast) or the temporary directory.
+const fs::path& work_dir() {
+  static const fs::path dir = [] {
+    fs::path base = fs::is_directory("/dev/shm") ? fs::path("/dev/shm") : fs::temp_directory_path();
+    auto d = base / ("peft_fuzz_" + std::to_string(::getpid()));
+    fs::remove_all(d);
+    fs::create_directories(d);
+    std::atexit([] { fs::remove_all(work_dir()); });
+    return d;
+  }();
+  return dir;
+}
+
+void write(const fs::path& path, std::string_view bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) {
+    std::fprintf(stderr, "fuzz: cannot write %s\n", path.c_str());
+    std::abort();
+  }
+}
+
+std::string slurp(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// A fresh empty folder for one input.
+fs::path fresh(const std::string& name) {
+  auto d = work_dir() / name;
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+// ---- targets ----------------------------------------------------------------------------------
+
+void fuzz_safetensors(std::string_view bytes) {
+  const auto path = work_dir() / "input.safetensors";
+  write(path, bytes);
+  const peft::io::SafetensorsFile file(path);
+  for (const auto& entry : file.entries()) (void)file.tensor(entry.name).sum();
+}
+
+void fuzz_gguf(std::string_view bytes) {
+  const auto path = work_dir() / "input.gguf";
+  write(path, bytes);
+  const peft::io::GgufFile gguf(path);
+  for (const auto& info : gguf.tensors()) (void)gguf.tensor(info.name).sum();
+  if (gguf.has("tokenizer.ggml.tokens")) {
+    const auto tok = peft::text::bpe_from_gguf(gguf);
+    (void)tok.encode_ids("Hello, world! 你好 \xF0\x9F\x98\x80");
+  }
+}
+
+void fuzz_config(std::string_view bytes) {
+  const auto dir = fresh("config");
+  write(dir / "config.json", bytes);
+  (void)peft::models::BertConfig::from_file(dir / "config.json");
+}
+
+peft::models::BertConfig tiny_config() {
+  peft::models::BertConfig c;
+  c.hidden_size = 8;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.intermediate_size = 16;
+  c.vocab_size = 30;
+  c.max_position_embeddings = 32;
+  c.name_or_path = "tiny-bert";
+  return c;
+}
+
+// The same random tiny BERT with a head of 3 labels every call.
+peft::models::BertForSequenceClassification tiny_model() {
+  torch::manual_seed(7);
+  auto model = peft::models::BertForSequenceClassification(peft::models::Bert(tiny_config()), 3);
+  model->eval();
+  return model;
+}
+
+peft::models::BertForSequenceClassification tiny_lora_model() {
+  auto model = tiny_model();
+  peft::attach(*model, peft::LoRAOptions(2).alpha(4).targets({"query", "value"}));
+  return model;
+}
+
+// Every tensor of the model (parameters and buffers) by name, copied.
+std::map<std::string, torch::Tensor> snapshot(torch::nn::Module& model) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& p : model.named_parameters()) out[p.key()] = p.value().detach().clone();
+  for (const auto& b : model.named_buffers()) out[b.key()] = b.value().detach().clone();
+  return out;
+}
+
+// Aborts unless `model`'s tensors equal `before` (a failed load must leave it as it was).
+void check_unchanged(torch::nn::Module& model, const std::map<std::string, torch::Tensor>& before,
+                     const char* what) {
+  const auto after = snapshot(model);
+  bool same = after.size() == before.size();
+  for (const auto& [name, t] : before) {
+    const auto it = after.find(name);
+    if (it == after.end() || !torch::equal(it->second, t)) {
+      std::fprintf(stderr, "fuzz: a failed %s changed %s\n", what, name.c_str());
+      same = false;
+    }
+  }
+  if (!same) std::abort();
+}
+
+void fuzz_adapter(std::string_view bytes) {
+  // A valid adapter, saved once, provides the file that is not fuzzed.
+  static const auto valid = [] {
+    auto model = tiny_lora_model();
+    torch::NoGradGuard no_grad;
+    for (auto& p : peft::trainable_parameters(*model)) p.normal_(0.0, 0.3);
+    const auto dir = work_dir() / "valid_adapter";
+    peft::save_adapter(*model, dir);
+    return std::make_pair(slurp(dir / "adapter_config.json"),
+                          slurp(dir / "adapter_model.safetensors"));
+  }();
+  if (bytes.empty()) return;
+  const bool fuzz_config_file = (static_cast<unsigned char>(bytes[0]) & 1) == 0;
+  bytes.remove_prefix(1);
+  const auto dir = fresh("adapter");
+  write(dir / "adapter_config.json", fuzz_config_file ? bytes : std::string_view(valid.first));
+  write(dir / "adapter_model.safetensors",
+        fuzz_config_file ? std::string_view(valid.second) : bytes);
+
+  // load_adapter attaches the method itself, into the bare model.
+  auto model = tiny_model();
+  const auto before = snapshot(*model);
+  try {
+    peft::load_adapter(*model, dir);
+  } catch (const peft::Error&) {
+    check_unchanged(*model, before, "load_adapter");
+    throw;
+  }
+}
+
+void fuzz_tokenizer(std::string_view bytes) {
+  if (bytes.empty()) return;
+  const int which = static_cast<unsigned char>(bytes[0]) % 3;
+  bytes.remove_prefix(1);
+  const auto dir = fresh("tokenizer");
+  if (which == 0) {
+    write(dir / "vocab.txt", bytes);
+  } else if (which == 1) {
+    write(dir / "tokenizer.json", bytes);
+  } else {
+    write(dir / "vocab.txt", "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\nworld\n##s\n,\n!\n");
+    write(dir / "tokenizer_config.json", bytes);
+  }
+  const auto tok = peft::text::load_tokenizer(dir);
+  (void)tok->encode_batch({"Hello, worlds! Ünïcödé 你好", "a\tb  c"});
+}
+
+// The first byte picks the task (its low 7 bits) and whether the file has labels (its high bit
+// clear; set for test files).
+template <class ReadFile>
+void fuzz_task_file(std::string_view bytes, const std::vector<std::string>& tasks, const char* name,
+                    ReadFile read_file) {
+  if (bytes.empty()) return;
+  const auto selector = static_cast<unsigned char>(bytes[0]);
+  const auto& task = tasks[(selector & 0x7f) % tasks.size()];
+  bytes.remove_prefix(1);
+  const auto path = work_dir() / (std::string(name) + "_input.txt");
+  write(path, bytes);
+  (void)read_file(task, path, peft::data::ReadOptions().labeled((selector & 0x80) == 0));
+}
+
+// A valid checkpoint folder of tiny_lora_model(), saved once: file name -> bytes.
+const std::map<std::string, std::string>& valid_checkpoint() {
+  static const auto files = [] {
+    auto model = tiny_lora_model();
+    torch::NoGradGuard no_grad;
+    for (auto& p : peft::trainable_parameters(*model)) p.normal_(0.0, 0.3);
+    peft::TrainingState state;
+    state.global_step = 3;
+    state.total_steps = 10;
+    state.batches_per_epoch = 5;
+    state.last_metrics["accuracy"] = 0.5;
+    const auto dir = work_dir() / "valid_checkpoint";
+    peft::save_checkpoint(dir, *model, nullptr, state);
+    std::map<std::string, std::string> out;
+    for (const auto& entry : fs::directory_iterator(dir)) {
+      out[entry.path().filename().string()] = slurp(entry.path());
+    }
+    return out;
+  }();
+  return files;
+}
+
+void fuzz_checkpoint(std::string_view bytes) {
+  const auto& valid = valid_checkpoint();
+  if (bytes.empty()) return;
+  // The first byte picks the file replaced by the rest of the input.
+  auto fuzzed = valid.begin();
+  std::advance(fuzzed, static_cast<unsigned char>(bytes[0]) % valid.size());
+  bytes.remove_prefix(1);
+  const auto dir = fresh("checkpoint");
+  for (const auto& [name, content] : valid) {
+    write(dir / name, name == fuzzed->first ? bytes : std::string_view(content));
+  }
+  auto model = tiny_lora_model();
+  const auto before = snapshot(*model);
+  const auto rng_before = at::detail::getDefaultCPUGenerator().get_state();
+  try {
+    (void)peft::load_checkpoint(dir, *model, nullptr, /*restore_rng=*/true);
+  } catch (const peft::Error&) {
+    check_unchanged(*model, before, "load_checkpoint");
+    if (!torch::equal(at::detail::getDefaultCPUGenerator().get_state(), rng_before)) {
+      std::fprintf(stderr, "fuzz: a failed load_checkpoint changed the generator state\n");
+      std::abort();
+    }
+    throw;
+  }
+}
+
+// Seeds that only peft's own writers make: written under `dir`/<target>/ for the targets
+// safetensors, adapter and checkpoint (bench/fuzz.sh adds real files for the others).
+void write_seeds(const fs::path& dir) {
+  for (const char* t : {"safetensors", "adapter", "checkpoint"}) fs::create_directories(dir / t);
+  const auto adapter = work_dir() / "seed_adapter";
+  {
+    auto model = tiny_lora_model();
+    peft::save_adapter(*model, adapter);
+  }
+  const auto config = slurp(adapter / "adapter_config.json");
+  const auto tensors = slurp(adapter / "adapter_model.safetensors");
+  write(dir / "safetensors" / "lora_adapter", tensors);
+  peft::io::save_safetensors(dir / "safetensors" / "dtypes",
+                             {{"f32", torch::arange(6, torch::kFloat).view({2, 3})},
+                              {"f16", torch::ones({3}, torch::kHalf)},
+                              {"bf16", torch::ones({2, 1}, torch::kBFloat16)},
+                              {"i64", torch::arange(4, torch::kLong)},
+                              {"empty", torch::zeros({0, 4}, torch::kFloat)}},
+                             {{"format", "pt"}});
+  write(dir / "adapter" / "config", std::string(1, '\0') + config);
+  write(dir / "adapter" / "tensors", std::string(1, '\1') + tensors);
+  int i = 0;
+  for (const auto& [name, content] : valid_checkpoint()) {
+    write(dir / "checkpoint" / name, std::string(1, static_cast<char>(i++)) + content);
+  }
+  // The test suite's GLUE and CLUE samples, each behind the byte that picks its task.
+  const char* data = std::getenv("PEFT_FUZZ_DATA");
+  if (data == nullptr) return;
+  const auto task_seeds = [&](const std::string& target, const std::vector<std::string>& tasks,
+                              const std::function<std::string(const std::string&)>& folder) {
+    fs::create_directories(dir / target);
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const auto from = fs::path(data) / target / folder(tasks[t]);
+      if (!fs::is_directory(from)) continue;
+      for (const auto& e : fs::directory_iterator(from)) {
+        // Test files have no labels.
+        const bool labeled = e.path().filename().string().rfind("test", 0) != 0;
+        write(dir / target / (tasks[t] + "_" + e.path().filename().string()),
+              std::string(1, static_cast<char>(t | (labeled ? 0 : 0x80))) + slurp(e.path()));
+      }
+    }
+  };
+  task_seeds("glue", peft::data::glue::task_names(),
+             [](const std::string& t) { return peft::data::glue::folder_name(t); });
+  task_seeds("clue", peft::data::clue::task_names(), [](const std::string& t) { return t; });
+}
+
+using Target = std::function<void(std::string_view)>;
+
+const Target& selected_target() {
+  static const Target target = []() -> Target {
+    const char* env = std::getenv("PEFT_FUZZ_TARGET");
+    const std::string name = env ? env : "";
+    static const std::map<std::string, Target> targets = {
+        {"safetensors", fuzz_safetensors},
+        {"gguf", fuzz_gguf},
+        {"config", fuzz_config},
+        {"adapter", fuzz_adapter},
+        {"tokenizer", fuzz_tokenizer},
+        {"glue",
+         [](std::string_view b) {
+           fuzz_task_file(
+               b, peft::data::glue::task_names(), "glue",
+               [](const std::string& t, const fs::path& p, const peft::data::ReadOptions& o) {
+                 return peft::data::glue::read_file(t, p, o);
+               });
+         }},
+        {"clue",
+         [](std::string_view b) {
+           fuzz_task_file(
+               b, peft::data::clue::task_names(), "clue",
+               [](const std::string& t, const fs::path& p, const peft::data::ReadOptions& o) {
+                 return peft::data::clue::read_file(t, p, o);
+               });
+         }},
+        {"checkpoint", fuzz_checkpoint},
+    };
+    const auto it = targets.find(name);
+    if (it == targets.end()) {
+      std::string names;
+      for (const auto& [k, v] : targets) names += (names.empty() ? "" : ", ") + k;
+      std::fprintf(stderr, "fuzz: set PEFT_FUZZ_TARGET to one of: %s (got \"%s\")\n", names.c_str(),
+                   name.c_str());
+      std::exit(2);
+    }
+    return it->second;
+  }();
+  return target;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  torch::set_num_threads(1);
+  if (const char* seeds = std::getenv("PEFT_FUZZ_WRITE_SEEDS")) {
+    write_seeds(seeds);
+    std::exit(0);
+  }
+  (void)selected_target();
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  const std::string_view bytes(reinterpret_cast<const char*>(data), size);
+  try {
+    selected_target()(bytes);
+  } catch (const peft::Error& e) {
+    // The expected way to reject bad input, except where the input is known to be valid.
+    if (std::getenv("PEFT_FUZZ_EXPECT_VALID") != nullptr) {
+      std::fprintf(stderr, "fuzz: a valid input was rejected: %s\n", e.what());
+      std::abort();
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "fuzz: %s threw a %s that is not a peft::Error: %s\n",
+                 std::getenv("PEFT_FUZZ_TARGET"), typeid(e).name(), e.what());
+    std::abort();
+  }
+  return 0;
+}
