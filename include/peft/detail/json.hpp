@@ -3,7 +3,9 @@
 // Reading typed values out of JSON configs with errors that name the file and the key, and
 // writing numbers the way Python's json module does (16.0 as 16).
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -32,6 +34,35 @@ T config_value(const nlohmann::json& config, const char* key, const std::string&
                const char* where = "load_adapter") {
   auto it = config.find(key);
   check(it != config.end() && !it->is_null(), where, "{}: \"{}\" is missing", file, key);
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    // nlohmann converts a float or an out-of-range integer to T unchecked (a float beyond T's
+    // range is undefined behaviour): only whole numbers within T's range are accepted.
+    bool fits = false;
+    if (it->is_number_float()) {
+      const double v = it->get<double>();
+      // T's range is [lowest, 2^digits): both bounds are exact in a double.
+      fits = std::isfinite(v) && v == std::floor(v) &&
+             v >= static_cast<double>(std::numeric_limits<T>::lowest()) &&
+             v < std::ldexp(1.0, std::numeric_limits<T>::digits);
+    } else if (it->is_number_unsigned()) {
+      fits = it->get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+    } else if (it->is_number_integer()) {
+      const int64_t v = it->get<int64_t>();
+      fits = std::is_signed_v<T>
+                 ? (v >= static_cast<int64_t>(std::numeric_limits<T>::lowest()) &&
+                    v <= static_cast<int64_t>(std::numeric_limits<T>::max()))
+                 : (v >= 0 && static_cast<uint64_t>(v) <=
+                                  static_cast<uint64_t>(std::numeric_limits<T>::max()));
+    } else {
+      fail(where, "{}: \"{}\" has the wrong type ({}), expected a whole number", file, key,
+           it->dump());
+    }
+    check(fits, where, "{}: \"{}\" is {}, not a whole number in [{}, {}]", file, key, it->dump(),
+          std::numeric_limits<T>::lowest(), std::numeric_limits<T>::max());
+    if (it->is_number_float()) return static_cast<T>(it->get<double>());
+    if (it->is_number_unsigned()) return static_cast<T>(it->get<uint64_t>());
+    return static_cast<T>(it->get<int64_t>());
+  }
   try {
     return it->get<T>();
   } catch (const nlohmann::json::exception&) {
