@@ -132,7 +132,8 @@ inline std::vector<Example> read_json_lines(const Spec& s, const data::detail::L
     nlohmann::json row;
     try {
       row = nlohmann::json::parse(file[i]);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {
+      // parse_error, and out_of_range for a number too large for a double (1e400).
       file.fail_at(i, "bad JSON: {}", e.what());
     }
     if (!row.is_object()) file.fail_at(i, "expected a JSON object, found {}", row.type_name());
