@@ -41,6 +41,8 @@
 #include <peft/text/load.hpp>
 #include <peft/train/checkpoint.hpp>
 
+#include "../model_helpers.hpp"
+
 #include <torch/torch.h>
 
 #include <unistd.h>
@@ -122,22 +124,11 @@ void fuzz_config(std::string_view bytes) {
   (void)peft::models::BertConfig::from_file(dir / "config.json");
 }
 
-peft::models::BertConfig tiny_config() {
-  peft::models::BertConfig c;
-  c.hidden_size = 8;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.intermediate_size = 16;
-  c.vocab_size = 30;
-  c.max_position_embeddings = 32;
-  c.name_or_path = "tiny-bert";
-  return c;
-}
-
 // The same random tiny BERT with a head of 3 labels every call.
 peft::models::BertForSequenceClassification tiny_model() {
   torch::manual_seed(7);
-  auto model = peft::models::BertForSequenceClassification(peft::models::Bert(tiny_config()), 3);
+  auto model = peft::models::BertForSequenceClassification(
+      peft::models::Bert(testing::tiny_bert_config(2)), 3);
   model->eval();
   return model;
 }
