@@ -25,6 +25,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "train_helpers.hpp"
@@ -359,6 +360,34 @@ TEST_CASE("checkpoint loading refuses mismatches and changes nothing", "[checkpo
   SECTION("an optimizer of another shape") {
     CHECK_THROWS_WITH(peft::load_checkpoint(ck, *match, grouped.get()),
                       Contains("parameter groups of sizes [4, 2], the checkpoint [6]"));
+  }
+  SECTION("a manifest number that is not a whole int64 is named, not converted") {
+    // nlohmann would cast 1e300 to int64 unchecked (undefined behaviour); found by fuzzing.
+    std::ifstream in(ck / "manifest.json");
+    auto manifest = nlohmann::json::parse(in);
+    in.close();
+    for (const auto& [key, value, message] :
+         std::vector<std::tuple<std::string, nlohmann::json, std::string>>{
+             {"global_step", 1e300, "\"global_step\" is 1e+300, not a whole number"},
+             {"epoch", 2.5, "\"epoch\" is 2.5, not a whole number"},
+             {"seed", "7", "\"seed\" has the wrong type"},
+             {"world_size", 18446744073709551615ULL, "\"world_size\" is 18446744073709551615"}}) {
+      auto bad = manifest;
+      bad["state"][key] = value;
+      std::ofstream(ck / "manifest.json", std::ios::trunc) << bad.dump();
+      CHECK_THROWS_WITH(peft::read_checkpoint_state(ck),
+                        Contains((ck / "manifest.json").string()) && Contains(message));
+    }
+    auto bad = manifest;
+    bad["version"] = 1e30;
+    std::ofstream(ck / "manifest.json", std::ios::trunc) << bad.dump();
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *match, &match_opt),
+                      Contains("\"version\" is 1e+30, not a whole number"));
+    bad = manifest;
+    bad["optimizer_group_sizes"] = {-3};
+    std::ofstream(ck / "manifest.json", std::ios::trunc) << bad.dump();
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *match, &match_opt),
+                      Contains("\"optimizer_group_sizes\" holds -3, not a count"));
   }
   SECTION("a damaged optimizer.pt is undone") {
     {

@@ -55,6 +55,7 @@
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
+#include <peft/detail/json.hpp>
 #include <peft/io/safetensors.hpp>
 #include <peft/train/schedule.hpp>
 
@@ -134,31 +135,41 @@ inline nlohmann::json state_to_json(const TrainingState& s) {
           {"user", s.user}};
 }
 
-inline TrainingState state_from_json(const nlohmann::json& j) {
+// j[key] as an int64 (`fallback` when missing, if given): a float or an integer beyond int64 is an
+// error naming `source` and the key (nlohmann would convert it unchecked, and a float beyond the
+// range is undefined behaviour).
+inline int64_t ckpt_int(const nlohmann::json& j, const char* key, const std::string& source,
+                        std::optional<int64_t> fallback = std::nullopt) {
+  if (fallback) return detail::config_value_or<int64_t>(j, key, *fallback, source, "checkpoint");
+  return detail::config_value<int64_t>(j, key, source, "checkpoint");
+}
+
+inline TrainingState state_from_json(const nlohmann::json& j,
+                                     const std::string& source = "manifest.json") {
   TrainingState s;
-  s.global_step = j.at("global_step").get<int64_t>();
-  s.epoch = j.at("epoch").get<int64_t>();
-  s.batch_in_epoch = j.at("batch_in_epoch").get<int64_t>();
-  s.total_steps = j.at("total_steps").get<int64_t>();
-  s.batches_per_epoch = j.at("batches_per_epoch").get<int64_t>();
-  s.seed = j.at("seed").get<int64_t>();
-  s.skipped_steps = j.at("skipped_steps").get<int64_t>();
+  s.global_step = ckpt_int(j, "global_step", source);
+  s.epoch = ckpt_int(j, "epoch", source);
+  s.batch_in_epoch = ckpt_int(j, "batch_in_epoch", source);
+  s.total_steps = ckpt_int(j, "total_steps", source);
+  s.batches_per_epoch = ckpt_int(j, "batches_per_epoch", source);
+  s.seed = ckpt_int(j, "seed", source);
+  s.skipped_steps = ckpt_int(j, "skipped_steps", source);
   // Written since fp16 training came; absent from older checkpoints, which had no loss scale.
-  s.overflow_steps = j.value("overflow_steps", int64_t{0});
+  s.overflow_steps = ckpt_int(j, "overflow_steps", source, 0);
   if (j.contains("loss_scale")) s.loss_scale = ckpt_number_from(j.at("loss_scale"));
-  s.loss_scale_good_steps = j.value("loss_scale_good_steps", int64_t{0});
-  s.last_eval_step = j.at("last_eval_step").get<int64_t>();
-  s.scheduler.step = j.at("scheduler").at("step").get<int64_t>();
+  s.loss_scale_good_steps = ckpt_int(j, "loss_scale_good_steps", source, 0);
+  s.last_eval_step = ckpt_int(j, "last_eval_step", source);
+  s.scheduler.step = ckpt_int(j.at("scheduler"), "step", source);
   for (const auto& lr : j.at("scheduler").at("base_lrs")) {
     s.scheduler.base_lrs.push_back(ckpt_number_from(lr));
   }
   if (!j.at("best_metric").is_null()) s.best_metric = ckpt_number_from(j.at("best_metric"));
-  s.best_step = j.at("best_step").get<int64_t>();
-  s.evals_without_improvement = j.at("evals_without_improvement").get<int64_t>();
+  s.best_step = ckpt_int(j, "best_step", source);
+  s.evals_without_improvement = ckpt_int(j, "evals_without_improvement", source);
   for (const auto& [k, v] : j.at("last_metrics").items()) s.last_metrics[k] = ckpt_number_from(v);
   s.finished = j.at("finished").get<bool>();
   // Written since data-parallel training came; older checkpoints are from one process.
-  s.world_size = j.value("world_size", int64_t{1});
+  s.world_size = ckpt_int(j, "world_size", source, 1);
   s.user = j.at("user");
   return s;
 }
@@ -331,13 +342,20 @@ inline nlohmann::json read_manifest(const std::filesystem::path& dir) {
     if (format != kCheckpointFormat) {
       ckpt_fail(dir, "manifest.json has format \"{}\", expected \"{}\"", format, kCheckpointFormat);
     }
-    const int version = manifest.at("version").get<int>();
+    const auto version = ckpt_int(manifest, "version", path.string());
     if (version != kCheckpointVersion) {
       ckpt_fail(dir, "manifest.json has version {}, this build reads version {}", version,
                 kCheckpointVersion);
     }
-    state_from_json(manifest.at("state"));
-    manifest.at("optimizer_group_sizes").get<std::vector<size_t>>();
+    state_from_json(manifest.at("state"), path.string());
+    const auto& groups = manifest.at("optimizer_group_sizes");
+    if (!groups.is_array())
+      ckpt_fail(dir, "manifest.json: \"optimizer_group_sizes\" is not an array");
+    for (const auto& g : groups) {
+      if (!g.is_number_unsigned() && !(g.is_number_integer() && g.get<int64_t>() >= 0)) {
+        ckpt_fail(dir, "manifest.json: \"optimizer_group_sizes\" holds {}, not a count", g.dump());
+      }
+    }
     return manifest;
   } catch (const nlohmann::json::exception& e) {
     ckpt_fail(dir, "manifest.json is malformed: {}", e.what());
