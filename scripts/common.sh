@@ -87,8 +87,19 @@ peft_setup_smollm2() {
   peft_pip_install "gguf==0.19.0" gguf
   # llama.cpp: its tokenizer is compared for counts (bpe_parity.py); its forward, with peft's LoRA
   # adapter and merged export, must match (llama_parity.py). PyPI has only its source: a first install
-  # compiles llama.cpp (minutes); pip caches the wheel it builds.
-  peft_pip_install "llama-cpp-python==0.3.36" llama_cpp_python
+  # compiles llama.cpp (minutes). It is built for any x86-64 with AVX2 (GGML_NATIVE off), not for
+  # the CPU it is built on: a native build uses AMX where the CPU reports it, and its AMX kernels
+  # crashed on CPUs that report AMX (SIGSEGV here, SIGILL in CI, on SmolLM2's Q4_1 weights); a
+  # native wheel is also wrong on a CPU other than the one that built it. An installed build with
+  # AMX is replaced, and the wheel is not taken from pip's cache, which ignores CMAKE_ARGS.
+  local llama_req="llama-cpp-python==0.3.36"
+  if peft_pip_has llama_cpp_python &&
+    "$(peft_python)" -c "import llama_cpp, sys; sys.exit('AMX' not in llama_cpp.llama_print_system_info().decode())" 2>/dev/null; then
+    peft_log "replacing llama-cpp-python: this build uses AMX (see scripts/common.sh)"
+    "$(peft_python)" -m pip uninstall -q -y llama_cpp_python >/dev/null 2>&1 || true
+  fi
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+    peft_pip_install "$llama_req" llama_cpp_python --no-cache-dir
 }
 
 peft_setup_e5() {
