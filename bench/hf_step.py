@@ -60,7 +60,8 @@ def base_model(folder):
     import torch
     import transformers
     torch.manual_seed(0)
-    return transformers.BertForSequenceClassification.from_pretrained(folder, num_labels=2)
+    return transformers.BertForSequenceClassification.from_pretrained(folder, num_labels=2,
+                                                                     dtype=torch.float32)
 
 
 def prepare(args):

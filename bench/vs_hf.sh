@@ -5,6 +5,8 @@
 #
 #   bench/vs_hf.sh [--repeats N] [--configs 8x64,8x128,32x64,32x128] [--out results.jsonl]
 #                  [--no-build]   (use build/pip/bench/peft-bench as it is)
+#                  [--bench PATH]   (this peft-bench, as it is; implies --no-build)
+#                  [--methods lora,prefix,prompt,infer-lora-merged]   (the default: all four)
 #                  [--full-last-layer]   (C++ runs BERT's last layer for every position, as Python
 #                                         does; by default only for [CLS], the one position read)
 #                  [--device cpu|cuda]   (cuda: both sides on the GPU; needs a CUDA build of torch,
@@ -30,6 +32,8 @@ repeats=1
 configs=8x64,8x128,32x64,32x128
 out=""
 build_it=1
+bench=""
+methods="lora prefix prompt infer-lora-merged"
 cpp_extra=()
 device=cpu
 precision=fp32
@@ -39,6 +43,14 @@ while [[ $# -gt 0 ]]; do
     --configs) configs="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --no-build) build_it=0; shift ;;
+    --bench) bench="$2"; build_it=0; shift 2 ;;
+    --methods)
+      methods="${2//,/ }"
+      for m in $methods; do
+        [[ "$m" =~ ^(lora|prefix|prompt|infer-lora-merged)$ ]] ||
+          { peft_log "--methods: unknown method $m (lora, prefix, prompt, infer-lora-merged)"; exit 2; }
+      done
+      shift 2 ;;
     --full-last-layer) cpp_extra+=(--full-last-layer); shift ;;
     --device)
       device="$2"
@@ -54,7 +66,7 @@ done
 
 PEFT_TORCH=pip
 build="$PEFT_ROOT/build/pip"
-bench="$build/bench/peft-bench"
+[[ -n "$bench" ]] || bench="$build/bench/peft-bench"
 if ((build_it)); then
   peft_setup
   mkdir -p "$PEFT_ROOT/build"
@@ -130,7 +142,7 @@ for ((r = 0; r < repeats; ++r)); do
   for config in ${configs//,/ }; do
     read -r warmup steps <<<"$(steps_for "$config")"
     inputs="$work/inputs_$config.safetensors"
-    for method in lora prefix prompt infer-lora-merged; do
+    for method in $methods; do
       case "$method" in
         infer-lora-merged) adapter="$work/adapter_lora" ;;
         *) adapter="$work/adapter_$method" ;;

@@ -50,6 +50,8 @@ TEST_CASE("precision: bf16 autocasts the loss and the evaluation, parameters sta
   CHECK_THROWS_WITH(peft::parse_precision("int8"), Contains("unknown precision \"int8\""));
 
   const auto batches = make_batches(6);
+  const auto device = test_device();
+  const auto probe = batches[0].x.to(device);
   std::ostringstream sink;
   struct Run {
     std::vector<c10::ScalarType> train_dtypes, eval_dtypes;
@@ -77,14 +79,15 @@ TEST_CASE("precision: bf16 autocasts the loss and the evaluation, parameters sta
             .lr(1e-2)
             .shuffle(false)
             .precision(precision)
+            .device(device)
             .progress_stream(&sink));
     trainer.evaluate_with([&] {
-      r.eval_dtypes.push_back(net->forward(batches[0].x).scalar_type());
+      r.eval_dtypes.push_back(net->forward(probe).scalar_type());
       return std::map<std::string, double>{{"zero", 0.0}};
     });
     trainer.fit(batches);
     // Outside fit() autocast is off again.
-    CHECK(net->forward(batches[0].x).scalar_type() == torch::kFloat);
+    CHECK(net->forward(probe).scalar_type() == torch::kFloat);
     r.after = snapshot(*net);
     return r;
   };
@@ -181,7 +184,10 @@ TEST_CASE("precision: fp16's loss scale grows, backs off on overflow, and change
   auto scale = peft::LossScaleOptions();
   scale.initial = 1024;
   scale.growth_interval = 3;
-  auto base = peft::TrainerOptions().max_steps(8).lr(1e-2).shuffle(false).progress_stream(&sink);
+  const auto device = test_device();
+  auto base =
+      peft::TrainerOptions().max_steps(8).lr(1e-2).shuffle(false).device(device).progress_stream(
+          &sink);
 #if PEFT_TORCH_VERSION >= 205
   SECTION("no overflow: the same parameters as float32, bit for bit") {
     // The gradient norms each step logs (after unscaling, before clipping) must agree too: a
@@ -198,7 +204,7 @@ TEST_CASE("precision: fp16's loss scale grows, backs off on overflow, and change
       for (const auto& r : read_json_lines(dir.path / "metrics.jsonl")) {
         if (r.at("type") == "train") norms.push_back(r.at("grad_norm").get<double>());
       }
-      return std::make_tuple(dot->w.detach().clone(), result, norms);
+      return std::make_tuple(host_copy(dot->w), result, norms);
     };
     const auto [w32, r32, norms32] = run(peft::Precision::fp32);
     const auto [w16, r16, norms16] = run(peft::Precision::fp16);
@@ -218,7 +224,7 @@ TEST_CASE("precision: fp16's loss scale grows, backs off on overflow, and change
     peft::Trainer<Batch> trainer(
         dot,
         [&](const Batch& b) {
-          seen.push_back(dot->w.detach().clone());
+          seen.push_back(host_copy(dot->w));
           auto loss = dot_loss(dot, b);
           return seen.size() == 2 ? loss + infinite_gradient(dot) : loss;
         },
@@ -257,9 +263,9 @@ TEST_CASE("precision: fp16's loss scale grows, backs off on overflow, and change
       peft::Trainer<Batch> trainer(
           dot,
           [&](const Batch& b) {
-            if (crash && torch::equal(b.x, batches[5].x)) throw Crash();
+            if (crash && torch::equal(b.x.cpu(), batches[5].x)) throw Crash();
             auto loss = dot_loss(dot, b);
-            return torch::equal(b.x, batches[1].x) ? loss + infinite_gradient(dot) : loss;
+            return torch::equal(b.x.cpu(), batches[1].x) ? loss + infinite_gradient(dot) : loss;
           },
           peft::TrainerOptions(base)
               .precision(peft::Precision::fp16)
@@ -269,7 +275,7 @@ TEST_CASE("precision: fp16's loss scale grows, backs off on overflow, and change
               .output_dir(out));
       if (resume) REQUIRE(trainer.resume());
       const auto result = trainer.fit(batches);
-      return std::make_pair(dot->w.detach().clone(), result);
+      return std::make_pair(host_copy(dot->w), result);
     };
     TempDir whole, parts;
     const auto [w_whole, r_whole] = run(whole.path, false, false);

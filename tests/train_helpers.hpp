@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -22,6 +23,18 @@
 namespace train_testing {
 
 namespace fs = std::filesystem;
+
+// Where the device-aware cases (the mixed-precision ones) train: $PEFT_TEST_DEVICE ("cuda" on a
+// GPU machine, bench/gpu_check.sh), else the CPU.
+inline torch::Device test_device() {
+  const char* env = std::getenv("PEFT_TEST_DEVICE");
+  if (env == nullptr || *env == '\0') return torch::kCPU;
+  const torch::Device device(env);
+  if (device.is_cuda() && !torch::cuda::is_available()) {
+    throw std::runtime_error(std::string("PEFT_TEST_DEVICE=") + env + " but no CUDA device");
+  }
+  return device;
+}
 
 // A small classifier with a frozen first layer, dropout (so the RNG matters for resuming), a
 // LayerNorm (excluded from weight decay) and a head.
@@ -84,9 +97,17 @@ struct TempDir {
   fs::path path;
 };
 
+// A copy on the CPU whatever the device (`.cpu()` of a CPU tensor is the tensor itself).
+inline torch::Tensor host_copy(const torch::Tensor& t) {
+  return t.detach().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true);
+}
+
 inline std::map<std::string, torch::Tensor> snapshot(const torch::nn::Module& m) {
   std::map<std::string, torch::Tensor> out;
-  for (const auto& item : m.named_parameters()) out[item.key()] = item.value().detach().clone();
+  // On the CPU, whatever the module's device, so that snapshots compare across devices.
+  for (const auto& item : m.named_parameters()) {
+    out[item.key()] = host_copy(item.value());
+  }
   return out;
 }
 
