@@ -7,12 +7,17 @@
 #include <peft/core/attach.hpp>
 #include <peft/methods/lora.hpp>
 #include <peft/tasks/prompting.hpp>
+#include <peft/tasks/text_classifier.hpp>
 
 #include <torch/optim/adam.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <memory>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -296,4 +301,171 @@ TEST_CASE("few-shot training on the verbalizer's loss moves only the adapter", "
   CHECK(torch::equal(frozen, clf.model()->embed_tokens->weight));
   // Class targets of the wrong type are refused.
   CHECK_THROWS_WITH(clf.loss(clf.inputs(x), torch::tensor({1.0f, 0.0f})), Catch::Contains("int64"));
+}
+
+// ---- Length-grouped batching (tasks/text_classifier.hpp) ----
+
+namespace {
+
+// Examples whose encoding i has lengths[i] tokens: ids 100*i + position, type 0 then 1, label i.
+peft::EncodedExamples encoded_of(const std::vector<size_t>& lengths) {
+  peft::EncodedExamples e;
+  e.pad_id = 7;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    peft::text::Encoding enc;
+    for (size_t t = 0; t < lengths[i]; ++t) {
+      enc.input_ids.push_back(static_cast<int64_t>(100 * i + t));
+      enc.token_type_ids.push_back(t * 2 >= lengths[i] ? 1 : 0);
+      enc.attention_mask.push_back(1);
+    }
+    e.encodings.push_back(enc);
+    e.labels.push_back(static_cast<float>(i));
+  }
+  return e;
+}
+
+}  // namespace
+
+TEST_CASE("EncodedExamples::collate pads on the right with the pad id, labels follow the rows",
+          "[batching]") {
+  auto e = encoded_of({2, 4, 1});
+  const auto b = e.collate({2, 0, 1});
+  // Written out by hand: rows 2 (1 token), 0 (2 tokens), 1 (4 tokens), padded to 4 with id 7.
+  auto longs = [](std::vector<int64_t> v) { return torch::tensor(v); };
+  const auto ids = longs({200, 7, 7, 7, 0, 1, 7, 7, 100, 101, 102, 103}).view({3, 4});
+  const auto types = longs({0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1}).view({3, 4});
+  const auto mask = longs({1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1}).view({3, 4});
+  CHECK(torch::equal(b.input_ids, ids));
+  CHECK(torch::equal(b.token_type_ids, types));
+  CHECK(torch::equal(b.attention_mask, mask));
+  CHECK(torch::equal(b.labels, longs({2, 0, 1})));
+  e.regression = true;
+  CHECK(torch::equal(e.collate({1}).labels, torch::tensor({1.0f})));
+  CHECK_THROWS_WITH(e.collate({3}), Catch::Contains("row 3 is beyond the 3 examples"));
+  CHECK_THROWS_WITH(e.collate({}), Catch::Contains("at least one example"));
+}
+
+TEST_CASE("length_grouped_batches: every row once, similar lengths together, reproducible",
+          "[batching]") {
+  // One group holds every row: the batches are the sorted lengths cut in pairs, in some order.
+  const std::vector<size_t> lengths{5, 1, 4, 2, 3, 6};
+  auto batches = peft::length_grouped_batches(lengths, 2, /*seed=*/3, /*epoch=*/0);
+  std::vector<std::vector<size_t>> as_lengths;
+  for (const auto& b : batches) {
+    std::vector<size_t> l;
+    for (auto r : b) l.push_back(lengths[r]);
+    as_lengths.push_back(l);
+  }
+  std::sort(as_lengths.begin(), as_lengths.end());
+  CHECK(as_lengths == std::vector<std::vector<size_t>>{{2, 1}, {4, 3}, {6, 5}});
+
+  // 1,000 rows of random lengths, batch 32, groups of 4 batches: a partition of the rows into
+  // ceil(1000 / 32) batches, every batch but one per group full.
+  std::mt19937_64 rng(11);
+  std::vector<size_t> many(1000);
+  for (auto& l : many) l = 2 + rng() % 60;
+  for (int64_t epoch : {0, 1}) {
+    const auto got = peft::length_grouped_batches(many, 32, 9, epoch, 4);
+    CHECK(got.size() == 32);
+    std::vector<size_t> seen;
+    int64_t padded = 0;
+    for (const auto& b : got) {
+      CHECK(!b.empty());
+      CHECK(b.size() <= 32);
+      size_t longest = 0;
+      for (auto r : b) longest = std::max(longest, many[r]);
+      for (auto r : b) padded += static_cast<int64_t>(longest - many[r]);
+      seen.insert(seen.end(), b.begin(), b.end());
+    }
+    std::sort(seen.begin(), seen.end());
+    std::vector<size_t> all(1000);
+    std::iota(all.begin(), all.end(), size_t{0});
+    CHECK(seen == all);
+    // Padding: a sorted group of 128 rows of 60 equally likely lengths puts ~15 lengths in a
+    // batch (~7 pad tokens a row); 32 rows in file order pad to ~60 (~28 a row): about 4x.
+    int64_t plain = 0;
+    for (size_t s = 0; s < many.size(); s += 32) {
+      const size_t e = std::min(many.size(), s + 32);
+      const size_t longest = *std::max_element(many.begin() + static_cast<std::ptrdiff_t>(s),
+                                               many.begin() + static_cast<std::ptrdiff_t>(e));
+      for (size_t i = s; i < e; ++i) plain += static_cast<int64_t>(longest - many[i]);
+    }
+    CHECK(padded * 3 < plain);
+    CHECK(got == peft::length_grouped_batches(many, 32, 9, epoch, 4));
+  }
+  CHECK(peft::length_grouped_batches(many, 32, 9, 0, 4) !=
+        peft::length_grouped_batches(many, 32, 9, 1, 4));
+  CHECK(peft::length_grouped_batches(many, 32, 9, 0, 4) !=
+        peft::length_grouped_batches(many, 32, 10, 0, 4));
+  CHECK_THROWS_WITH(peft::length_grouped_batches(many, 0, 1, 0),
+                    Catch::Contains("batch_size must be positive"));
+}
+
+TEST_CASE("length_grouped_source hands the trainer each epoch's grouped batches", "[batching]") {
+  std::vector<size_t> lengths;
+  for (size_t i = 0; i < 70; ++i) lengths.push_back(1 + (i * 37) % 23);
+  auto examples = std::make_shared<const peft::EncodedExamples>(encoded_of(lengths));
+  const auto source = peft::length_grouped_source(examples, 8, 5, 2);
+  CHECK(source.batches_per_epoch == 9);
+  for (int64_t epoch : {0, 2, 1, 0}) {  // out of order, as a resumed run may ask
+    const auto expected = peft::length_grouped_batches(lengths, 8, 5, epoch, 2);
+    for (int64_t i = 0; i < source.batches_per_epoch; ++i) {
+      const auto b = source.batch(epoch, i);
+      const auto want = examples->collate(expected[static_cast<size_t>(i)]);
+      CHECK(torch::equal(b.input_ids, want.input_ids));
+      CHECK(torch::equal(b.labels, want.labels));
+    }
+  }
+}
+
+TEST_CASE("length_sorted_batches: longest first, and the order maps rows back to examples",
+          "[batching]") {
+  const auto e = encoded_of({3, 9, 1, 9, 4});
+  std::vector<size_t> order;
+  const auto batches = peft::length_sorted_batches(e, 2, &order);
+  CHECK(order == std::vector<size_t>{1, 3, 4, 0, 2});  // stable: the two 9s keep their order
+  REQUIRE(batches.size() == 3);
+  CHECK(batches[0].input_ids.size(1) == 9);
+  CHECK(batches[1].input_ids.size(1) == 4);
+  CHECK(batches[2].input_ids.size(1) == 1);
+  CHECK(torch::equal(batches[1].labels, torch::tensor(std::vector<int64_t>{4, 0})));
+}
+
+TEST_CASE("TextClassifier: grouping by length changes the batches, not the predictions",
+          "[batching][model]") {
+  std::filesystem::path dir;
+  try {
+    dir = examples::minilm_model_dir();
+  } catch (const std::exception& e) {
+    WARN("skipped: " << e.what());
+    return;
+  }
+  std::vector<peft::data::Example> rows;
+  const char* texts[] = {
+      "a fine film",  "it is , in the end , a tedious and overlong story",
+      "bad",          "one of the best performances of the year , warm and funny",
+      "not worth it", "the plot never comes together"};
+  for (size_t i = 0; i < 6; ++i) {
+    peft::data::Example e;
+    e.text_a = texts[i];
+    e.label = static_cast<float>(i % 2);
+    rows.push_back(e);
+  }
+  // Regression (one output): predict() returns each row's score, in the rows' order.
+  torch::manual_seed(0);
+  peft::TextClassifier grouped(dir, 1, peft::TextClassifierOptions().group_by_length(true));
+  torch::manual_seed(0);
+  peft::TextClassifier plain(dir, 1, peft::TextClassifierOptions().group_by_length(false));
+  const auto a = grouped.predict(rows);
+  const auto b = plain.predict(rows);
+  REQUIRE(a.size() == rows.size());
+  REQUIRE(b.size() == rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    // Reference: the row alone, with no padding at all.
+    const float alone = plain.predict({rows[i]}).front();
+    CHECK(a[i] == Approx(alone).margin(1e-5));
+    CHECK(b[i] == Approx(alone).margin(1e-5));
+  }
+  // The scores differ between rows (a random head), so a misplaced row would show.
+  CHECK(std::abs(a[0] - a[1]) > 1e-4);
 }

@@ -82,6 +82,7 @@ struct Options {
   std::string precision = "fp32", train_split = "train";
   std::vector<std::string> eval_splits;
   int64_t epochs = 1, max_steps = 0, batch_size = 32, eval_batch_size = 64, max_len = 128;
+  bool group_by_length = true;
   int64_t max_train_samples = 0, max_eval_samples = 0, seed = 42, eval_every = 0, threads = 0;
   int64_t save_every = 0;
   double lr = 0, head_lr = 0, weight_decay = 0.01, warmup_ratio = 0.06, grad_clip = 1.0;
@@ -205,15 +206,6 @@ inline void shuffle(std::vector<peft::data::Example>& examples, int64_t seed) {
     out.push_back(std::move(examples[i]));
   }
   examples = std::move(out);
-}
-
-/// Tokenises every example once, in chunks of `batch_size` padded to their longest encoding.
-inline std::vector<Batch> make_batches(const std::vector<peft::data::Example>& examples,
-                                       const peft::text::Tokenizer& tokenizer,
-                                       const peft::data::TaskInfo& task, int64_t batch_size,
-                                       int64_t max_len) {
-  return peft::make_text_batches(examples, tokenizer, batch_size, max_len, task.is_pair,
-                                 task.is_regression());
 }
 
 /// Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB).
@@ -879,13 +871,20 @@ inline int run(const Benchmark& bench, const Options& o) {
   const size_t global_train_rows = train.size();
   // Each rank trains on its share of every global batch, and scores its share of each split.
   if (group) train = peft::shard_for_rank(train, world, rank);
-  const auto train_batches = make_batches(train, tokenizer, task, o.batch_size / world, o.max_len);
+  // Tokenised once; with --group-by-length the trainer gets batches formed again every epoch
+  // from examples of similar length, and evaluation runs in length order.
+  const auto train_encoded = std::make_shared<const peft::EncodedExamples>(
+      peft::encode_examples(train, tokenizer, o.max_len, task.is_pair, task.is_regression()));
+  const auto train_batches = train_encoded->batches(o.batch_size / world);
   std::vector<std::pair<std::string, std::vector<Batch>>> eval_batches;
   std::string eval_summary;
   for (const auto& [split, examples] : evals) {
-    eval_batches.emplace_back(
-        split, make_batches(group ? peft::shard_for_evaluation(examples, world, rank) : examples,
-                            tokenizer, task, o.eval_batch_size, o.max_len));
+    const auto encoded =
+        peft::encode_examples(group ? peft::shard_for_evaluation(examples, world, rank) : examples,
+                              tokenizer, o.max_len, task.is_pair, task.is_regression());
+    eval_batches.emplace_back(split, o.group_by_length
+                                         ? peft::length_sorted_batches(encoded, o.eval_batch_size)
+                                         : encoded.batches(o.eval_batch_size));
     eval_summary +=
         fmt::format("{}{} {}", eval_summary.empty() ? "" : ", ", split, examples.size());
   }
@@ -1025,7 +1024,10 @@ inline int run(const Benchmark& bench, const Options& o) {
   }
 
   const auto start = std::chrono::steady_clock::now();
-  const auto result = trainer.fit(train_batches);
+  const auto result =
+      o.group_by_length
+          ? trainer.fit(peft::length_grouped_source(train_encoded, o.batch_size / world, o.seed))
+          : trainer.fit(train_batches);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
@@ -1122,6 +1124,10 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
   app.add_option("--max-len", o.max_len, "tokens per example, special tokens included")
       ->check(CLI::Range(int64_t{3}, int64_t{512}))
       ->default_str("recipe");
+  app.add_flag("--group-by-length,!--no-group-by-length", o.group_by_length,
+               "batches of examples of similar length, formed again each epoch, and evaluation "
+               "in length order: less padding, faster (docs/BENCHMARKS.md)")
+      ->default_str("on");
   app.add_option("--max-train-samples", o.max_train_samples,
                  "read at most this many training examples (0: all)")
       ->check(CLI::NonNegativeNumber)

@@ -17,6 +17,8 @@
 #include <torch/nn/functional/loss.h>
 #include <torch/types.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -55,6 +57,79 @@ struct TextBatch {
   }
 };
 
+/// Examples tokenised once, kept as unpadded encodings with their labels, so that batches can be
+/// formed again each epoch (length_grouped_batches) without tokenising again.
+struct EncodedExamples {
+  std::vector<text::Encoding> encodings;
+  std::vector<float> labels;
+  bool regression = false;  ///< labels are float scores (else int64 classes)
+  int64_t pad_id = 0;       ///< the tokenizer's padding id
+
+  size_t size() const { return encodings.size(); }
+  /// The tokens of example `i`, special tokens included.
+  size_t length(size_t i) const { return encodings[i].input_ids.size(); }
+
+  /// Examples `rows`, in that order, padded on the right to the longest of them.
+  TextBatch collate(const std::vector<size_t>& rows) const {
+    check(!rows.empty(), "batching", "a batch needs at least one example");
+    size_t length = 0;
+    for (auto r : rows) {
+      check(r < encodings.size(), "batching", "row {} is beyond the {} examples", r,
+            encodings.size());
+      length = std::max(length, encodings[r].input_ids.size());
+    }
+    const auto n = static_cast<int64_t>(rows.size());
+    const auto l = static_cast<int64_t>(length);
+    TextBatch b{torch::full({n, l}, pad_id, torch::kLong), torch::zeros({n, l}, torch::kLong),
+                torch::zeros({n, l}, torch::kLong), torch::empty({n}, torch::kFloat)};
+    auto* ids = b.input_ids.data_ptr<int64_t>();
+    auto* types = b.token_type_ids.data_ptr<int64_t>();
+    auto* mask = b.attention_mask.data_ptr<int64_t>();
+    auto* y = b.labels.data_ptr<float>();
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const auto& e = encodings[rows[i]];
+      std::copy(e.input_ids.begin(), e.input_ids.end(), ids + i * length);
+      std::copy(e.token_type_ids.begin(), e.token_type_ids.end(), types + i * length);
+      std::copy(e.attention_mask.begin(), e.attention_mask.end(), mask + i * length);
+      y[i] = labels[rows[i]];
+    }
+    if (!regression) b.labels = b.labels.to(torch::kLong);
+    return b;
+  }
+
+  /// Every example in order, in chunks of `batch_size` (the last may be smaller).
+  std::vector<TextBatch> batches(int64_t batch_size) const {
+    check(batch_size > 0, "batching", "batch_size must be positive, got {}", batch_size);
+    std::vector<TextBatch> out;
+    for (size_t start = 0; start < size(); start += static_cast<size_t>(batch_size)) {
+      std::vector<size_t> rows;
+      for (size_t i = start; i < std::min(size(), start + static_cast<size_t>(batch_size)); ++i) {
+        rows.push_back(i);
+      }
+      out.push_back(collate(rows));
+    }
+    return out;
+  }
+};
+
+/// Tokenises `examples` once (at most `max_len` tokens each; sentence pairs when `pair`).
+inline EncodedExamples encode_examples(const std::vector<data::Example>& examples,
+                                       const text::Tokenizer& tokenizer, int64_t max_len, bool pair,
+                                       bool regression) {
+  const auto options = text::EncodeOptions().max_length(max_len);
+  EncodedExamples out;
+  out.regression = regression;
+  out.pad_id = tokenizer.pad_id();
+  out.encodings.reserve(examples.size());
+  out.labels.reserve(examples.size());
+  for (const auto& e : examples) {
+    out.encodings.push_back(pair ? tokenizer.encode(e.text_a, e.text_b.value_or(""), options)
+                                 : tokenizer.encode(e.text_a, options));
+    out.labels.push_back(e.label);
+  }
+  return out;
+}
+
 /// Tokenises `examples` once, in their order, in chunks of `batch_size` padded to the longest
 /// encoding of the chunk (at most `max_len` tokens); sentence pairs when `pair`.
 inline std::vector<TextBatch> make_text_batches(const std::vector<data::Example>& examples,
@@ -62,23 +137,96 @@ inline std::vector<TextBatch> make_text_batches(const std::vector<data::Example>
                                                 int64_t batch_size, int64_t max_len, bool pair,
                                                 bool regression) {
   check(batch_size > 0, "batching", "batch_size must be positive, got {}", batch_size);
-  const auto encode = text::EncodeOptions().max_length(max_len);
-  std::vector<TextBatch> batches;
-  for (size_t start = 0; start < examples.size(); start += static_cast<size_t>(batch_size)) {
-    const size_t end = std::min(examples.size(), start + static_cast<size_t>(batch_size));
-    std::vector<std::string> a, b;
-    std::vector<float> labels;
-    for (size_t i = start; i < end; ++i) {
-      a.push_back(examples[i].text_a);
-      if (pair) b.push_back(examples[i].text_b.value_or(""));
-      labels.push_back(examples[i].label);
+  return encode_examples(examples, tokenizer, max_len, pair, regression).batches(batch_size);
+}
+
+/// The batches (lists of row indices) of one epoch with examples of similar length together,
+/// so that little of each batch is padding: the rows are shuffled (from `seed` and `epoch`), cut
+/// into groups of `group` batches' worth, each group is sorted by length and cut into batches
+/// of `batch_size` (the last may be smaller), and the batches' order is shuffled. Every row is
+/// in exactly one batch; the same arguments give the same batches on every platform.
+inline std::vector<std::vector<size_t>> length_grouped_batches(const std::vector<size_t>& lengths,
+                                                               int64_t batch_size, int64_t seed,
+                                                               int64_t epoch, int64_t group = 50) {
+  check(batch_size > 0, "batching", "batch_size must be positive, got {}", batch_size);
+  check(group > 0, "batching", "the group must hold at least one batch, got {}", group);
+  const auto n = static_cast<int64_t>(lengths.size());
+  const auto order = detail::epoch_order(n, seed, epoch, /*shuffle=*/true);
+  const auto span = static_cast<size_t>(batch_size * group);
+  std::vector<std::vector<size_t>> batches;
+  for (size_t start = 0; start < order.size(); start += span) {
+    const size_t end = std::min(order.size(), start + span);
+    std::vector<size_t> rows(order.begin() + static_cast<std::ptrdiff_t>(start),
+                             order.begin() + static_cast<std::ptrdiff_t>(end));
+    // Stable, so ties keep the shuffled order.
+    std::stable_sort(rows.begin(), rows.end(),
+                     [&](size_t a, size_t b) { return lengths[a] > lengths[b]; });
+    for (size_t i = 0; i < rows.size(); i += static_cast<size_t>(batch_size)) {
+      batches.emplace_back(rows.begin() + static_cast<std::ptrdiff_t>(i),
+                           rows.begin() + static_cast<std::ptrdiff_t>(std::min(
+                                              rows.size(), i + static_cast<size_t>(batch_size))));
     }
-    auto enc = pair ? tokenizer.encode_batch(a, b, encode) : tokenizer.encode_batch(a, encode);
-    auto y = torch::tensor(labels, torch::kFloat);
-    if (!regression) y = y.to(torch::kLong);
-    batches.push_back({enc.input_ids, enc.token_type_ids, enc.attention_mask, y});
   }
-  return batches;
+  // A different stream from the rows' shuffle: the epoch number offset past any real epoch.
+  const auto shuffled = detail::epoch_order(static_cast<int64_t>(batches.size()), seed,
+                                            epoch + (int64_t{1} << 40), /*shuffle=*/true);
+  std::vector<std::vector<size_t>> out;
+  out.reserve(batches.size());
+  for (auto i : shuffled) out.push_back(std::move(batches[static_cast<size_t>(i)]));
+  return out;
+}
+
+/// A BatchSource for Trainer::fit over `examples`, re-forming length-grouped batches
+/// (length_grouped_batches) every epoch; ceil(n / batch_size) batches in each (only the last
+/// group can end in a smaller batch).
+inline BatchSource<TextBatch> length_grouped_source(std::shared_ptr<const EncodedExamples> examples,
+                                                    int64_t batch_size, int64_t seed,
+                                                    int64_t group = 50) {
+  check(examples && examples->size() > 0, "batching", "no examples to batch");
+  std::vector<size_t> lengths(examples->size());
+  for (size_t i = 0; i < lengths.size(); ++i) lengths[i] = examples->length(i);
+  auto first = length_grouped_batches(lengths, batch_size, seed, 0, group);
+  struct Cache {
+    int64_t epoch = 0;
+    std::vector<std::vector<size_t>> batches;
+  };
+  auto cache = std::make_shared<Cache>(Cache{0, std::move(first)});
+  BatchSource<TextBatch> source;
+  source.batches_per_epoch = static_cast<int64_t>(cache->batches.size());
+  source.batch = [examples, lengths = std::move(lengths), batch_size, seed, group, cache](
+                     int64_t epoch, int64_t index) {
+    if (epoch != cache->epoch) {
+      cache->batches = length_grouped_batches(lengths, batch_size, seed, epoch, group);
+      cache->epoch = epoch;
+    }
+    check(index >= 0 && index < static_cast<int64_t>(cache->batches.size()), "batching",
+          "batch {} of an epoch of {}", index, cache->batches.size());
+    return examples->collate(cache->batches[static_cast<size_t>(index)]);
+  };
+  return source;
+}
+
+/// Evaluation batches of `examples` sorted by length (longest first) so that padding is minimal;
+/// `order`, when given, receives the example index of each row in batch order (to put
+/// predictions back in the examples' order). Metrics that do not depend on the order of the
+/// rows (all of peft::metrics) can be computed on these batches directly.
+inline std::vector<TextBatch> length_sorted_batches(const EncodedExamples& examples,
+                                                    int64_t batch_size,
+                                                    std::vector<size_t>* order = nullptr) {
+  check(batch_size > 0, "batching", "batch_size must be positive, got {}", batch_size);
+  std::vector<size_t> rows(examples.size());
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = i;
+  std::stable_sort(rows.begin(), rows.end(),
+                   [&](size_t a, size_t b) { return examples.length(a) > examples.length(b); });
+  std::vector<TextBatch> out;
+  for (size_t i = 0; i < rows.size(); i += static_cast<size_t>(batch_size)) {
+    out.push_back(examples.collate(std::vector<size_t>(
+        rows.begin() + static_cast<std::ptrdiff_t>(i),
+        rows.begin() + static_cast<std::ptrdiff_t>(
+                           std::min(rows.size(), i + static_cast<size_t>(batch_size))))));
+  }
+  if (order != nullptr) *order = std::move(rows);
+  return out;
 }
 
 /// How a TextClassifier is built and trained. Defaults: the setting that trained best with the
@@ -106,6 +254,9 @@ struct TextClassifierOptions {
   /// methods (better on every task measured), the config's for "full".
   TORCH_ARG(double, model_dropout) = 0;
   TORCH_ARG(int64_t, seed) = 42;
+  /// Batches of examples of similar length (length_grouped_batches), formed again each epoch,
+  /// and evaluation in length order: less padding, the same metrics.
+  TORCH_ARG(bool, group_by_length) = true;
   /// Checkpoints and metrics.jsonl go here during fit(); empty: nothing is written.
   TORCH_ARG(std::filesystem::path, output_dir) = {};
 };
@@ -136,8 +287,10 @@ class TextClassifier {
     }
   }
 
-  /// Trains on `train` (shuffled once with the seed, then batched; the batch order is shuffled
-  /// every epoch), evaluating on `eval` at every epoch end when it is not empty.
+  /// Trains on `train` (tokenised once; with group_by_length the batches are formed again every
+  /// epoch from examples of similar length, otherwise the examples are shuffled once with the
+  /// seed and batched, and the batch order is shuffled every epoch), evaluating on `eval` at
+  /// every epoch end when it is not empty.
   TrainResult fit(const std::vector<data::Example>& train,
                   const std::vector<data::Example>& eval = {}) {
     check(!train.empty(), "text_classifier", "no training examples");
@@ -145,7 +298,7 @@ class TextClassifier {
     for (auto i : data::shuffled_order(train.size(), static_cast<uint64_t>(options_.seed()))) {
       shuffled.push_back(train[i]);
     }
-    const auto batches = batch(shuffled, options_.batch_size());
+    const auto encoded = std::make_shared<const EncodedExamples>(encode(shuffled));
     const bool full = options_.method() == "full";
     const double lr = options_.lr() > 0
                           ? options_.lr()
@@ -180,7 +333,10 @@ class TextClassifier {
         },
         trainer_options);
     if (!eval.empty()) trainer.evaluate_with([this, &eval] { return evaluate(eval); });
-    return trainer.fit(batches);
+    if (options_.group_by_length()) {
+      return trainer.fit(length_grouped_source(encoded, options_.batch_size(), options_.seed()));
+    }
+    return trainer.fit(encoded->batches(options_.batch_size()));
   }
 
   /// Class indices (or scores, for regression) of `examples`, in eval mode.
@@ -188,14 +344,22 @@ class TextClassifier {
     const bool was_training = model_->is_training();
     model_->eval();
     torch::NoGradGuard no_grad;
-    std::vector<float> out;
-    for (const auto& b : batch(examples, 64)) {
+    std::vector<size_t> order;
+    const auto encoded = encode(examples);
+    const auto batches = options_.group_by_length() ? length_sorted_batches(encoded, 64, &order)
+                                                    : encoded.batches(64);
+    std::vector<float> sorted;
+    for (const auto& b : batches) {
       auto logits = model_(b.input_ids, b.attention_mask, b.token_type_ids);
       auto values = model_->num_labels() == 1 ? logits.squeeze(-1) : logits.argmax(-1);
       values = values.to(torch::kFloat).contiguous();
-      out.insert(out.end(), values.data_ptr<float>(), values.data_ptr<float>() + values.numel());
+      sorted.insert(sorted.end(), values.data_ptr<float>(),
+                    values.data_ptr<float>() + values.numel());
     }
     model_->train(was_training);
+    if (order.empty()) return sorted;
+    std::vector<float> out(sorted.size());
+    for (size_t i = 0; i < order.size(); ++i) out[order[i]] = sorted[i];
     return out;
   }
 
@@ -233,10 +397,10 @@ class TextClassifier {
   const std::vector<std::string>& sites() const { return sites_; }
 
  private:
-  std::vector<TextBatch> batch(const std::vector<data::Example>& examples, int64_t size) const {
+  EncodedExamples encode(const std::vector<data::Example>& examples) const {
     const bool pair = !examples.empty() && examples.front().text_b.has_value();
-    return make_text_batches(examples, *tokenizer_, size, options_.max_len(), pair,
-                             model_->num_labels() == 1);
+    return encode_examples(examples, *tokenizer_, options_.max_len(), pair,
+                           model_->num_labels() == 1);
   }
 
   TextClassifierOptions options_;
