@@ -172,7 +172,9 @@ def run_cpp(opts, seed, val_rows):
     cmd = [opts.peft_glue, "--task", opts.task, "--data-dir", opts.data_dir, "--seed", str(seed),
            "--method", opts.method, "--pooling", opts.pooling, "--lr", str(opts.lr), "--epochs",
            str(opts.epochs), "--batch-size", str(opts.batch_size), "--max-len", str(opts.max_len),
-           "--eval-split", "holdout", "--head-lr", str(opts.lr), "--model-dropout", "-1"]
+           "--eval-split", "holdout", "--head-lr", str(opts.lr),
+           # all-MiniLM-L6-v2's config dropout (0.1), which Python keeps; peft-glue's recipes turn it off.
+           "--model-dropout", "0.1"]
     if opts.method == "lora":
         cmd += ["--lora-r", "8", "--lora-alpha", "16", "--lora-targets", "query,value",
                 "--lora-plus-ratio", "0"]

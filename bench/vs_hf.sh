@@ -7,6 +7,11 @@
 #                  [--no-build]   (use build/pip/bench/peft-bench as it is)
 #                  [--bench PATH]   (this peft-bench, as it is; implies --no-build)
 #                  [--methods lora,prefix,prompt,infer-lora-merged]   (the default: all four)
+#                  [--plot PNG]   (with --out: also draw bench/plot.py's figure)
+#
+# With --out, the end prints bench/vs_hf_table.py's Markdown table of the file (medians, spread,
+# ratios, load): `bench/vs_hf.sh --repeats 5 --methods lora --out vs_hf.jsonl --plot
+# docs/bench_vs_hf.png` regenerates docs/BENCHMARKS.md's current table and figure.
 #                  [--full-last-layer]   (C++ runs BERT's last layer for every position, as Python
 #                                         does; by default only for [CLS], the one position read)
 #                  [--device cpu|cuda]   (cuda: both sides on the GPU; needs a CUDA build of torch,
@@ -32,6 +37,7 @@ repeats=1
 configs=8x64,8x128,32x64,32x128
 out=""
 build_it=1
+plot=""
 bench=""
 methods="lora prefix prompt infer-lora-merged"
 cpp_extra=()
@@ -43,6 +49,7 @@ while [[ $# -gt 0 ]]; do
     --configs) configs="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --no-build) build_it=0; shift ;;
+    --plot) plot="$2"; shift 2 ;;
     --bench) bench="$2"; build_it=0; shift 2 ;;
     --methods)
       methods="${2//,/ }"
@@ -110,7 +117,7 @@ combine() {
   "$python" - "$@" <<'EOF'
 import json, sys
 method, cpp, hf, plain = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-precision = sys.argv[5]
+precision, load1 = sys.argv[5], float(sys.argv[6])
 tolerance = 1e-4 if precision == "fp32" else 2e-2
 diff = abs(cpp["first_loss"] - hf["first_loss"])
 line = {"method": method, "batch": cpp["batch"], "seq": cpp["seq"],
@@ -122,7 +129,7 @@ line = {"method": method, "batch": cpp["batch"], "seq": cpp["seq"],
         "cpp_base_mb": round(cpp["base_mb"], 1), "hf_base_mb": round(hf["base_mb"], 1),
         "first_loss_cpp": cpp["first_loss"], "first_loss_hf": hf["first_loss"],
         "loss_diff": diff, "cpp_last_layer": cpp.get("last_layer"), "device": cpp["device"],
-        "precision": precision}
+        "precision": precision, "load1": load1}
 if plain:
     plain = json.loads(plain)
     line["cpp_plain_step_ms"] = round(plain["step_ms"], 2)
@@ -158,6 +165,8 @@ for ((r = 0; r < repeats; ++r)); do
           --precision "$precision"
       }
       plain=""
+      # The one-minute load average before the pair: how busy the machine was.
+      read -r load1 _ </proc/loadavg
       if ((turn % 2 == 0)); then
         cpp="$(run_cpp "$method")"
         hf="$(run_hf)"
@@ -168,7 +177,7 @@ for ((r = 0; r < repeats; ++r)); do
       # The plain model's forward, right after the merged one, for the merge-overhead ratio.
       [[ "$method" == infer-lora-merged ]] && plain="$(run_cpp infer-plain)"
       turn=$((turn + 1))
-      if line="$(combine "$method" "$cpp" "$hf" "$plain" "$precision")"; then
+      if line="$(combine "$method" "$cpp" "$hf" "$plain" "$precision" "$load1")"; then
         echo "$line"
       else
         echo "$line"
@@ -181,4 +190,8 @@ done
 if ((failed)); then
   peft_log "FAILED: the two libraries did not compute the same first step (see above)"
   exit 1
+fi
+if [[ -n "$out" ]]; then
+  "$python" "$PEFT_ROOT/bench/vs_hf_table.py" "$out"
+  [[ -z "$plot" ]] || "$python" "$PEFT_ROOT/bench/plot.py" "$out" --out "$plot"
 fi
