@@ -193,5 +193,12 @@ if ((failed)); then
 fi
 if [[ -n "$out" ]]; then
   "$python" "$PEFT_ROOT/bench/vs_hf_table.py" "$out"
-  [[ -z "$plot" ]] || "$python" "$PEFT_ROOT/bench/plot.py" "$out" --out "$plot"
+  if [[ -n "$plot" ]]; then
+    if "$python" -c 'import matplotlib' 2>/dev/null; then
+      "$python" "$PEFT_ROOT/bench/plot.py" "$out" --out "$plot"
+    else
+      peft_log "--plot needs matplotlib (python3 -m pip install matplotlib); $out holds the data"
+      exit 1
+    fi
+  fi
 fi
