@@ -418,6 +418,38 @@ TEST_CASE("length_grouped_source hands the trainer each epoch's grouped batches"
   }
 }
 
+TEST_CASE("length_grouped_source across ranks: the ranks' batches k together are batch k",
+          "[batching]") {
+  std::vector<size_t> lengths;
+  for (size_t i = 0; i < 45; ++i) lengths.push_back(1 + (i * 13) % 17);
+  auto examples = std::make_shared<const peft::EncodedExamples>(encoded_of(lengths));
+  const int world = 2;
+  const auto one = peft::length_grouped_source(examples, 8, 3, 2);
+  const auto r0 = peft::length_grouped_source(examples, 8, 3, 2, world, 0);
+  const auto r1 = peft::length_grouped_source(examples, 8, 3, 2, world, 1);
+  REQUIRE(r0.batches_per_epoch == one.batches_per_epoch);
+  REQUIRE(r1.batches_per_epoch == one.batches_per_epoch);
+  for (int64_t epoch : {0, 1}) {
+    const auto global = peft::length_grouped_batches(lengths, 8, 3, epoch, 2);
+    for (int64_t i = 0; i < one.batches_per_epoch; ++i) {
+      const auto& rows = global[static_cast<size_t>(i)];
+      // Labels are row indices: rank 0 has positions 0, 2, 4, ... of the batch, rank 1 the odd
+      // ones; an odd-sized batch is padded with its first row.
+      const auto a = r0.batch(epoch, i).labels;
+      const auto b = r1.batch(epoch, i).labels;
+      std::vector<int64_t> expect0, expect1;
+      const size_t padded = (rows.size() + 1) / 2 * 2;
+      for (size_t p = 0; p < padded; ++p) {
+        (p % 2 == 0 ? expect0 : expect1).push_back(static_cast<int64_t>(rows[p % rows.size()]));
+      }
+      CHECK(torch::equal(a, torch::tensor(expect0)));
+      CHECK(torch::equal(b, torch::tensor(expect1)));
+    }
+  }
+  CHECK_THROWS_WITH(peft::length_grouped_source(examples, 8, 3, 2, 2, 2),
+                    Catch::Contains("rank 2 is not within a world of 2"));
+}
+
 TEST_CASE("length_sorted_batches: longest first, and the order maps rows back to examples",
           "[batching]") {
   const auto e = encoded_of({3, 9, 1, 9, 4});

@@ -869,13 +869,28 @@ inline int run(const Benchmark& bench, const Options& o) {
   const auto& tokenizer = *tokenizer_ptr;
   detail::shuffle(train, o.seed);
   const size_t global_train_rows = train.size();
-  // Each rank trains on its share of every global batch, and scores its share of each split.
-  if (group) train = peft::shard_for_rank(train, world, rank);
   // Tokenised once; with --group-by-length the trainer gets batches formed again every epoch
-  // from examples of similar length, and evaluation runs in length order.
+  // from examples of similar length, and evaluation runs in length order. Each rank trains on
+  // its share of every global batch, and scores its share of each split.
   const auto train_encoded = std::make_shared<const peft::EncodedExamples>(
       peft::encode_examples(train, tokenizer, o.max_len, task.is_pair, task.is_regression()));
-  const auto train_batches = train_encoded->batches(o.batch_size / world);
+  std::vector<size_t> train_rows(train.size());
+  for (size_t i = 0; i < train_rows.size(); ++i) train_rows[i] = i;
+  if (group) train_rows = peft::shard_for_rank(train_rows, world, rank);
+  const auto grouped_source = o.group_by_length
+                                  ? std::optional(peft::length_grouped_source(
+                                        train_encoded, o.batch_size, o.seed, 50, world, rank))
+                                  : std::nullopt;
+  // The batches in order: what the trainer gets without grouping; with it, only the first few
+  // that LST's Fisher initialisation reads (build_classifier), not a padded copy of everything.
+  if (grouped_source) {
+    const auto keep =
+        static_cast<size_t>(std::max<int64_t>(o.lst_fisher_batches, 1) * (o.batch_size / world));
+    train_rows.resize(std::min(train_rows.size(), keep));
+  }
+  const auto train_batches = train_encoded->batches_of(train_rows, o.batch_size / world);
+  const auto batches_per_epoch = grouped_source ? grouped_source->batches_per_epoch
+                                                : static_cast<int64_t>(train_batches.size());
   std::vector<std::pair<std::string, std::vector<Batch>>> eval_batches;
   std::string eval_summary;
   for (const auto& [split, examples] : evals) {
@@ -904,7 +919,7 @@ inline int run(const Benchmark& bench, const Options& o) {
                            is_decoder(model_dir) ? "last-token" : o.pooling,
                            model.dropout_note.empty() ? "" : "; " + model.dropout_note)
             << fmt::format("train {} examples in {} batches of up to {}; eval {}; max length {}\n",
-                           global_train_rows, train_batches.size(), o.batch_size, eval_summary,
+                           global_train_rows, batches_per_epoch, o.batch_size, eval_summary,
                            o.max_len)
             << fmt::format("method {}: {}{}{}\n", o.method, describe_method(o),
                            sites.empty() ? "" : fmt::format(" ({} sites)", sites.size()),
@@ -1024,10 +1039,7 @@ inline int run(const Benchmark& bench, const Options& o) {
   }
 
   const auto start = std::chrono::steady_clock::now();
-  const auto result =
-      o.group_by_length
-          ? trainer.fit(peft::length_grouped_source(train_encoded, o.batch_size / world, o.seed))
-          : trainer.fit(train_batches);
+  const auto result = grouped_source ? trainer.fit(*grouped_source) : trainer.fit(train_batches);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 

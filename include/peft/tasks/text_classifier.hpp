@@ -99,14 +99,19 @@ struct EncodedExamples {
 
   /// Every example in order, in chunks of `batch_size` (the last may be smaller).
   std::vector<TextBatch> batches(int64_t batch_size) const {
+    std::vector<size_t> rows(size());
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = i;
+    return batches_of(rows, batch_size);
+  }
+
+  /// Examples `rows`, in that order, in chunks of `batch_size` (the last may be smaller).
+  std::vector<TextBatch> batches_of(const std::vector<size_t>& rows, int64_t batch_size) const {
     check(batch_size > 0, "batching", "batch_size must be positive, got {}", batch_size);
     std::vector<TextBatch> out;
-    for (size_t start = 0; start < size(); start += static_cast<size_t>(batch_size)) {
-      std::vector<size_t> rows;
-      for (size_t i = start; i < std::min(size(), start + static_cast<size_t>(batch_size)); ++i) {
-        rows.push_back(i);
-      }
-      out.push_back(collate(rows));
+    for (size_t start = 0; start < rows.size(); start += static_cast<size_t>(batch_size)) {
+      const size_t end = std::min(rows.size(), start + static_cast<size_t>(batch_size));
+      out.push_back(collate(std::vector<size_t>(rows.begin() + static_cast<std::ptrdiff_t>(start),
+                                                rows.begin() + static_cast<std::ptrdiff_t>(end))));
     }
     return out;
   }
@@ -177,12 +182,21 @@ inline std::vector<std::vector<size_t>> length_grouped_batches(const std::vector
 }
 
 /// A BatchSource for Trainer::fit over `examples`, re-forming length-grouped batches
-/// (length_grouped_batches) every epoch; ceil(n / batch_size) batches in each (only the last
-/// group can end in a smaller batch).
+/// (length_grouped_batches of `batch_size` rows) every epoch; ceil(n / batch_size) batches in
+/// each (only the last of a group can be smaller).
+///
+/// Data parallel: every rank passes all the examples (the same on every rank), the global batch
+/// size, its `rank` and the `world` size, and gets its share of each global batch: the rows at
+/// positions rank, rank + world, ... after the batch is padded with its first rows to a multiple
+/// of `world` (shard_for_rank's rule, so every rank has rows). The ranks' batches k together are
+/// then batch k of one process, and the averaged gradient is its gradient.
 inline BatchSource<TextBatch> length_grouped_source(std::shared_ptr<const EncodedExamples> examples,
                                                     int64_t batch_size, int64_t seed,
-                                                    int64_t group = 50) {
+                                                    int64_t group = 50, int world = 1,
+                                                    int rank = 0) {
   check(examples && examples->size() > 0, "batching", "no examples to batch");
+  check(world >= 1 && rank >= 0 && rank < world, "batching",
+        "rank {} is not within a world of {} processes", rank, world);
   std::vector<size_t> lengths(examples->size());
   for (size_t i = 0; i < lengths.size(); ++i) lengths[i] = examples->length(i);
   auto first = length_grouped_batches(lengths, batch_size, seed, 0, group);
@@ -193,15 +207,23 @@ inline BatchSource<TextBatch> length_grouped_source(std::shared_ptr<const Encode
   auto cache = std::make_shared<Cache>(Cache{0, std::move(first)});
   BatchSource<TextBatch> source;
   source.batches_per_epoch = static_cast<int64_t>(cache->batches.size());
-  source.batch = [examples, lengths = std::move(lengths), batch_size, seed, group, cache](
-                     int64_t epoch, int64_t index) {
+  source.batch = [examples, lengths = std::move(lengths), batch_size, seed, group, world, rank,
+                  cache](int64_t epoch, int64_t index) {
     if (epoch != cache->epoch) {
       cache->batches = length_grouped_batches(lengths, batch_size, seed, epoch, group);
       cache->epoch = epoch;
     }
     check(index >= 0 && index < static_cast<int64_t>(cache->batches.size()), "batching",
           "batch {} of an epoch of {}", index, cache->batches.size());
-    return examples->collate(cache->batches[static_cast<size_t>(index)]);
+    const auto& global = cache->batches[static_cast<size_t>(index)];
+    if (world == 1) return examples->collate(global);
+    const size_t w = static_cast<size_t>(world);
+    const size_t padded = (global.size() + w - 1) / w * w;
+    std::vector<size_t> mine;
+    for (size_t i = static_cast<size_t>(rank); i < padded; i += w) {
+      mine.push_back(global[i % global.size()]);
+    }
+    return examples->collate(mine);
   };
   return source;
 }
