@@ -91,15 +91,25 @@ peft_setup_smollm2() {
   # the CPU it is built on: a native build uses AMX where the CPU reports it, and its AMX kernels
   # crashed on CPUs that report AMX (SIGSEGV here, SIGILL in CI, on SmolLM2's Q4_1 weights); a
   # native wheel is also wrong on a CPU other than the one that built it. An installed build with
-  # AMX is replaced, and the wheel is not taken from pip's cache, which ignores CMAKE_ARGS.
-  local llama_req="llama-cpp-python==0.3.36"
+  # AMX is replaced. The portable wheel is kept in ~/.cache/peft/wheels (pip's own wheel cache
+  # ignores CMAKE_ARGS and may hold a native build) and installed from there next time.
+  local llama_version=0.3.36
   if peft_pip_has llama_cpp_python &&
     "$(peft_python)" -c "import llama_cpp, sys; sys.exit('AMX' not in llama_cpp.llama_print_system_info().decode())" 2>/dev/null; then
     peft_log "replacing llama-cpp-python: this build uses AMX (see scripts/common.sh)"
     "$(peft_python)" -m pip uninstall -q -y llama_cpp_python >/dev/null 2>&1 || true
   fi
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
-    peft_pip_install "$llama_req" llama_cpp_python --no-cache-dir
+  peft_pip_has llama_cpp_python && return 0
+  local wheels="${PEFT_WHEEL_CACHE:-$HOME/.cache/peft/wheels}"
+  if ! compgen -G "$wheels/llama_cpp_python-$llama_version-*.whl" >/dev/null; then
+    peft_log "building llama-cpp-python $llama_version for any AVX2 x86-64 (minutes, once)"
+    mkdir -p "$wheels"
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+      "$(peft_python)" -m pip wheel -q --disable-pip-version-check --no-cache-dir --no-deps \
+      -w "$wheels" "llama-cpp-python==$llama_version" 2>&1 | grep -v -E "^WARNING: (Location|Running pip)" || true
+  fi
+  peft_pip_install "llama-cpp-python==$llama_version" llama_cpp_python --find-links "$wheels" \
+    --only-binary llama-cpp-python
 }
 
 peft_setup_e5() {
