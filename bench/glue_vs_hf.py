@@ -149,13 +149,10 @@ def run_python(opts, seed, train, val):
     if opts.method == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(
             task_type=peft.TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]))
-    args = transformers.TrainingArguments(
-        output_dir=os.path.join(opts.out_dir, f"hf-{opts.task}-{seed}"),
-        per_device_train_batch_size=opts.batch_size, per_device_eval_batch_size=64,
-        num_train_epochs=opts.epochs, learning_rate=opts.lr, weight_decay=0.01,
-        warmup_steps=0.06, lr_scheduler_type="linear", max_grad_norm=1.0, logging_strategy="no",
-        save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=seed,
-        disable_tqdm=True)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hf_glue_train import training_arguments
+    args = training_arguments(os.path.join(opts.out_dir, f"hf-{opts.task}-{seed}"),
+                              opts.batch_size, opts.epochs, opts.lr, seed)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=encode(train),
         data_collator=transformers.DataCollatorWithPadding(tokenizer))

@@ -38,6 +38,24 @@ def read_tsv(path, limit=None):
     return rows
 
 
+def training_arguments(out_dir, batch_size, epochs, lr, seed, group_by_length=False):
+    """The Trainer settings both Python sides of the benchmarks use (this script and
+    bench/glue_vs_hf.py): AdamW with weight decay 0.01, 6 % linear warm-up, clipping at 1, eval
+    batches of 64, on the CPU, no logging, saving or evaluation during training."""
+    # Length grouping is train_sampling_strategy="group_by_length" since transformers 5.2x,
+    # group_by_length=True before.
+    sampling = {}
+    if group_by_length:
+        fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+        sampling = ({"train_sampling_strategy": "group_by_length"}
+                    if "train_sampling_strategy" in fields else {"group_by_length": True})
+    return transformers.TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
+        num_train_epochs=epochs, learning_rate=lr, weight_decay=0.01, warmup_steps=0.06,
+        lr_scheduler_type="linear", max_grad_norm=1.0, logging_strategy="no", save_strategy="no",
+        eval_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True, **sampling)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder holding SST-2/")
@@ -78,19 +96,8 @@ def main():
     def accuracy(p):
         return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
 
-    # Length grouping is train_sampling_strategy="group_by_length" since transformers 5.2x,
-    # group_by_length=True before.
-    sampling = {}
-    if args.group_by_length:
-        fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
-        sampling = ({"train_sampling_strategy": "group_by_length"}
-                    if "train_sampling_strategy" in fields else {"group_by_length": True})
-    training = transformers.TrainingArguments(
-        output_dir=os.path.join("out", "hf_glue_train"), per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64, num_train_epochs=args.epochs, learning_rate=args.lr,
-        weight_decay=0.01, warmup_steps=0.06, lr_scheduler_type="linear", max_grad_norm=1.0,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
-        use_cpu=True, seed=args.seed, disable_tqdm=True, **sampling)
+    training = training_arguments(os.path.join("out", "hf_glue_train"), args.batch_size,
+                                  args.epochs, args.lr, args.seed, args.group_by_length)
     trainer = transformers.Trainer(
         model=model, args=training, train_dataset=train, eval_dataset=dev,
         data_collator=transformers.DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
