@@ -78,23 +78,15 @@ struct EncodedExamples {
             encodings.size());
       length = std::max(length, encodings[r].input_ids.size());
     }
-    const auto n = static_cast<int64_t>(rows.size());
-    const auto l = static_cast<int64_t>(length);
-    TextBatch b{torch::full({n, l}, pad_id, torch::kLong), torch::zeros({n, l}, torch::kLong),
-                torch::zeros({n, l}, torch::kLong), torch::empty({n}, torch::kFloat)};
-    auto* ids = b.input_ids.data_ptr<int64_t>();
-    auto* types = b.token_type_ids.data_ptr<int64_t>();
-    auto* mask = b.attention_mask.data_ptr<int64_t>();
-    auto* y = b.labels.data_ptr<float>();
-    for (size_t i = 0; i < rows.size(); ++i) {
-      const auto& e = encodings[rows[i]];
-      std::copy(e.input_ids.begin(), e.input_ids.end(), ids + i * length);
-      std::copy(e.token_type_ids.begin(), e.token_type_ids.end(), types + i * length);
-      std::copy(e.attention_mask.begin(), e.attention_mask.end(), mask + i * length);
-      y[i] = labels[rows[i]];
-    }
-    if (!regression) b.labels = b.labels.to(torch::kLong);
-    return b;
+    auto enc = text::pad_encodings(
+        rows.size(), [&](size_t i) -> const text::Encoding& { return encodings[rows[i]]; }, length,
+        pad_id);
+    std::vector<float> values;
+    values.reserve(rows.size());
+    for (auto r : rows) values.push_back(labels[r]);
+    auto y = torch::tensor(values, torch::kFloat);
+    if (!regression) y = y.to(torch::kLong);
+    return {enc.input_ids, enc.token_type_ids, enc.attention_mask, y};
   }
 
   /// Every example in order, in chunks of `batch_size` (the last may be smaller).
@@ -195,18 +187,19 @@ inline BatchSource<TextBatch> length_grouped_source(std::shared_ptr<const Encode
                                                     int64_t group = 50, int world = 1,
                                                     int rank = 0) {
   check(examples && examples->size() > 0, "batching", "no examples to batch");
+  check(batch_size > 0, "batching", "batch_size must be positive, got {}", batch_size);
   check(world >= 1 && rank >= 0 && rank < world, "batching",
         "rank {} is not within a world of {} processes", rank, world);
   std::vector<size_t> lengths(examples->size());
   for (size_t i = 0; i < lengths.size(); ++i) lengths[i] = examples->length(i);
-  auto first = length_grouped_batches(lengths, batch_size, seed, 0, group);
   struct Cache {
-    int64_t epoch = 0;
+    int64_t epoch = -1;
     std::vector<std::vector<size_t>> batches;
   };
-  auto cache = std::make_shared<Cache>(Cache{0, std::move(first)});
+  auto cache = std::make_shared<Cache>();
   BatchSource<TextBatch> source;
-  source.batches_per_epoch = static_cast<int64_t>(cache->batches.size());
+  // Every group but the last is a whole number of batches: ceil(n / batch_size) in all.
+  source.batches_per_epoch = (static_cast<int64_t>(lengths.size()) + batch_size - 1) / batch_size;
   source.batch = [examples, lengths = std::move(lengths), batch_size, seed, group, world, rank,
                   cache](int64_t epoch, int64_t index) {
     if (epoch != cache->epoch) {
@@ -216,14 +209,7 @@ inline BatchSource<TextBatch> length_grouped_source(std::shared_ptr<const Encode
     check(index >= 0 && index < static_cast<int64_t>(cache->batches.size()), "batching",
           "batch {} of an epoch of {}", index, cache->batches.size());
     const auto& global = cache->batches[static_cast<size_t>(index)];
-    if (world == 1) return examples->collate(global);
-    const size_t w = static_cast<size_t>(world);
-    const size_t padded = (global.size() + w - 1) / w * w;
-    std::vector<size_t> mine;
-    for (size_t i = static_cast<size_t>(rank); i < padded; i += w) {
-      mine.push_back(global[i % global.size()]);
-    }
-    return examples->collate(mine);
+    return examples->collate(world == 1 ? global : shard_for_rank(global, world, rank));
   };
   return source;
 }
@@ -240,13 +226,7 @@ inline std::vector<TextBatch> length_sorted_batches(const EncodedExamples& examp
   for (size_t i = 0; i < rows.size(); ++i) rows[i] = i;
   std::stable_sort(rows.begin(), rows.end(),
                    [&](size_t a, size_t b) { return examples.length(a) > examples.length(b); });
-  std::vector<TextBatch> out;
-  for (size_t i = 0; i < rows.size(); i += static_cast<size_t>(batch_size)) {
-    out.push_back(examples.collate(std::vector<size_t>(
-        rows.begin() + static_cast<std::ptrdiff_t>(i),
-        rows.begin() + static_cast<std::ptrdiff_t>(
-                           std::min(rows.size(), i + static_cast<size_t>(batch_size))))));
-  }
+  auto out = examples.batches_of(rows, batch_size);
   if (order != nullptr) *order = std::move(rows);
   return out;
 }

@@ -53,6 +53,30 @@ struct BatchEncoding {
   torch::Tensor attention_mask;
 };
 
+/// `count` encodings, the i-th being `at(i)`, padded on the right to `length` tokens with
+/// `pad_id` (token_type_ids and attention_mask 0) into [count, length] int64 tensors. Shared by
+/// Tokenizer::pad and the batches formed from encodings kept between epochs
+/// (peft::EncodedExamples).
+template <class At>
+BatchEncoding pad_encodings(size_t count, At&& at, size_t length, int64_t pad_id) {
+  const auto n = static_cast<int64_t>(count);
+  const auto l = static_cast<int64_t>(length);
+  BatchEncoding out;
+  out.input_ids = torch::full({n, l}, pad_id, torch::kLong);
+  out.token_type_ids = torch::zeros({n, l}, torch::kLong);
+  out.attention_mask = torch::zeros({n, l}, torch::kLong);
+  auto* ids = out.input_ids.data_ptr<int64_t>();
+  auto* types = out.token_type_ids.data_ptr<int64_t>();
+  auto* mask = out.attention_mask.data_ptr<int64_t>();
+  for (size_t i = 0; i < count; ++i) {
+    const Encoding& e = at(i);
+    std::copy(e.input_ids.begin(), e.input_ids.end(), ids + i * length);
+    std::copy(e.token_type_ids.begin(), e.token_type_ids.end(), types + i * length);
+    std::copy(e.attention_mask.begin(), e.attention_mask.end(), mask + i * length);
+  }
+  return out;
+}
+
 /// "model_max_length" of a parsed tokenizer_config.json: unset when absent, null or Hugging
 /// Face's "no limit" sentinel (int(1e30)); an error naming `file` when not a positive number.
 inline std::optional<int64_t> config_max_length(const nlohmann::json& config,
@@ -202,22 +226,9 @@ class Tokenizer {
             length, *limit);
       length = static_cast<size_t>(*limit);
     }
-    auto n = static_cast<int64_t>(encodings.size());
-    auto l = static_cast<int64_t>(length);
-    BatchEncoding out;
-    out.input_ids = torch::full({n, l}, pad_id_, torch::kLong);
-    out.token_type_ids = torch::zeros({n, l}, torch::kLong);
-    out.attention_mask = torch::zeros({n, l}, torch::kLong);
-    auto* ids = out.input_ids.data_ptr<int64_t>();
-    auto* types = out.token_type_ids.data_ptr<int64_t>();
-    auto* mask = out.attention_mask.data_ptr<int64_t>();
-    for (size_t i = 0; i < encodings.size(); ++i) {
-      const auto& e = encodings[i];
-      std::copy(e.input_ids.begin(), e.input_ids.end(), ids + i * length);
-      std::copy(e.token_type_ids.begin(), e.token_type_ids.end(), types + i * length);
-      std::copy(e.attention_mask.begin(), e.attention_mask.end(), mask + i * length);
-    }
-    return out;
+    return pad_encodings(
+        encodings.size(), [&](size_t i) -> const Encoding& { return encodings[i]; }, length,
+        pad_id_);
   }
 
  protected:
