@@ -464,7 +464,7 @@ int main(int argc, char** argv) {
   app.add_option("--device", s.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--precision", s.precision,
                  "fp32, or autocast to bf16 or fp16 (fp16 with a loss scale), as peft's trainer")
-      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+      ->check(CLI::IsMember(peft::enum_names<peft::Precision>()));
   app.add_option("--batch", s.batch, "batch size")->check(CLI::PositiveNumber);
   app.add_option("--seq", s.seq, "sequence length")->check(CLI::PositiveNumber);
   app.add_option("--steps", s.steps, "timed steps")->check(CLI::PositiveNumber);

@@ -514,7 +514,9 @@ TEST_CASE("A bad ProPETL file is refused before the model changes", "[adapter-fo
   bad = config;
   bad["base"] = "ia3";
   write_config(dir.path, bad);
-  CHECK_THAT(load_error(), Catch::Contains("base \"ia3\" is unknown"));
+  CHECK_THAT(load_error(),
+             Catch::Contains(
+                 "unknown ProPETL base \"ia3\" (expected \"adapter\", \"lora\" or \"prefix\")"));
   unchanged();
 
   write_config(dir.path, config);
@@ -728,7 +730,8 @@ TEST_CASE("Ladder T5 side blocks round-trip through adapter files", "[adapter-fo
   auto other = tiny_ladder(peft::LadderOptions());
   const auto before = logits(other);
   CHECK_THAT(error_of([&] { peft::load_adapter(*other, dir.path); }),
-             Catch::Contains("side block \"t6\" is unknown (transformer_encoder_layer, t5)"));
+             Catch::Contains(
+                 "unknown side block \"t6\" (expected \"transformer_encoder_layer\" or \"t5\")"));
   CHECK(torch::equal(logits(other), before));
 }
 

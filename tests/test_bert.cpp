@@ -6,6 +6,13 @@
 #include <peft/models/heads.hpp>
 #include "../examples/common/model_path.hpp"
 #include <peft/train/precision.hpp>
+#include <peft/core/site.hpp>
+#include <peft/methods/adapter.hpp>
+#include <peft/methods/ladder.hpp>
+#include <peft/methods/propetl.hpp>
+#include <peft/methods/ptuning.hpp>
+#include <peft/models/early_exit.hpp>
+#include <peft/train/schedule.hpp>
 
 #include "model_helpers.hpp"
 
@@ -440,7 +447,7 @@ TEST_CASE("BertForSequenceClassification with mean pooling averages the real tok
   CHECK(peft::models::pooling_from_string("mean") == Pooling::Mean);
   CHECK(std::string(peft::models::to_string(Pooling::Cls)) == "cls");
   CHECK_THAT(error_of([] { peft::models::pooling_from_string("max"); }),
-             Catch::Contains("unknown pooling \"max\""));
+             Catch::Contains("unknown pooling \"max\" (expected \"cls\" or \"mean\")"));
   // Prompt rows in front count as tokens: the mask is widened, not misaligned.
   auto wide = torch::randn({2, 5, kH});
   auto m = peft::models::masked_mean(wide, mask);
@@ -526,4 +533,40 @@ TEST_CASE("Bert drops out where Hugging Face's BERT does, with the config's two 
   CHECK_FALSE(torch::allclose(model->bert(ids, mask), reference));
   CHECK_THAT(error_of([&] { bert.set_dropout(1.0, 0.0); }),
              Catch::Contains("dropout probabilities must be in [0, 1)"));
+}
+
+namespace {
+// Every name of E parses back to the value it names, and the names are distinct.
+template <class E>
+void check_round_trip(const std::vector<std::string>& expected) {
+  CHECK(peft::enum_names<E>() == expected);
+  for (const auto& name : expected) CHECK(peft::enum_name(peft::enum_from_name<E>(name)) == name);
+}
+}  // namespace
+
+TEST_CASE("Enum names: one table per enum gives names, parsing and errors", "[bert][enum]") {
+  // The names files and command lines have always used.
+  check_round_trip<peft::SiteKind>({"linear", "embedding", "block", "attention", "input"});
+  check_round_trip<peft::AdapterKind>({"houlsby", "pfeiffer", "parallel"});
+  check_round_trip<peft::ProPETLBase>({"adapter", "lora", "prefix"});
+  check_round_trip<peft::LadderBlock>({"transformer_encoder_layer", "t5"});
+  check_round_trip<peft::PromptEncoderType>({"mlp", "lstm"});
+  check_round_trip<peft::models::Pooling>({"cls", "mean"});
+  check_round_trip<peft::models::ExitPolicy>({"none", "entropy", "patience", "learned"});
+  check_round_trip<peft::Schedule>({"constant", "linear", "cosine"});
+  // Extra spellings parse but are not names: a value is always written the same way.
+  check_round_trip<peft::Precision>({"fp32", "bf16", "fp16"});
+  CHECK(peft::enum_from_name<peft::Precision>("bfloat16") == peft::Precision::bf16);
+  CHECK(peft::enum_from_name<peft::Precision>("half") == peft::Precision::fp16);
+  CHECK(std::string(peft::enum_name(peft::Precision::fp16)) == "fp16");
+  CHECK(peft::precision_name(peft::Precision::bf16) == "bf16");
+  // The error names the component, the context, the value and every accepted name.
+  CHECK_THAT(error_of([] { peft::enum_from_name<peft::Precision>("int8", "run.json"); }),
+             Catch::Equals("[peft::precision] run.json: unknown precision \"int8\" (expected "
+                           "\"fp32\", \"bf16\" or \"fp16\")"));
+  CHECK_THAT(error_of([] { peft::enum_from_name<peft::AdapterKind>("Houlsby"); }),
+             Catch::Equals("[peft::load_adapter] unknown adapter_kind \"Houlsby\" (expected "
+                           "\"houlsby\", \"pfeiffer\" or \"parallel\")"));
+  // A value outside the table (a cast) has no name rather than a wrong one.
+  CHECK(std::string(peft::enum_name(static_cast<peft::SiteKind>(99))) == "?");
 }

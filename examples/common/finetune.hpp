@@ -237,12 +237,10 @@ inline std::vector<std::string> attach_method(const Options& o, torch::nn::Modul
                                   .targets(o.lora_targets));
   }
   if (o.method == "adapter") {
-    const auto kind = o.adapter_kind == "pfeiffer"   ? peft::AdapterKind::Pfeiffer
-                      : o.adapter_kind == "parallel" ? peft::AdapterKind::Parallel
-                                                     : peft::AdapterKind::Houlsby;
-    return peft::attach(bert, peft::AdapterOptions(kind)
-                                  .reduction_factor(o.adapter_reduction)
-                                  .activation(o.adapter_activation));
+    return peft::attach(
+        bert, peft::AdapterOptions(peft::enum_from_name<peft::AdapterKind>(o.adapter_kind))
+                  .reduction_factor(o.adapter_reduction)
+                  .activation(o.adapter_activation));
   }
   if (o.method == "bitfit") {
     return peft::attach(bert, peft::BitFitOptions().layer_norm(o.bitfit_layer_norm));
@@ -258,11 +256,10 @@ inline std::vector<std::string> attach_method(const Options& o, torch::nn::Modul
                                                                   : peft::PromptInit::Vocab));
   }
   if (o.method == "ptuning") {
-    return peft::attach(bert,
-                        peft::PTuningOptions(o.ptuning_tokens)
-                            .encoder(o.ptuning_encoder == "lstm" ? peft::PromptEncoderType::LSTM
-                                                                 : peft::PromptEncoderType::MLP)
-                            .encoder_hidden_size(o.ptuning_hidden));
+    return peft::attach(
+        bert, peft::PTuningOptions(o.ptuning_tokens)
+                  .encoder(peft::enum_from_name<peft::PromptEncoderType>(o.ptuning_encoder))
+                  .encoder_hidden_size(o.ptuning_hidden));
   }
   if (o.method == "propetl") {
     // The prototype's sizes come from the options of the method it is built from.
@@ -1164,7 +1161,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
   app.add_option("--precision", o.precision,
                  "fp32, or autocast to bf16 or fp16 (fp16 with a dynamic loss scale); parameters "
                  "and optimizer state stay float32")
-      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+      ->check(CLI::IsMember(peft::enum_names<peft::Precision>()));
   app.add_option("--threads", o.threads, "CPU threads (0: LibTorch's default)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--output", o.output,
@@ -1173,7 +1170,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                  "classifier input: cls (BERT's pooler, as Hugging Face) or mean (average of the "
                  "token states, how sentence-transformers models such as the default were "
                  "trained)")
-      ->check(CLI::IsMember({"cls", "mean"}))
+      ->check(CLI::IsMember(peft::enum_names<peft::models::Pooling>()))
       ->default_str("recipe");
   app.add_option("--model-dropout", o.model_dropout,
                  "dropout of the pretrained model and the head: embeddings, attention, residual "
@@ -1206,7 +1203,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                  "metric, mean layers run and inference time of each --exit-threshold against "
                  "the full model: entropy (DeeBERT), patience (PABEE) or learned (BERxiT); none: "
                  "off")
-      ->check(CLI::IsMember({"none", "entropy", "patience", "learned"}));
+      ->check(CLI::IsMember(peft::enum_names<peft::models::ExitPolicy>()));
   app.add_option("--exit-threshold", o.exit_thresholds,
                  "thresholds to measure, comma-separated: entropy in nats (exit below), patience "
                  "in layers, learned confidence in [0, 1] (exit at or above); the fastest within "
@@ -1232,7 +1229,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->check(CLI::NonNegativeNumber)
       ->default_str("recipe");
   app.add_option("--adapter-kind", o.adapter_kind, "houlsby, pfeiffer or parallel")
-      ->check(CLI::IsMember({"houlsby", "pfeiffer", "parallel"}));
+      ->check(CLI::IsMember(peft::enum_names<peft::AdapterKind>()));
   app.add_option("--adapter-reduction", o.adapter_reduction, "bottleneck = hidden size / reduction")
       ->check(CLI::PositiveNumber);
   app.add_option("--adapter-activation", o.adapter_activation, "relu, gelu, tanh, silu or identity")
@@ -1252,7 +1249,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--ptuning-encoder", o.ptuning_encoder,
                  "P-tuning prompt encoder: mlp (Hugging Face's default) or lstm (the paper's)")
-      ->check(CLI::IsMember({"mlp", "lstm"}));
+      ->check(CLI::IsMember(peft::enum_names<peft::PromptEncoderType>()));
   app.add_option("--ptuning-hidden", o.ptuning_hidden,
                  "hidden size of the prompt encoder (0: the model width)")
       ->check(CLI::NonNegativeNumber);
@@ -1260,7 +1257,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
                  "ProPETL prototype: adapter (one Pfeiffer adapter, sized by --adapter-reduction "
                  "and --adapter-activation), lora (--lora-r, --lora-alpha, --lora-targets) or "
                  "prefix (--prefix-tokens)")
-      ->check(CLI::IsMember({"adapter", "lora", "prefix"}));
+      ->check(CLI::IsMember(peft::enum_names<peft::ProPETLBase>()));
   app.add_option("--propetl-keep-ratio", o.propetl_keep_ratio,
                  "share of the prototype's weights each site's mask keeps")
       ->check(CLI::Range(0.0, 1.0));
@@ -1276,7 +1273,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
   app.add_option("--lst-block", o.lst_block,
                  "side blocks: transformer_encoder_layer (the backbone's post-norm kind) or t5 "
                  "(the LST paper's pre-norm T5 block)")
-      ->check(CLI::IsMember({"transformer_encoder_layer", "t5"}));
+      ->check(CLI::IsMember(peft::enum_names<peft::LadderBlock>()));
   app.add_option("--lst-init", o.lst_init,
                  "side network start: magnitude (prune the backbone by |w|), fisher (prune by "
                  "Fisher information from training batches) or random")

@@ -338,11 +338,11 @@ void add_prompt_options(CLI::App* p, PromptArgs& a) {
   p->add_option("--word-score", a.word_score,
                 "score of a word of several tokens: sum (its log-probability) or mean")
       ->capture_default_str()
-      ->check(CLI::IsMember({"sum", "mean"}));
+      ->check(CLI::IsMember(peft::enum_names<pp::WordScore>()));
   p->add_option("--demos", a.demos,
                 "LM-BFF demonstrations in front of each input: none, random or similar")
       ->capture_default_str()
-      ->check(CLI::IsMember({"none", "random", "similar"}));
+      ->check(CLI::IsMember(peft::enum_names<pp::DemoMode>()));
   // random is the default: on SST-2 (3 seeds, docs/PROMPTING.md) it beat none by 3.4 points.
   p->add_flag("--calibrate,!--no-calibrate", a.calibrate,
               "contextual calibration: divide by the label probabilities of content-free inputs "

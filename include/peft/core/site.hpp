@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <peft/config.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -29,20 +30,19 @@ enum class SiteKind {
   Input,      ///< a sequence's front; methods contribute rows to prepend
 };
 
+constexpr EnumTable<SiteKind, 5> enum_table(SiteKind) {
+  return {"site kind",
+          "site",
+          {{{SiteKind::Linear, "linear"},
+            {SiteKind::Embedding, "embedding"},
+            {SiteKind::Block, "block"},
+            {SiteKind::Attention, "attention"},
+            {SiteKind::Input, "input"}}}};
+}
+
+/// "linear", "embedding", "block", "attention" or "input".
 inline const char* to_string(SiteKind kind) {
-  switch (kind) {
-    case SiteKind::Linear:
-      return "linear";
-    case SiteKind::Embedding:
-      return "embedding";
-    case SiteKind::Block:
-      return "block";
-    case SiteKind::Attention:
-      return "attention";
-    case SiteKind::Input:
-      return "input";
-  }
-  return "?";
+  return enum_name(kind);
 }
 
 /// A set of site kinds, one bit each (`site_kinds(SiteKind::Linear, SiteKind::Embedding)`).

@@ -15,6 +15,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/attach.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
 #include <peft/detail/linear.hpp>
@@ -31,16 +32,17 @@ enum class AdapterKind {
   Parallel,  ///< beside the FFN sub-layer: reads its input, adds to its output
 };
 
+constexpr EnumTable<AdapterKind, 3> enum_table(AdapterKind) {
+  return {"adapter_kind",
+          "load_adapter",
+          {{{AdapterKind::Houlsby, "houlsby"},
+            {AdapterKind::Pfeiffer, "pfeiffer"},
+            {AdapterKind::Parallel, "parallel"}}}};
+}
+
+/// "houlsby", "pfeiffer" or "parallel".
 inline const char* to_string(AdapterKind kind) {
-  switch (kind) {
-    case AdapterKind::Houlsby:
-      return "houlsby";
-    case AdapterKind::Pfeiffer:
-      return "pfeiffer";
-    case AdapterKind::Parallel:
-      return "parallel";
-  }
-  return "?";
+  return enum_name(kind);
 }
 
 class AdapterImpl;
@@ -135,11 +137,7 @@ namespace detail {
 
 /// AdapterKind from its name in a config.
 inline AdapterKind adapter_kind_from(const std::string& name, const std::string& file) {
-  if (name == "houlsby") return AdapterKind::Houlsby;
-  if (name == "pfeiffer") return AdapterKind::Pfeiffer;
-  if (name == "parallel") return AdapterKind::Parallel;
-  fail("load_adapter", "{}: adapter_kind \"{}\" is unknown (houlsby, pfeiffer or parallel)", file,
-       name);
+  return enum_from_name<AdapterKind>(name, file);
 }
 
 /// Each site's `adapter_down`/`adapter_up` weights and biases under the site's path; the

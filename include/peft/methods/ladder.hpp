@@ -25,6 +25,7 @@
 #include <vector>
 
 #include <peft/config.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/detail/linear.hpp>
 #include <peft/detail/shape.hpp>
@@ -60,16 +61,20 @@ struct LayerImportance {
 
 /// The name of a side block kind in adapter files and on command lines: "transformer_encoder_layer"
 /// (PostNorm) or "t5".
+constexpr EnumTable<LadderBlock, 2> enum_table(LadderBlock) {
+  return {"side block",
+          "lst",
+          {{{LadderBlock::PostNorm, "transformer_encoder_layer"}, {LadderBlock::T5, "t5"}}}};
+}
+
 inline std::string to_string(LadderBlock block) {
-  return block == LadderBlock::T5 ? "t5" : "transformer_encoder_layer";
+  return enum_name(block);
 }
 
 /// The LadderBlock called `name` (see to_string(LadderBlock)); throws peft::Error naming the
 /// known names otherwise.
 inline LadderBlock ladder_block_from_string(const std::string& name) {
-  if (name == "t5") return LadderBlock::T5;
-  if (name == "transformer_encoder_layer") return LadderBlock::PostNorm;
-  fail("lst", "side block \"{}\" is unknown (transformer_encoder_layer, t5)", name);
+  return enum_from_name<LadderBlock>(name);
 }
 
 /// Options of Ladder Side-Tuning.

@@ -25,6 +25,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/attach.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
@@ -43,16 +44,17 @@ enum class ProPETLBase {
   Prefix,   ///< key/value rows at Attention sites (default target: prefix)
 };
 
+constexpr EnumTable<ProPETLBase, 3> enum_table(ProPETLBase) {
+  return {"ProPETL base",
+          "propetl",
+          {{{ProPETLBase::Adapter, "adapter"},
+            {ProPETLBase::LoRA, "lora"},
+            {ProPETLBase::Prefix, "prefix"}}}};
+}
+
+/// "adapter", "lora" or "prefix".
 inline const char* to_string(ProPETLBase base) {
-  switch (base) {
-    case ProPETLBase::Adapter:
-      return "adapter";
-    case ProPETLBase::LoRA:
-      return "lora";
-    case ProPETLBase::Prefix:
-      return "prefix";
-  }
-  return "?";
+  return enum_name(base);
 }
 
 class ProPETLPrototypeImpl;
@@ -510,15 +512,7 @@ inline void save_propetl(const SiteMethods& methods, nlohmann::json& config,
 inline LoadPlan plan_propetl(torch::nn::Module& model, const nlohmann::json& config,
                              const std::string& cfg_name, const std::string& adapter_name) {
   const auto base_name = config_value<std::string>(config, "base", cfg_name);
-  ProPETLBase base = ProPETLBase::Adapter;
-  if (base_name == "lora") {
-    base = ProPETLBase::LoRA;
-  } else if (base_name == "prefix") {
-    base = ProPETLBase::Prefix;
-  } else {
-    check(base_name == "adapter", "load_adapter",
-          "{}: base \"{}\" is unknown (adapter, lora or prefix)", cfg_name, base_name);
-  }
+  const auto base = enum_from_name<ProPETLBase>(base_name, cfg_name);
   const AdapterKind kind =
       base == ProPETLBase::Adapter
           ? adapter_kind_from(config_value<std::string>(config, "adapter_kind", cfg_name), cfg_name)

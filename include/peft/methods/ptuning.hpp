@@ -21,6 +21,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/attach.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/site.hpp>
 #include <peft/core/registry.hpp>
@@ -35,6 +36,13 @@ enum class PromptEncoderType {
   MLP,   ///< Linear -> ReLU -> Linear -> ReLU -> Linear (Hugging Face PEFT's default)
   LSTM,  ///< bidirectional LSTM, then Linear -> ReLU -> Linear (the paper's)
 };
+
+/// "mlp" or "lstm" (the names on peft-glue's command line).
+constexpr EnumTable<PromptEncoderType, 2> enum_table(PromptEncoderType) {
+  return {"prompt encoder",
+          "ptuning",
+          {{{PromptEncoderType::MLP, "mlp"}, {PromptEncoderType::LSTM, "lstm"}}}};
+}
 
 class PTuningImpl;
 

@@ -28,6 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include <peft/config.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/hub.hpp>
 #include <peft/core/registry.hpp>
@@ -53,30 +54,23 @@ enum class ExitPolicy {
   Learned,
 };
 
+constexpr EnumTable<ExitPolicy, 4> enum_table(ExitPolicy) {
+  return {"exit policy",
+          "models::early_exit",
+          {{{ExitPolicy::None, "none"},
+            {ExitPolicy::Entropy, "entropy"},
+            {ExitPolicy::Patience, "patience"},
+            {ExitPolicy::Learned, "learned"}}}};
+}
+
 /// "none", "entropy", "patience" or "learned".
 inline const char* to_string(ExitPolicy policy) {
-  switch (policy) {
-    case ExitPolicy::Entropy:
-      return "entropy";
-    case ExitPolicy::Patience:
-      return "patience";
-    case ExitPolicy::Learned:
-      return "learned";
-    case ExitPolicy::None:
-      break;
-  }
-  return "none";
+  return enum_name(policy);
 }
 
 /// Parses to_string()'s names; anything else is an error naming the accepted values.
 inline ExitPolicy exit_policy_from_string(const std::string& name) {
-  for (auto p :
-       {ExitPolicy::None, ExitPolicy::Entropy, ExitPolicy::Patience, ExitPolicy::Learned}) {
-    if (name == to_string(p)) return p;
-  }
-  fail("models::early_exit",
-       "unknown exit policy \"{}\" (expected \"none\", \"entropy\", \"patience\" or \"learned\")",
-       name);
+  return enum_from_name<ExitPolicy>(name);
 }
 
 /// Checks a threshold for a policy: entropy >= 0, patience a whole number >= 1, learned in
@@ -271,14 +265,10 @@ class BertEarlyExitForSequenceClassificationImpl : public torch::nn::Module, pub
     const auto& e = settings["early_exit"];
     check(e.is_object(), "load_adapter", "{}: task_settings.early_exit is not an object", file);
     using peft::detail::config_value;
-    ExitPolicy policy = ExitPolicy::None;
-    Pooling pool_kind = Pooling::Cls;
-    try {
-      policy = exit_policy_from_string(config_value<std::string>(e, "policy", file));
-      pool_kind = pooling_from_string(config_value<std::string>(e, "pooling", file));
-    } catch (const Error& error) {
-      fail("load_adapter", "{}: {}", file, error.what());
-    }
+    const auto policy =
+        enum_from_name<ExitPolicy>(config_value<std::string>(e, "policy", file), file);
+    const auto pool_kind =
+        enum_from_name<Pooling>(config_value<std::string>(e, "pooling", file), file);
     const auto threshold = config_value<double>(e, "threshold", file);
     check_exit_threshold(policy, threshold, file);
     const auto labels = config_value<int64_t>(e, "num_labels", file);

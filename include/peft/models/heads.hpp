@@ -15,6 +15,7 @@
 #include <utility>
 
 #include <peft/config.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/detail/shape.hpp>
 #include <peft/models/bert.hpp>
@@ -31,16 +32,18 @@ enum class Pooling {
   Mean,
 };
 
+constexpr EnumTable<Pooling, 2> enum_table(Pooling) {
+  return {"pooling", "models::bert", {{{Pooling::Cls, "cls"}, {Pooling::Mean, "mean"}}}};
+}
+
 /// "cls" or "mean".
 inline const char* to_string(Pooling pooling) {
-  return pooling == Pooling::Mean ? "mean" : "cls";
+  return enum_name(pooling);
 }
 
 /// Parses "cls" or "mean"; anything else is an error naming the accepted values.
 inline Pooling pooling_from_string(const std::string& name) {
-  if (name == "cls") return Pooling::Cls;
-  if (name == "mean") return Pooling::Mean;
-  fail("models::bert", "unknown pooling \"{}\" (expected \"cls\" or \"mean\")", name);
+  return enum_from_name<Pooling>(name);
 }
 
 /// Mean of `hidden` [N, n + L, H] over the positions where `attention_mask` [N, L] is nonzero

@@ -16,6 +16,7 @@
 #include <utility>
 
 #include <peft/config.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/registry.hpp>
 #include <peft/detail/json.hpp>
@@ -149,12 +150,7 @@ inline LoadPlan plan_ladder(torch::nn::Module& model, const nlohmann::json& conf
         "this model neither is nor contains",
         cfg_name);
   const auto block_name = config_value<std::string>(config, "side_block", cfg_name);
-  LadderBlock block = LadderBlock::PostNorm;
-  try {
-    block = ladder_block_from_string(block_name);
-  } catch (const Error& e) {
-    fail("load_adapter", "{}: {}", cfg_name, e.what());
-  }
+  const auto block = enum_from_name<LadderBlock>(block_name, cfg_name);
   auto options = LadderOptions()
                      .block(block)
                      .reduction_factor(config_value<int64_t>(config, "reduction_factor", cfg_name))
@@ -163,12 +159,8 @@ inline LoadPlan plan_ladder(torch::nn::Module& model, const nlohmann::json& conf
                      .side_heads(config_value<int64_t>(config, "side_heads", cfg_name))
                      // The stored weights replace any initialisation; skip the pruning.
                      .init(LadderInit::Random);
-  Pooling pooling = Pooling::Cls;
-  try {
-    pooling = pooling_from_string(config_value<std::string>(config, "pooling", cfg_name));
-  } catch (const Error& e) {
-    fail("load_adapter", "{}: {}", cfg_name, e.what());
-  }
+  const auto pooling =
+      enum_from_name<Pooling>(config_value<std::string>(config, "pooling", cfg_name), cfg_name);
   // The new side network is built beside the backbone but installed only by apply(). Building
   // it freezes the backbone, which must not change what trains there now.
   auto encoder = target->bert->encoder;

@@ -51,6 +51,7 @@
 
 #include <peft/config.hpp>
 #include <peft/core/attach.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/data/example.hpp>
 #include <peft/io/adapter_format.hpp>
@@ -260,27 +261,31 @@ struct Verbalizer {
 /// How a word of several tokens is scored (see the header comment).
 enum class WordScore { sum, mean };
 
+constexpr EnumTable<WordScore, 2> enum_table(WordScore) {
+  return {"word score", "prompting", {{{WordScore::sum, "sum"}, {WordScore::mean, "mean"}}}};
+}
 inline const char* to_string(WordScore s) {
-  return s == WordScore::sum ? "sum" : "mean";
+  return enum_name(s);
 }
 inline WordScore word_score_from_string(const std::string& s) {
-  if (s == "sum") return WordScore::sum;
-  if (s == "mean") return WordScore::mean;
-  fail("prompting", "unknown word score \"{}\" (sum, mean)", s);
+  return enum_from_name<WordScore>(s);
 }
 
 /// Where demonstrations come from (LM-BFF): none, a random labelled example of each class, or
 /// one among the more similar half of each class to the input.
 enum class DemoMode { none, random, similar };
 
+constexpr EnumTable<DemoMode, 3> enum_table(DemoMode) {
+  return {
+      "demonstration mode",
+      "prompting",
+      {{{DemoMode::none, "none"}, {DemoMode::random, "random"}, {DemoMode::similar, "similar"}}}};
+}
 inline const char* to_string(DemoMode m) {
-  return m == DemoMode::none ? "none" : m == DemoMode::random ? "random" : "similar";
+  return enum_name(m);
 }
 inline DemoMode demo_mode_from_string(const std::string& s) {
-  if (s == "none") return DemoMode::none;
-  if (s == "random") return DemoMode::random;
-  if (s == "similar") return DemoMode::similar;
-  fail("prompting", "unknown demonstration mode \"{}\" (none, random, similar)", s);
+  return enum_from_name<DemoMode>(s);
 }
 
 /// A template and its verbalizer, and how to score and lay them out.

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include <peft/config.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/detail/torch_compat.hpp>
 
@@ -30,26 +31,27 @@ enum class Precision {
   fp16,  ///< autocast to float16 with a dynamic loss scale
 };
 
+constexpr EnumTable<Precision, 7> enum_table(Precision) {
+  return {"precision",
+          "precision",
+          {{{Precision::fp32, "fp32"},
+            {Precision::bf16, "bf16"},
+            {Precision::fp16, "fp16"},
+            {Precision::fp32, "float32"},
+            {Precision::bf16, "bfloat16"},
+            {Precision::fp16, "float16"},
+            {Precision::fp16, "half"}}}};
+}
+
 /// "fp32", "bf16" or "fp16".
 inline std::string_view precision_name(Precision p) {
-  switch (p) {
-    case Precision::bf16:
-      return "bf16";
-    case Precision::fp16:
-      return "fp16";
-    case Precision::fp32:
-    default:
-      return "fp32";
-  }
+  return enum_name(p);
 }
 
 /// Parses "fp32" (or "float32"), "bf16" ("bfloat16") or "fp16" ("float16", "half"); throws
-/// peft::Error naming the accepted spellings otherwise.
+/// peft::Error naming the accepted values otherwise.
 inline Precision parse_precision(std::string_view text) {
-  if (text == "fp32" || text == "float32") return Precision::fp32;
-  if (text == "bf16" || text == "bfloat16") return Precision::bf16;
-  if (text == "fp16" || text == "float16" || text == "half") return Precision::fp16;
-  fail("precision", "unknown precision \"{}\" (expected fp32, bf16 or fp16)", text);
+  return enum_from_name<Precision>(text);
 }
 
 /// The scalar type autocast computes in for `p` (float32 for Precision::fp32).

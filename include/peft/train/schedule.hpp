@@ -28,6 +28,7 @@
 #include <fmt/ranges.h>
 
 #include <peft/config.hpp>
+#include <peft/core/enum_names.hpp>
 #include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/train/adamw.hpp>
@@ -201,17 +202,17 @@ enum class Schedule {
   cosine,    ///< follows half a cosine down to the floor at total_steps
 };
 
+constexpr EnumTable<Schedule, 3> enum_table(Schedule) {
+  return {"schedule",
+          "schedule",
+          {{{Schedule::constant, "constant"},
+            {Schedule::linear, "linear"},
+            {Schedule::cosine, "cosine"}}}};
+}
+
 /// Name of a Schedule ("constant", "linear", "cosine").
 inline const char* schedule_name(Schedule s) {
-  switch (s) {
-    case Schedule::constant:
-      return "constant";
-    case Schedule::linear:
-      return "linear";
-    case Schedule::cosine:
-      return "cosine";
-  }
-  return "?";
+  return enum_name(s);
 }
 
 /// Shape of a learning-rate schedule, as factors of each group's base rate.
