@@ -71,6 +71,76 @@ TEST_CASE("nn::MultiheadAttention matches stock attention with masks, in eval an
   }
 }
 
+TEST_CASE("frozen_split_linear: the packed product's chunks and the same input gradient",
+          "[core][wrappers]") {
+  torch::manual_seed(0);
+  auto weight = torch::randn({3 * kDim, kDim});
+  auto bias = torch::randn({3 * kDim});
+  auto x0 = torch::randn({5, 2, kDim});
+  auto upstream = torch::randn({3, 5, 2, kDim});
+  // Reference: one packed product and its views, through stock autograd.
+  auto xr = x0.clone().requires_grad_(true);
+  auto ref = peft::detail::linear(xr, weight, bias).chunk(3, -1);
+  // The key's output unused: its gradient never arrives.
+  ((ref[0] * upstream[0]).sum() + (ref[2] * upstream[2]).sum()).backward();
+  auto xs = x0.clone().requires_grad_(true);
+  auto out = peft::detail::frozen_split_linear(xs, weight, bias, 3);
+  REQUIRE(out.size() == 3);
+  for (int i = 0; i < 3; ++i) {
+    CHECK(max_diff(out[i], ref[i]) <= 1e-5);
+    CHECK(out[i].is_contiguous());
+  }
+  // Separate tensors: freeing one frees its memory.
+  CHECK(out[0].storage().data() != out[1].storage().data());
+  ((out[0] * upstream[0]).sum() + (out[2] * upstream[2]).sum()).backward();
+  CHECK(max_diff(xs.grad(), xr.grad()) <= 1e-5);
+  // By hand: x's gradient is g_q W_q + g_v W_v.
+  auto by_hand = torch::matmul(upstream[0], weight.narrow(0, 0, kDim)) +
+                 torch::matmul(upstream[2], weight.narrow(0, 2 * kDim, kDim));
+  CHECK(max_diff(xs.grad(), by_hand) <= 1e-5);
+
+  SECTION("under bf16 autocast the gradient comes back in the input's type") {
+    auto xa = x0.clone().requires_grad_(true);
+    torch::Tensor loss;
+    {
+      peft::AutocastGuard guard(torch::kCPU, peft::Precision::bf16);
+      auto parts = peft::detail::frozen_split_linear(xa, weight, bias, 3);
+      CHECK(parts[1].scalar_type() == torch::kBFloat16);
+      loss = (parts[1].to(torch::kFloat) * upstream[1]).sum();
+    }
+    loss.backward();
+    CHECK(xa.grad().scalar_type() == torch::kFloat);
+    auto expected = torch::matmul(upstream[1], weight.narrow(0, kDim, kDim));
+    CHECK(max_diff(xa.grad(), expected) <= 0.05 * expected.abs().max().item<double>());
+  }
+}
+
+TEST_CASE("nn::MultiheadAttention's input gradient equals the stock module's", "[core][wrappers]") {
+  torch::manual_seed(1);
+  torch::nn::MultiheadAttention stock(
+      torch::nn::MultiheadAttentionOptions(kDim, kHeads).dropout(0.0));
+  peft::nn::MultiheadAttention wrapped(stock);
+  const int64_t L = 6, N = 3;
+  auto x0 = torch::randn({L, N, kDim});
+  auto upstream = torch::randn({L, N, kDim});
+  auto kpm = padding_mask(N, L);
+  auto xs = x0.clone().requires_grad_(true);
+  (std::get<0>(stock(xs, xs, xs, kpm)) * upstream).sum().backward();
+  auto xw = x0.clone().requires_grad_(true);
+  (wrapped(xw, xw, xw, kpm) * upstream).sum().backward();
+  CHECK(max_diff(xw.grad(), xs.grad()) <= 1e-5);
+  // Cross attention (key == value packs two projections).
+  auto mem0 = torch::randn({4, N, kDim});
+  auto ms = mem0.clone().requires_grad_(true);
+  auto qs = x0.clone().requires_grad_(true);
+  (std::get<0>(stock(qs, ms, ms)) * upstream).sum().backward();
+  auto mw = mem0.clone().requires_grad_(true);
+  auto qw = x0.clone().requires_grad_(true);
+  (wrapped(qw, mw, mw) * upstream).sum().backward();
+  CHECK(max_diff(mw.grad(), ms.grad()) <= 1e-5);
+  CHECK(max_diff(qw.grad(), qs.grad()) <= 1e-5);
+}
+
 TEST_CASE("nn::TransformerEncoderLayer matches the stock layer (ReLU and GELU, masks, dropout)",
           "[core][wrappers]") {
   const int64_t L = 6, N = 3;

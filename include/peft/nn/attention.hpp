@@ -4,6 +4,8 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/pimpl.h>
 
+#include <c10/core/GradMode.h>
+
 #include <cstdint>
 #include <utility>
 
@@ -72,25 +74,31 @@ class MultiheadAttentionImpl : public torch::nn::Module {
       return std::make_pair(w.narrow(0, from, count),
                             b.defined() ? b.narrow(0, from, count) : torch::Tensor());
     };
+    // With autograd recording and frozen projections, q, k and v come out as separate tensors
+    // (frozen_split_linear): one a method replaces is freed, and the backward needs no
+    // concatenation. Otherwise one packed product and views into it.
+    const bool split =
+        c10::GradMode::is_enabled() && !w.requires_grad() && !(b.defined() && b.requires_grad());
+    auto project = [&](const torch::Tensor& x, int64_t from, int64_t chunks) {
+      auto [wp, bp] = slice(from, chunks * E);
+      return split ? peft::detail::frozen_split_linear(x, wp, bp, chunks)
+                   : peft::detail::linear(x, wp, bp).chunk(chunks, -1);
+    };
     torch::Tensor q, k, v;
     if (q_in.is_same(k_in) && k_in.is_same(v_in)) {
-      auto qkv = peft::detail::linear(q_in, w, b).chunk(3, -1);
+      auto qkv = project(q_in, 0, 3);
       q = qkv[0];
       k = qkv[1];
       v = qkv[2];
     } else {
-      auto [wq, bq] = slice(0, E);
-      q = peft::detail::linear(q_in, wq, bq);
+      q = project(q_in, 0, 1)[0];
       if (k_in.is_same(v_in)) {
-        auto [wkv, bkv] = slice(E, 2 * E);
-        auto kv = peft::detail::linear(k_in, wkv, bkv).chunk(2, -1);
+        auto kv = project(k_in, E, 2);
         k = kv[0];
         v = kv[1];
       } else {
-        auto [wk, bk] = slice(E, E);
-        auto [wv, bv] = slice(2 * E, E);
-        k = peft::detail::linear(k_in, wk, bk);
-        v = peft::detail::linear(v_in, wv, bv);
+        k = project(k_in, E, 1)[0];
+        v = project(v_in, 2 * E, 1)[0];
       }
     }
     q = query->adapt(q_in, q);
