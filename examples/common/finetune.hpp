@@ -1097,7 +1097,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
   app.add_option("--method", o.method,
                  "PEFT method: " + detail::join(available_methods()) +
                      " (lst: ladder side-tuning, a side network beside the frozen model); "
-                     "default lora, full for cola (docs/RESULTS.md)")
+                     "default lora; full for cola, stsb and rte (docs/RESULTS.md)")
       ->check(CLI::IsMember(available_methods()))
       ->default_str("recipe");
   app.add_option("--method-options", o.method_options,
