@@ -10,6 +10,7 @@ TOLERANCE): used to show that the check can fail. Exit status 0 when the verdict
 otherwise, 2 on unreadable input.
 """
 import json
+import math
 import struct
 import sys
 
@@ -63,7 +64,11 @@ def main():
         fmt = "<%d%s" % (len(ba) // struct.calcsize(FORMATS[da]), FORMATS[da])
         for x, y in zip(struct.unpack(fmt, ba), struct.unpack(fmt, bb)):
             d = abs(x - y)
-            if not d <= worst:  # also catches NaN
+            if math.isnan(d):
+                # NaN on either side is never "within" (a NaN kept in `worst` would let the next
+                # comparison replace it).
+                d = math.inf
+            if d > worst:
                 worst, where = d, name
         compared += 1
     print(f"{compared} tensors compared; largest difference {worst:.3g} in {where or '-'} "

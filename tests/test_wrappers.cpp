@@ -63,6 +63,25 @@ TEST_CASE("nn::MultiheadAttention matches stock attention with masks, in eval an
     CHECK(torch::equal(wrapped_dropping(x, x, x, kpm, mask), expected));
   }
 
+  SECTION("the input's gradient equals the stock module's (frozen_split_linear's backward)") {
+    auto upstream = torch::randn({L, N, kDim});
+    auto xs = x.clone().requires_grad_(true);
+    (std::get<0>(stock(xs, xs, xs, kpm)) * upstream).sum().backward();
+    auto xw = x.clone().requires_grad_(true);
+    (wrapped(xw, xw, xw, kpm) * upstream).sum().backward();
+    CHECK(max_diff(xw.grad(), xs.grad()) <= 1e-5);
+    // Cross attention: key == value packs two projections.
+    auto memory = torch::randn({5, N, kDim});
+    auto ms = memory.clone().requires_grad_(true);
+    auto qs = x.clone().requires_grad_(true);
+    (std::get<0>(stock(qs, ms, ms)) * upstream).sum().backward();
+    auto mw = memory.clone().requires_grad_(true);
+    auto qw = x.clone().requires_grad_(true);
+    (wrapped(qw, mw, mw) * upstream).sum().backward();
+    CHECK(max_diff(mw.grad(), ms.grad()) <= 1e-5);
+    CHECK(max_diff(qw.grad(), qs.grad()) <= 1e-5);
+  }
+
   SECTION("bad shapes name what was wrong") {
     CHECK_THROWS_WITH(wrapped(torch::randn({L, N, 8}), x, x),
                       Catch::Contains("query has shape [7, 4, 8], expected [L, N, 16]"));
@@ -113,32 +132,6 @@ TEST_CASE("frozen_split_linear: the packed product's chunks and the same input g
     auto expected = torch::matmul(upstream[1], weight.narrow(0, kDim, kDim));
     CHECK(max_diff(xa.grad(), expected) <= 0.05 * expected.abs().max().item<double>());
   }
-}
-
-TEST_CASE("nn::MultiheadAttention's input gradient equals the stock module's", "[core][wrappers]") {
-  torch::manual_seed(1);
-  torch::nn::MultiheadAttention stock(
-      torch::nn::MultiheadAttentionOptions(kDim, kHeads).dropout(0.0));
-  peft::nn::MultiheadAttention wrapped(stock);
-  const int64_t L = 6, N = 3;
-  auto x0 = torch::randn({L, N, kDim});
-  auto upstream = torch::randn({L, N, kDim});
-  auto kpm = padding_mask(N, L);
-  auto xs = x0.clone().requires_grad_(true);
-  (std::get<0>(stock(xs, xs, xs, kpm)) * upstream).sum().backward();
-  auto xw = x0.clone().requires_grad_(true);
-  (wrapped(xw, xw, xw, kpm) * upstream).sum().backward();
-  CHECK(max_diff(xw.grad(), xs.grad()) <= 1e-5);
-  // Cross attention (key == value packs two projections).
-  auto mem0 = torch::randn({4, N, kDim});
-  auto ms = mem0.clone().requires_grad_(true);
-  auto qs = x0.clone().requires_grad_(true);
-  (std::get<0>(stock(qs, ms, ms)) * upstream).sum().backward();
-  auto mw = mem0.clone().requires_grad_(true);
-  auto qw = x0.clone().requires_grad_(true);
-  (wrapped(qw, mw, mw) * upstream).sum().backward();
-  CHECK(max_diff(mw.grad(), ms.grad()) <= 1e-5);
-  CHECK(max_diff(qw.grad(), qs.grad()) <= 1e-5);
 }
 
 TEST_CASE("nn::TransformerEncoderLayer matches the stock layer (ReLU and GELU, masks, dropout)",

@@ -135,11 +135,6 @@ class AdapterImpl : public MethodImpl {
 
 namespace detail {
 
-/// AdapterKind from its name in a config.
-inline AdapterKind adapter_kind_from(const std::string& name, const std::string& file) {
-  return enum_from_name<AdapterKind>(name, file);
-}
-
 /// Each site's `adapter_down`/`adapter_up` weights and biases under the site's path; the
 /// placement and sizes in the config.
 inline void save_adapter_blocks(SaveContext& c) {
@@ -168,7 +163,7 @@ inline LoadPlan load_adapter_blocks(const LoadContext& c) {
   const auto& cfg = c.config_file;
   const auto targets = config_value<std::vector<std::string>>(c.config, "target_modules", cfg);
   const AdapterKind kind =
-      adapter_kind_from(config_value<std::string>(c.config, "adapter_kind", cfg), cfg);
+      enum_from_name<AdapterKind>(config_value<std::string>(c.config, "adapter_kind", cfg), cfg);
   auto options = AdapterOptions(kind)
                      .bottleneck(config_value<int64_t>(c.config, "bottleneck", cfg))
                      .activation(config_value<std::string>(c.config, "activation", cfg))
@@ -207,7 +202,7 @@ inline MethodEntry adapter_entry() {
   e.summary = "bottleneck adapters after sub-layers (Houlsby et al., 2019; Pfeiffer et al., 2021)";
   e.default_lr = 1e-3;
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
-    const auto kind = adapter_kind_from(
+    const auto kind = enum_from_name<AdapterKind>(
         config_value_or<std::string>(json, "adapter_kind", "houlsby", "options", "adapter"),
         "options");
     auto options =

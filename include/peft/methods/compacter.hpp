@@ -241,8 +241,8 @@ inline LoadPlan plan_compacter(torch::nn::Module& model, const nlohmann::json& c
   const auto targets = config_value<std::vector<std::string>>(config, "target_modules", cfg_name);
   check(!targets.empty(), "load_adapter", "{}: target_modules is empty", cfg_name);
   auto options =
-      CompacterOptions(
-          adapter_kind_from(config_value<std::string>(config, "adapter_kind", cfg_name), cfg_name))
+      CompacterOptions(enum_from_name<AdapterKind>(
+                           config_value<std::string>(config, "adapter_kind", cfg_name), cfg_name))
           .bottleneck(config_value<int64_t>(config, "bottleneck", cfg_name))
           .phm_dim(config_value<int64_t>(config, "phm_dim", cfg_name))
           .rank(config_value<int64_t>(config, "phm_rank", cfg_name))
@@ -299,9 +299,10 @@ inline MethodEntry compacter_entry() {
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     const char* w = "compacter";
     auto options =
-        CompacterOptions(adapter_kind_from(config_value_or<std::string>(json, "adapter_kind",
-                                                                        "houlsby", "options", w),
-                                           "options"))
+        CompacterOptions(
+            enum_from_name<AdapterKind>(
+                config_value_or<std::string>(json, "adapter_kind", "houlsby", "options", w),
+                "options"))
             .reduction_factor(config_value_or<int64_t>(json, "reduction_factor", 16, "options", w))
             .phm_dim(config_value_or<int64_t>(json, "phm_dim", 4, "options", w))
             .rank(config_value_or<int64_t>(json, "phm_rank", 1, "options", w))

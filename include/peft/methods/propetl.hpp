@@ -515,7 +515,8 @@ inline LoadPlan plan_propetl(torch::nn::Module& model, const nlohmann::json& con
   const auto base = enum_from_name<ProPETLBase>(base_name, cfg_name);
   const AdapterKind kind =
       base == ProPETLBase::Adapter
-          ? adapter_kind_from(config_value<std::string>(config, "adapter_kind", cfg_name), cfg_name)
+          ? enum_from_name<AdapterKind>(config_value<std::string>(config, "adapter_kind", cfg_name),
+                                        cfg_name)
           : AdapterKind::Pfeiffer;
   ProPETLOptions options(base, kind);
   options.keep_ratio(config_value<double>(config, "keep_ratio", cfg_name));

@@ -36,12 +36,9 @@ struct Recipe {
   std::string source = "general default";
 };
 
-/// The method a task trains with when --method is not given: LoRA, except where LoRA did not
-/// learn the task with the default model in the search of docs/RESULTS.md and full fine-tuning
-/// did (CoLA: LoRA stayed at the majority class, MCC 0, in every setting tried).
-/// The method that learned `task` best in docs/RESULTS.md's search: full fine-tuning for CoLA
-/// (LoRA stayed at the majority class), STS-B (Pearson 0.861 against LoRA's 0.844) and RTE
-/// (accuracy 0.596 against 0.580); LoRA elsewhere.
+/// The method a task trains with when --method is not given: the one that learned `task` best in
+/// docs/RESULTS.md's search: full fine-tuning for CoLA (LoRA stayed at the majority class), STS-B
+/// (Pearson 0.861 against LoRA's 0.844) and RTE (accuracy 0.596 against 0.580); LoRA elsewhere.
 inline std::string default_method(const std::string& task) {
   return task == "cola" || task == "stsb" || task == "rte" ? "full" : "lora";
 }
