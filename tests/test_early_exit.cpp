@@ -63,13 +63,13 @@ void randomize_trainable(torch::nn::Module& model) {
   for (auto& p : peft::trainable_parameters(model)) p.normal_(0.0, 0.5);
 }
 
-// Records the batch size (dimension 1 of the sequence-first input) each call of a site sees,
-// and changes nothing.
+// Records the batch size (dimension 0: BERT runs its encoder batch-first) each call of a site
+// sees, and changes nothing.
 class Counter : public peft::MethodImpl {
  public:
   Counter() : peft::MethodImpl("counter", "default") {}
   torch::Tensor apply(const torch::Tensor& input, const torch::Tensor& output) override {
-    seen.push_back(input.size(1));
+    seen.push_back(input.size(0));
     return output;
   }
   std::vector<int64_t> seen;

@@ -63,6 +63,32 @@ TEST_CASE("LST computes the gated ladder the paper describes", "[lst]") {
                     Catch::Contains("layer 3 is outside the backbone's 2 layers"));
 }
 
+TEST_CASE("LST over a batch-first backbone: the sequence-first ladder's output, transposed",
+          "[lst]") {
+  // models::Bert's encoder is batch-first; a ladder over it takes and returns [N, L, E].
+  for (auto block : {peft::LadderBlock::PostNorm, peft::LadderBlock::T5}) {
+    INFO("block " << peft::enum_name(block));
+    auto stock = stock_encoder();
+    auto make = [&](bool batch_first) {
+      torch::manual_seed(11);
+      peft::Ladder ladder(
+          peft::nn::TransformerEncoder(stock, batch_first),
+          peft::LadderOptions().reduction_factor(2).block(block).init(peft::LadderInit::Random));
+      torch::NoGradGuard no_grad;
+      ladder->gates.fill_(0.05);
+      ladder->eval();
+      return ladder;
+    };
+    auto seq = make(false), bf = make(true);
+    auto x = torch::randn({5, 3, kDim});
+    auto kpm = padding_mask(3, 5);
+    auto expected = seq(x, torch::Tensor(), kpm);
+    auto got = bf(x.transpose(0, 1).contiguous(), torch::Tensor(), kpm);
+    REQUIRE(got.sizes() == torch::IntArrayRef({3, 5, kDim}));
+    CHECK(max_diff(got.transpose(0, 1), expected) <= 1e-5);
+  }
+}
+
 TEST_CASE("LST pruned initialisation keeps the highest-importance rows", "[lst]") {
   torch::manual_seed(9);
   auto stock = stock_layer();
@@ -360,8 +386,9 @@ TEST_CASE("LST over Bert: the logits a side network and head compute from BERT's
   auto x = bert->embeddings_norm(bert->word_embeddings(ids) + bert->position_embeddings(positions) +
                                  bert->token_type_embeddings(types));
   CHECK(max_diff(bert->embed(ids, types), x) <= 1e-6);
-  auto side = model->ladder(x.transpose(0, 1), torch::Tensor(), mask.eq(0));
-  auto expected = model->classifier(side.select(0, 0));
+  // BERT's encoder is batch-first, so the ladder over it takes and returns [N, L, H].
+  auto side = model->ladder(x, torch::Tensor(), mask.eq(0));
+  auto expected = model->classifier(side.select(1, 0));
   auto logits = model(ids, mask, types);
   CHECK(logits.sizes() == torch::IntArrayRef({2, 3}));
   CHECK(max_diff(logits, expected) <= 1e-6);

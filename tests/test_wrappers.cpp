@@ -286,6 +286,124 @@ TEST_CASE("forward_first runs the last feed-forward for the first rows only", "[
   CHECK(positions == expected);
 }
 
+TEST_CASE("batch_first: the sequence-first results, transposed, methods and prefixes attached",
+          "[core][wrappers]") {
+  // The expectation is the sequence-first wrapper, itself checked against the stock modules
+  // above; both wrap the same stock encoder and get the same random method weights.
+  const int64_t L = 6, N = 4;
+  auto stock = stock_encoder(0.0, /*final_norm=*/true);
+  auto make = [&](bool batch_first) {
+    peft::nn::TransformerEncoder wrapped(stock, batch_first);
+    peft::attach(*wrapped, peft::LoRAOptions(4).targets({"query", "value", "linear1"}));
+    peft::attach(*wrapped, peft::AdapterOptions(peft::AdapterKind::Houlsby).reduction_factor(4));
+    peft::attach(*wrapped, peft::PromptOptions(2));
+    peft::attach(*wrapped, peft::PrefixOptions(3));
+    torch::manual_seed(7);
+    randomize(*wrapped);
+    return wrapped;
+  };
+  auto seq = make(false), bf = make(true);
+  CHECK_FALSE(seq->batch_first());
+  CHECK(bf->batch_first());
+  CHECK(bf->layer(0)->batch_first());
+  CHECK(bf->layer(0)->self_attn->batch_first());
+  auto x = torch::randn({L, N, kDim});
+  auto xb = x.transpose(0, 1).contiguous();
+  auto kpm = padding_mask(N, L);
+  auto mask = causal_mask(L);
+  seq->eval();
+  bf->eval();
+  auto expected = seq(x, mask, kpm);
+  auto got = bf(xb, mask, kpm);
+  REQUIRE(got.sizes() == torch::IntArrayRef({N, L + 2, kDim}));
+  CHECK(max_diff(got.transpose(0, 1), expected) <= 1e-5);
+  for (int64_t rows : {int64_t{1}, int64_t{3}}) {
+    INFO("rows " << rows);
+    CHECK(max_diff(bf->forward_first(xb, rows, mask, kpm).transpose(0, 1),
+                   expected.narrow(0, 0, rows)) <= 1e-5);
+  }
+  auto states_seq = seq->hidden_states(x, {}, kpm), states_bf = bf->hidden_states(xb, {}, kpm);
+  REQUIRE(states_bf.size() == states_seq.size());
+  for (size_t i = 0; i < states_bf.size(); ++i) {
+    INFO("state " << i);
+    CHECK(max_diff(states_bf[i].transpose(0, 1), states_seq[i]) <= 1e-5);
+  }
+  CHECK_THROWS_WITH(bf->layer(0)->self_attn->forward(xb, x, x),
+                    Catch::Contains("must both be [4, S, 16]"));
+  CHECK_THROWS_WITH(
+      bf->layer(0)->forward_first(xb, L + 1),
+      Catch::Contains("7 rows asked of an input of shape [4, 6, 16] (expected [N, L, E]"));
+
+  // Training (no dropout drawn): the same gradients for every trainable parameter.
+  seq->train();
+  bf->train();
+  auto weights = torch::randn({L + 2, N, kDim});
+  auto grads = [&](peft::nn::TransformerEncoder& m, const torch::Tensor& in, bool batch_first) {
+    auto out = m(in, mask, kpm);
+    if (batch_first) out = out.transpose(0, 1);
+    (out * weights).sum().backward();
+    std::vector<torch::Tensor> g;
+    for (auto& p : peft::trainable_parameters(*m)) g.push_back(p.grad().clone());
+    return g;
+  };
+  auto g_seq = grads(seq, x, false), g_bf = grads(bf, xb, true);
+  REQUIRE(g_bf.size() == g_seq.size());
+  double largest = 0.0;
+  for (size_t i = 0; i < g_bf.size(); ++i) {
+    CHECK(max_diff(g_bf[i], g_seq[i]) <= 1e-4);
+    largest = std::max(largest, g_seq[i].abs().max().item<double>());
+  }
+  CHECK(largest > 1e-2);  // the comparison is not between zeros
+}
+
+TEST_CASE("functional::attention batch_first: same result, contiguous gradients from the kernel",
+          "[core][wrappers]") {
+  const int64_t L = 5, S = 7, N = 3, H = 2;
+  auto q = torch::randn({L, N, kDim}), k = torch::randn({S, N, kDim}),
+       v = torch::randn({S, N, kDim});
+  auto kpm = padding_mask(N, S);
+  auto mask = torch::randn({L, S});
+  auto bf = [](const torch::Tensor& t) { return t.transpose(0, 1).contiguous(); };
+  // Eval (the fused kernel from LibTorch 2.0 on), and training with attention dropout (the
+  // unfused path, whose dropout draws [N * H, L, S] in the same order for both layouts).
+  for (bool dropout : {false, true}) {
+    INFO("dropout " << dropout);
+    const double p = dropout ? 0.3 : 0.0;
+    torch::manual_seed(5);
+    auto expected = peft::functional::attention(q, k, v, H, mask, kpm, p, dropout);
+    torch::manual_seed(5);
+    auto got = peft::functional::attention(bf(q), bf(k), bf(v), H, mask, kpm, p, dropout, true);
+    REQUIRE(got.sizes() == torch::IntArrayRef({N, L, kDim}));
+    CHECK(max_diff(got.transpose(0, 1), expected) <= 1e-5);
+  }
+  CHECK_THROWS_WITH(
+      peft::functional::attention(bf(q), k, v, H, {}, {}, 0.0, false, true),
+      Catch::Contains("keys [7, 3, 16] and values [7, 3, 16] must both be [3, S, 16]"));
+
+#if PEFT_HAS_SDPA
+  // Why models::Bert runs batch-first: the fused kernel hands back q's, k's and v's gradients
+  // (and its output) in contiguous [N, L, E] memory, so the projections' backward multiplies them
+  // as they are. (Sequence-first, they come back with batch-first strides and get copied.)
+  std::vector<std::vector<int64_t>> strides(3);
+  std::vector<torch::Tensor> inputs;
+  for (const auto& t : {q, k, v}) {
+    auto leaf = bf(t).requires_grad_();
+    auto through = leaf * 1.0;  // a non-leaf, whose hook sees the gradient as the kernel made it
+    auto* slot = &strides[inputs.size()];
+    through.register_hook([slot](torch::Tensor g) { *slot = g.strides().vec(); });
+    inputs.push_back(through);
+  }
+  auto out =
+      peft::functional::attention(inputs[0], inputs[1], inputs[2], H, {}, kpm, 0.0, true, true);
+  CHECK(out.is_contiguous());
+  out.pow(2).sum().backward();
+  const std::vector<int64_t> q_strides{L * kDim, kDim, 1}, kv_strides{S * kDim, kDim, 1};
+  CHECK(strides[0] == q_strides);
+  CHECK(strides[1] == kv_strides);
+  CHECK(strides[2] == kv_strides);
+#endif
+}
+
 TEST_CASE("sites are found by path and role", "[core][wrappers]") {
   peft::nn::TransformerEncoder wrapped(stock_encoder());
   std::vector<std::string> paths;

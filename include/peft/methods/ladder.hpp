@@ -336,7 +336,9 @@ inline std::vector<LayerImportance> fisher_importance(
 /// A frozen peft::nn::TransformerEncoder with a trainable ladder side network.
 ///
 /// forward(src [L, N, E], src_mask, src_key_padding_mask) runs the backbone under NoGradGuard,
-/// then the side network, and returns [L (+prompt), N, E]: the side state upsampled to E.
+/// then the side network, and returns [L (+prompt), N, E]: the side state upsampled to E. With a
+/// batch-first backbone (nn::TransformerEncoder's batch_first, as models::Bert's) src and the
+/// result are [N, L, E] and [N, L (+prompt), E]; the side blocks run sequence-first either way.
 /// Submodules: `backbone` (frozen), `downsample.<i>` (Linear E -> E/r for the input and each
 /// selected layer), `gates` (alpha, one per side block), `side.<i>` (width E/r: a stock
 /// TransformerEncoderLayer, or a T5SideBlock with LadderBlock::T5, which adds `final_norm`),
@@ -430,15 +432,20 @@ class LadderImpl : public torch::nn::Module {
     }
     // Prompts in the backbone lengthen the sequence; extend the padding mask the same way.
     torch::Tensor kpm = src_key_padding_mask, mask = src_mask;
-    const int64_t extra = states[0].size(0) - src.size(0);
+    const bool batch_first = backbone->batch_first();
+    const int64_t seq = batch_first ? 1 : 0;
+    const int64_t extra = states[0].size(seq) - src.size(seq);
     if (extra > 0 && kpm.defined()) {
       kpm = torch::cat({torch::zeros({kpm.size(0), extra}, kpm.options()), kpm}, 1);
     }
     check(extra == 0 || !mask.defined(), LadderOptions::method,
           "a src_mask together with prompts in the backbone is not supported");
+    // The side blocks take [L, N, d]: a batch-first backbone's states are transposed after the
+    // down-projection, where they are E/r wide.
     auto down = [&](size_t i, const torch::Tensor& x) {
       const auto& m = *downsample->ptr<torch::nn::LinearImpl>(i);
-      return peft::detail::linear(x, m.weight, m.bias);
+      auto d = peft::detail::linear(x, m.weight, m.bias);
+      return batch_first ? d.transpose(0, 1) : d;
     };
     auto h = down(0, states[0]);
     for (size_t i = 0; i < selected_.size(); ++i) {
@@ -458,7 +465,8 @@ class LadderImpl : public torch::nn::Module {
       h = F::dropout(detail::rms_norm(h, final_norm),
                      F::DropoutFuncOptions().p(p).training(is_training()));
     }
-    return peft::detail::linear(h, upsample);
+    auto out = peft::detail::linear(h, upsample);
+    return batch_first ? out.transpose(0, 1) : out;
   }
 
   /// The backbone layers that feed the side network.

@@ -77,7 +77,9 @@ class BertImpl : public torch::nn::Module, public HubModel {
       l->norm1 = l->replace_module("norm1", norm());
       l->norm2 = l->replace_module("norm2", norm());
     }
-    encoder = register_module("encoder", peft::nn::TransformerEncoder(stock));
+    // Batch-first, as the embeddings come out and as Hugging Face's BERT runs: no transposes, and
+    // attention's gradients arrive contiguous (nn::TransformerEncoder's batch_first).
+    encoder = register_module("encoder", peft::nn::TransformerEncoder(stock, /*batch_first=*/true));
     encoder->unregister_module("prompt");
     set_dropout(config_.hidden_dropout_prob, config_.attention_probs_dropout_prob);
 
@@ -147,9 +149,7 @@ class BertImpl : public torch::nn::Module, public HubModel {
                         const torch::Tensor& token_type_ids = {}) {
     check_inputs(input_ids, attention_mask, "attention_mask");
     auto x = embed(input_ids, token_type_ids);
-    auto h = encoder->forward(x.transpose(0, 1), {},
-                              key_padding_mask(attention_mask, x.size(1) - input_ids.size(1)));
-    return h.transpose(0, 1);
+    return encoder->forward(x, {}, key_padding_mask(attention_mask, x.size(1) - input_ids.size(1)));
   }
 
   /// forward()'s first `rows` positions only, [N, rows, H]: the last layer computes queries, FFN
@@ -161,10 +161,8 @@ class BertImpl : public torch::nn::Module, public HubModel {
                               const torch::Tensor& token_type_ids = {}) {
     check_inputs(input_ids, attention_mask, "attention_mask");
     auto x = embed(input_ids, token_type_ids);
-    auto h =
-        encoder->forward_first(x.transpose(0, 1), rows, {},
-                               key_padding_mask(attention_mask, x.size(1) - input_ids.size(1)));
-    return h.transpose(0, 1);
+    return encoder->forward_first(x, rows, {},
+                                  key_padding_mask(attention_mask, x.size(1) - input_ids.size(1)));
   }
 
   /// The embedding output [N, n + L, H] the encoder reads: word, position and token type

@@ -217,13 +217,12 @@ class BertEarlyExitForSequenceClassificationImpl : public torch::nn::Module, pub
     const int64_t extra = x.size(1) - input_ids.size(1);
     auto mask = attention_mask;
     auto padding = BertImpl::key_padding_mask(mask, extra);
-    x = x.transpose(0, 1);
     auto index = torch::arange(N, input_ids.options().dtype(torch::kLong));
     torch::Tensor logits_out, layers_out = torch::full({N}, L, index.options());
     torch::Tensor previous, streak;  // patience: last class and agreeing layers per example
     for (int64_t i = 0; i < L; ++i) {
       x = step(i, x, padding);
-      auto pooled = pool(x.transpose(0, 1), mask);
+      auto pooled = pool(x, mask);
       auto logits = head(i)(dropout(pooled));
       if (!logits_out.defined()) logits_out = torch::empty({N, logits.size(1)}, logits.options());
       if (i + 1 == L) {
@@ -237,7 +236,7 @@ class BertEarlyExitForSequenceClassificationImpl : public torch::nn::Module, pub
       layers_out.index_fill_(0, index.index_select(0, gone), i + 1);
       if (stay.numel() == 0) break;
       index = index.index_select(0, stay);
-      x = x.index_select(1, stay);
+      x = x.index_select(0, stay);
       if (padding.defined()) padding = padding.index_select(0, stay);
       if (mask.defined()) mask = mask.index_select(0, stay);
       if (previous.defined()) previous = previous.index_select(0, stay);
@@ -298,7 +297,8 @@ class BertEarlyExitForSequenceClassificationImpl : public torch::nn::Module, pub
     return torch::nn::Linear(exits->ptr<torch::nn::LinearImpl>(static_cast<size_t>(i)));
   }
 
-  /// Encoder layer i on x [S, N, H], with the encoder's final norm (if any) after the last.
+  /// Encoder layer i on x [N, S, H] (BERT runs its encoder batch-first), with the encoder's final
+  /// norm (if any) after the last.
   torch::Tensor step(int64_t i, const torch::Tensor& x, const torch::Tensor& padding) {
     auto* layer =
         bert->encoder->layers->ptr<peft::nn::TransformerEncoderLayerImpl>(static_cast<size_t>(i))
@@ -353,13 +353,12 @@ class BertEarlyExitForSequenceClassificationImpl : public torch::nn::Module, pub
                  const torch::Tensor& token_type_ids, ExitOutputs* outputs, bool last_only) {
     auto x = bert->embed(input_ids, token_type_ids);
     const auto padding = BertImpl::key_padding_mask(attention_mask, x.size(1) - input_ids.size(1));
-    x = x.transpose(0, 1);
     const int64_t L = num_layers();
     torch::Tensor logits;
     for (int64_t i = 0; i < L; ++i) {
       x = step(i, x, padding);
       if (last_only && i + 1 < L) continue;
-      auto pooled = pool(x.transpose(0, 1), attention_mask);
+      auto pooled = pool(x, attention_mask);
       logits = head(i)(dropout(pooled));
       if (outputs != nullptr) {
         outputs->logits.push_back(logits);

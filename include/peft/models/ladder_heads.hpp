@@ -75,7 +75,8 @@ class BertLadderForSequenceClassificationImpl : public torch::nn::Module {
       x = bert->embed(input_ids, token_type_ids);
     }
     const auto padding = BertImpl::key_padding_mask(attention_mask, x.size(1) - input_ids.size(1));
-    auto side = ladder->forward(x.transpose(0, 1), torch::Tensor(), padding).transpose(0, 1);
+    // BERT's encoder is batch-first, and so is the ladder over it: side is [N, L, H].
+    auto side = ladder->forward(x, torch::Tensor(), padding);
     auto pooled = pooling == Pooling::Mean ? masked_mean(side, attention_mask) : side.select(1, 0);
     return classifier(dropout(pooled));
   }

@@ -22,18 +22,22 @@ namespace nn {
 /// `self_attn.{query,key,value,out_proj,prefix}`, `linear1` (FFN in), `linear2` (FFN out),
 /// `attn_block` and `ffn_block` (each sub-layer's output after its dropout, before the residual
 /// and LayerNorm — where bottleneck adapters go).
+///
+/// `batch_first`: inputs and outputs are [N, L, E] instead of [L, N, E] (see
+/// nn::MultiheadAttention; the faster layout on the CPU).
 class TransformerEncoderLayerImpl : public torch::nn::Module {
  public:
   /// `own_base`: register the stock layer as the child `base` (false when an encoder wrapper
   /// already registers it).
   explicit TransformerEncoderLayerImpl(torch::nn::TransformerEncoderLayer stock,
-                                       bool own_base = true)
+                                       bool own_base = true, bool batch_first = false)
       : torch::nn::Module("peft::nn::TransformerEncoderLayer"), base(std::move(stock)) {
     if (own_base) {
       register_module("base", base);
       freeze(*base);
     }
-    self_attn = register_module("self_attn", MultiheadAttention(base->self_attn, false));
+    self_attn =
+        register_module("self_attn", MultiheadAttention(base->self_attn, false, batch_first));
     const int64_t E = base->options.d_model(), F = base->options.dim_feedforward();
     linear1 = register_module("linear1", Site(SiteKind::Linear, "linear1", E, F));
     linear2 = register_module("linear2", Site(SiteKind::Linear, "linear2", F, E));
@@ -44,18 +48,20 @@ class TransformerEncoderLayerImpl : public torch::nn::Module {
     activation_ = detail::layer_activation(base->options.activation());
   }
 
-  /// src [L, N, E]; src_mask [L, L]; src_key_padding_mask [N, L] (true = padding).
+  /// src [L, N, E] ([N, L, E] with batch_first()); src_mask [L, L]; src_key_padding_mask [N, L]
+  /// (true = padding).
   ///
-  /// A non-contiguous src (e.g. a transposed batch-first tensor) is copied to contiguous memory
-  /// first: LibTorch's linear folds a contiguous 3-D input into one addmm with the bias fused,
-  /// but falls back to matmul plus a separate bias add otherwise, in every projection.
+  /// A non-contiguous src (e.g. a transposed tensor of the other layout) is copied to contiguous
+  /// memory first: LibTorch's linear folds a contiguous 3-D input into one addmm with the bias
+  /// fused, but falls back to matmul plus a separate bias add otherwise, in every projection.
   torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& src_mask = {},
                         const torch::Tensor& src_key_padding_mask = {}) {
     const auto src = input.contiguous();
     return feed_forward(src, self_attn->forward(src, src, src, src_key_padding_mask, src_mask));
   }
 
-  /// forward()'s first `rows` output positions only, [rows, N, E]. Every position is still a key
+  /// forward()'s first `rows` output positions only, [rows, N, E] ([N, rows, E] with
+  /// batch_first()). Every position is still a key
   /// and a value, but queries, the attention output, the FFN and both LayerNorms run for those
   /// rows alone, so a caller that reads only the first position of the last layer (BERT's [CLS]
   /// pooler) skips most of that layer's work. Equal to forward().narrow(0, 0, rows) up to float
@@ -64,23 +70,28 @@ class TransformerEncoderLayerImpl : public torch::nn::Module {
   torch::Tensor forward_first(const torch::Tensor& input, int64_t rows,
                               const torch::Tensor& src_mask = {},
                               const torch::Tensor& src_key_padding_mask = {}) {
-    check(input.dim() == 3 && rows > 0 && rows <= input.size(0), "nn::TransformerEncoderLayer",
-          "forward_first: {} rows asked of an input of shape {} (expected [L, N, E], 0 < rows <= "
+    const int64_t seq = batch_first() ? 1 : 0;
+    check(input.dim() == 3 && rows > 0 && rows <= input.size(seq), "nn::TransformerEncoderLayer",
+          "forward_first: {} rows asked of an input of shape {} (expected [{}, E], 0 < rows <= "
           "L)",
-          rows, peft::detail::shape(input.sizes()));
+          rows, peft::detail::shape(input.sizes()), batch_first() ? "N, L" : "L, N");
     const auto src = input.contiguous();
-    const auto first = src.narrow(0, 0, rows);
+    // Contiguous so the query projection folds into one product (a copy of `rows` positions).
+    const auto first = src.narrow(seq, 0, rows).contiguous();
     const auto mask = src_mask.defined() ? src_mask.narrow(0, 0, rows) : src_mask;
     return feed_forward(first, self_attn->forward(first, src, src, src_key_padding_mask, mask));
   }
+
+  /// Whether forward() takes and returns [N, L, E].
+  bool batch_first() const { return self_attn->batch_first(); }
 
   torch::nn::TransformerEncoderLayer base;
   MultiheadAttention self_attn{nullptr};
   Site linear1{nullptr}, linear2{nullptr}, attn_block{nullptr}, ffn_block{nullptr};
 
  private:
-  /// The rest of the layer after self-attention: `src` [R, N, E] the rows attended from, `a` their
-  /// attention output.
+  /// The rest of the layer after self-attention: `src` the rows attended from ([R, N, E], or
+  /// [N, R, E] batch-first), `a` their attention output.
   torch::Tensor feed_forward(const torch::Tensor& src, torch::Tensor a) {
     a = attn_block->adapt(src, base->dropout1(a));
     auto x = base->norm1(src + a);
