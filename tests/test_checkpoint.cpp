@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -700,4 +701,38 @@ TEST_CASE("the launch environment is read and checked", "[distributed]") {
   ::setenv("RANK", "0", 1);
   ::setenv("MASTER_PORT", "http", 1);
   CHECK_THROWS_WITH(peft::launch_env(), Contains("MASTER_PORT=\"http\""));
+}
+
+namespace {
+void count_sigpipe(int) {}
+}  // namespace
+
+TEST_CASE("joining a run ignores SIGPIPE, so a write to a dead rank fails instead of killing",
+          "[distributed]") {
+  struct Restore {
+    struct sigaction saved {};
+    Restore() { ::sigaction(SIGPIPE, nullptr, &saved); }
+    ~Restore() { ::sigaction(SIGPIPE, &saved, nullptr); }
+  } restore;
+  auto disposition = [] {
+    struct sigaction now {};
+    ::sigaction(SIGPIPE, nullptr, &now);
+    return now.sa_handler;
+  };
+  ::signal(SIGPIPE, SIG_DFL);
+  CHECK(peft::detail::ignore_sigpipe());
+  CHECK(disposition() == SIG_IGN);
+  // A write to a pipe nobody reads (as to the socket of a rank that died): EPIPE, not a signal.
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  ::close(fds[0]);
+  const char byte = 'x';
+  errno = 0;
+  CHECK(::write(fds[1], &byte, 1) == -1);
+  CHECK(errno == EPIPE);
+  ::close(fds[1]);
+  // A handler the program installed itself stays.
+  ::signal(SIGPIPE, count_sigpipe);
+  CHECK(peft::detail::ignore_sigpipe());
+  CHECK(disposition() == &count_sigpipe);
 }

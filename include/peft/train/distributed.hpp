@@ -22,6 +22,7 @@
 // A rank that hangs is caught by the collective timeout (DistributedOptions::timeout).
 
 #include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -70,6 +71,26 @@ inline int launch_env_int(const char* name, int fallback, int lo, int hi) {
   check(end != raw && *end == '\0' && v >= lo && v <= hi, "distributed",
         "environment variable {}=\"{}\" is not an integer in [{}, {}]", name, raw, lo, hi);
   return static_cast<int>(v);
+}
+
+/// Makes writes to a closed socket fail with EPIPE instead of killing the process with SIGPIPE,
+/// as Python does at start-up (so torch.distributed never meets it). Gloo writes to its peers
+/// with writev, which cannot ask for MSG_NOSIGNAL: without this, a rank writing to a dead peer
+/// died silently of SIGPIPE before it could name the rank that stopped answering. Leaves a
+/// handler the program installed itself alone. Returns whether SIGPIPE is now ignored or
+/// handled (always true off POSIX, where there is no SIGPIPE).
+inline bool ignore_sigpipe() {
+#if defined(SIGPIPE)
+  struct sigaction current {};
+  if (::sigaction(SIGPIPE, nullptr, &current) != 0) return false;
+  if (current.sa_handler != SIG_DFL) return true;
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  return ::sigaction(SIGPIPE, &ignore, nullptr) == 0;
+#else
+  return true;
+#endif
 }
 
 }  // namespace detail
@@ -244,6 +265,9 @@ class ProcessGroup : public Collective {
 /// Returns nullptr for a single process (WORLD_SIZE unset or 1). Throws peft::Error when the
 /// port is in use, rank 0 cannot be reached, or not every rank joins within connect_timeout.
 ///
+/// SIGPIPE is ignored from here on unless the program handles it itself (detail::ignore_sigpipe):
+/// a write to a dead rank then fails with an error naming it instead of killing this process.
+///
 /// Gloo uses the network interface named by GLOO_SOCKET_IFNAME when it is set; otherwise the
 /// loopback interface when MASTER_ADDR is a loopback address, and the one the host name resolves
 /// to when it is not (set GLOO_SOCKET_IFNAME when that is not the interface the machines share).
@@ -256,6 +280,7 @@ inline std::shared_ptr<Collective> init_distributed(DistributedOptions options =
   check(rank >= 0 && rank < world, "distributed", "rank {} is not within a world of {} processes",
         rank, world);
   if (world <= 1) return nullptr;
+  detail::ignore_sigpipe();
   const auto where = fmt::format("{}:{}", addr, port);
   const auto seconds = [](std::chrono::milliseconds ms) { return ms.count() / 1000.0; };
 
