@@ -6,6 +6,34 @@
 
 using namespace testing;
 
+namespace {
+
+// The gradients of a module's trainable parameters in registration order, copied (zeros where a
+// parameter got none).
+std::vector<torch::Tensor> trainable_grads(torch::nn::Module& module) {
+  std::vector<torch::Tensor> out;
+  for (auto& p : peft::trainable_parameters(module)) {
+    out.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
+  }
+  return out;
+}
+
+// Two lists of gradients agree within `tolerance`, and the expected ones are not all near zero
+// (their largest entry exceeds `floor`), so the agreement says something.
+void check_same_grads(const std::vector<torch::Tensor>& got,
+                      const std::vector<torch::Tensor>& expected, double tolerance, double floor) {
+  REQUIRE(got.size() == expected.size());
+  double largest = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(max_diff(got[i], expected[i]) <= tolerance);
+    largest = std::max(largest, expected[i].abs().max().item<double>());
+  }
+  CHECK(largest > floor);
+}
+
+}  // namespace
+
 TEST_CASE("nn::Linear and nn::Embedding reproduce the stock modules bit for bit",
           "[core][wrappers]") {
   torch::manual_seed(0);
@@ -236,20 +264,9 @@ TEST_CASE("forward_first: the first rows of the stock layer's and encoder's outp
     for (auto& p : peft::trainable_parameters(*wrapped)) p.mutable_grad() = torch::Tensor();
     auto out = first_only ? wrapped->forward_first(x, 1, mask, kpm) : wrapped(x, mask, kpm);
     out.select(0, 0).pow(2).sum().backward();
-    std::vector<torch::Tensor> g;
-    for (auto& p : peft::trainable_parameters(*wrapped)) {
-      g.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
-    }
-    return g;
+    return trainable_grads(*wrapped);
   };
-  auto expected = grads(false), got = grads(true);
-  REQUIRE(got.size() == expected.size());
-  double largest = 0.0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    CHECK(max_diff(got[i], expected[i]) <= 1e-5);
-    largest = std::max(largest, expected[i].abs().max().item<double>());
-  }
-  CHECK(largest > 1e-3);  // the comparison is not between zeros
+  check_same_grads(grads(true), grads(false), 1e-5, 1e-3);
 }
 
 TEST_CASE("forward_first runs the last feed-forward for the first rows only", "[core][wrappers]") {
@@ -342,18 +359,9 @@ TEST_CASE("batch_first: the sequence-first results, transposed, methods and pref
     auto out = m(in, mask, kpm);
     if (batch_first) out = out.transpose(0, 1);
     (out * weights).sum().backward();
-    std::vector<torch::Tensor> g;
-    for (auto& p : peft::trainable_parameters(*m)) g.push_back(p.grad().clone());
-    return g;
+    return trainable_grads(*m);
   };
-  auto g_seq = grads(seq, x, false), g_bf = grads(bf, xb, true);
-  REQUIRE(g_bf.size() == g_seq.size());
-  double largest = 0.0;
-  for (size_t i = 0; i < g_bf.size(); ++i) {
-    CHECK(max_diff(g_bf[i], g_seq[i]) <= 1e-4);
-    largest = std::max(largest, g_seq[i].abs().max().item<double>());
-  }
-  CHECK(largest > 1e-2);  // the comparison is not between zeros
+  check_same_grads(grads(bf, xb, true), grads(seq, x, false), 1e-4, 1e-2);
 }
 
 TEST_CASE("functional::attention batch_first: same result, contiguous gradients from the kernel",
