@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <exception>
@@ -105,8 +106,8 @@ struct Options {
   bool lora_rslora = false;
   /// LoRA+: B matrices learn at lr times this (0: at lr, like A).
   double lora_plus_ratio = 0;
-  /// --method-options: JSON options for a method without flags of its own (the keys of its
-  /// adapter_config.json; see its header), e.g. {"r": 4, "alpha": 8} for loha.
+  /// --method-options: JSON options of the method (the keys of its adapter_config.json; see its
+  /// header), e.g. {"r": 4, "alpha": 8}; they win over the method's flags (method_flags()).
   std::string method_options = "{}";
   // Bottleneck adapters
   std::string adapter_kind = "houlsby", adapter_activation = "relu";
@@ -154,8 +155,124 @@ inline double default_lr(const std::string& method) {
   return method == "full" ? 5e-5 : peft::method_entry(method).default_lr;
 }
 
-/// The JSON options of a method attached through the registry: --method-options, with DoRA
-/// taking the LoRA flags it shares (rank, alpha, dropout, targets) where the JSON is silent.
+/// One command-line flag of the methods' options: the key it sets in the JSON options of the
+/// methods that read it (their adapter_config.json names, as the registry's attach takes them),
+/// and its value, or null where it does not apply (ProPETL's rank with an adapter prototype).
+/// Every method is attached through the registry with these options.
+struct MethodFlag {
+  const char* flag;
+  const char* key;
+  std::vector<std::string> methods;
+  std::function<nlohmann::json(const Options&)> value;
+};
+
+/// Upper case: Hugging Face's enum values (prompt_tuning_init "VOCAB", "LSTM").
+inline std::string upper(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return s;
+}
+
+/// The flags of method_flags(): which method reads which key.
+inline const std::vector<MethodFlag>& method_flags() {
+  using J = nlohmann::json;
+  // The LoRA flags set ProPETL's prototype only when it is a LoRA one.
+  auto lora_base = [](const Options& o) {
+    return o.method != "propetl" || o.propetl_base == "lora";
+  };
+  auto adapter_base = [](const Options& o) {
+    return o.method != "propetl" || o.propetl_base == "adapter";
+  };
+  static const std::vector<MethodFlag> flags{
+      {"--lora-r",
+       "r",
+       {"lora", "dora", "propetl"},
+       [=](const Options& o) { return lora_base(o) ? J(o.lora_r) : J(); }},
+      {"--lora-alpha",
+       "lora_alpha",
+       {"lora", "dora", "propetl"},
+       [=](const Options& o) { return lora_base(o) ? J(o.lora_alpha) : J(); }},
+      {"--lora-dropout",
+       "lora_dropout",
+       {"lora", "dora"},
+       [](const Options& o) { return J(o.lora_dropout); }},
+      {"--lora-rslora",
+       "use_rslora",
+       {"lora", "dora"},
+       [](const Options& o) { return J(o.lora_rslora); }},
+      {"--lora-targets",
+       "target_modules",
+       {"lora", "dora", "propetl"},
+       [=](const Options& o) { return lora_base(o) ? J(o.lora_targets) : J(); }},
+      {"--lora-plus-ratio",
+       "loraplus_lr_ratio",
+       {"lora", "dora"},
+       [](const Options& o) { return o.lora_plus_ratio > 0 ? J(o.lora_plus_ratio) : J(); }},
+      {"--adapter-kind",
+       "adapter_kind",
+       {"adapter"},
+       [](const Options& o) { return J(o.adapter_kind); }},
+      {"--adapter-reduction",
+       "reduction_factor",
+       {"adapter", "propetl"},
+       [=](const Options& o) { return adapter_base(o) ? J(o.adapter_reduction) : J(); }},
+      {"--adapter-activation",
+       "activation",
+       {"adapter", "propetl"},
+       [=](const Options& o) { return adapter_base(o) ? J(o.adapter_activation) : J(); }},
+      {"--bitfit-layer-norm",
+       "layer_norm",
+       {"bitfit"},
+       [](const Options& o) { return J(o.bitfit_layer_norm); }},
+      {"--prefix-tokens",
+       "num_virtual_tokens",
+       {"prefix", "propetl"},
+       [](const Options& o) {
+         return o.method == "prefix" || o.propetl_base == "prefix" ? J(o.prefix_tokens) : J();
+       }},
+      {"--prefix-projection",
+       "prefix_projection",
+       {"prefix"},
+       [](const Options& o) { return J(o.prefix_projection); }},
+      {"--prefix-hidden",
+       "encoder_hidden_size",
+       {"prefix"},
+       [](const Options& o) { return J(o.prefix_hidden); }},
+      {"--prompt-tokens",
+       "num_virtual_tokens",
+       {"prompt"},
+       [](const Options& o) { return J(o.prompt_tokens); }},
+      {"--prompt-init",
+       "prompt_tuning_init",
+       {"prompt"},
+       [](const Options& o) { return J(upper(o.prompt_init)); }},
+      {"--ptuning-tokens",
+       "num_virtual_tokens",
+       {"ptuning"},
+       [](const Options& o) { return J(o.ptuning_tokens); }},
+      {"--ptuning-encoder",
+       "encoder_reparameterization_type",
+       {"ptuning"},
+       [](const Options& o) { return J(upper(o.ptuning_encoder)); }},
+      {"--ptuning-hidden",
+       "encoder_hidden_size",
+       {"ptuning"},
+       [](const Options& o) { return J(o.ptuning_hidden); }},
+      {"--propetl-base", "base", {"propetl"}, [](const Options& o) { return J(o.propetl_base); }},
+      {"--propetl-keep-ratio",
+       "keep_ratio",
+       {"propetl"},
+       [](const Options& o) { return J(o.propetl_keep_ratio); }},
+      {"--propetl-mask-lr",
+       "mask_lr",
+       {"propetl"},
+       [](const Options& o) { return J(o.propetl_mask_lr); }},
+  };
+  return flags;
+}
+
+/// The JSON options the method is attached with (and its learning-rate rules read):
+/// --method-options, with each of the method's flags (method_flags()) filling a key the JSON
+/// leaves out.
 inline nlohmann::json method_options(const Options& o) {
   nlohmann::json json;
   try {
@@ -164,15 +281,10 @@ inline nlohmann::json method_options(const Options& o) {
     peft::fail("--method-options", "not JSON: {}", e.what());
   }
   peft::check(json.is_object(), "--method-options", "expected a JSON object, got {}", json.dump());
-  if (o.method == "dora") {
-    const nlohmann::json lora = {{"r", o.lora_r},
-                                 {"lora_alpha", o.lora_alpha},
-                                 {"lora_dropout", o.lora_dropout},
-                                 {"use_rslora", o.lora_rslora},
-                                 {"target_modules", o.lora_targets}};
-    for (const auto& [key, value] : lora.items()) {
-      if (!json.contains(key)) json[key] = value;
-    }
+  for (const auto& f : method_flags()) {
+    if (std::find(f.methods.begin(), f.methods.end(), o.method) == f.methods.end()) continue;
+    if (json.contains(f.key)) continue;
+    if (auto value = f.value(o); !value.is_null()) json[f.key] = std::move(value);
   }
   return json;
 }
@@ -227,61 +339,10 @@ inline nlohmann::ordered_json number(double value) {
   return std::isfinite(value) ? nlohmann::ordered_json(value) : nlohmann::ordered_json(nullptr);
 }
 
-/// Attaches the chosen method and returns the paths it went to (empty for full fine-tuning).
+/// Attaches the chosen method through the registry and returns the paths it went to (empty for
+/// full fine-tuning, where the whole backbone trains: the baseline every method is compared with).
 inline std::vector<std::string> attach_method(const Options& o, torch::nn::Module& bert) {
-  if (o.method == "lora") {
-    return peft::attach(bert, peft::LoRAOptions(o.lora_r)
-                                  .alpha(o.lora_alpha)
-                                  .dropout(o.lora_dropout)
-                                  .rslora(o.lora_rslora)
-                                  .targets(o.lora_targets));
-  }
-  if (o.method == "adapter") {
-    return peft::attach(
-        bert, peft::AdapterOptions(peft::enum_from_name<peft::AdapterKind>(o.adapter_kind))
-                  .reduction_factor(o.adapter_reduction)
-                  .activation(o.adapter_activation));
-  }
-  if (o.method == "bitfit") {
-    return peft::attach(bert, peft::BitFitOptions().layer_norm(o.bitfit_layer_norm));
-  }
-  if (o.method == "prefix") {
-    return peft::attach(bert, peft::PrefixOptions(o.prefix_tokens)
-                                  .projection(o.prefix_projection)
-                                  .projection_hidden(o.prefix_hidden));
-  }
-  if (o.method == "prompt") {
-    return peft::attach(bert, peft::PromptOptions(o.prompt_tokens)
-                                  .init(o.prompt_init == "random" ? peft::PromptInit::Random
-                                                                  : peft::PromptInit::Vocab));
-  }
-  if (o.method == "ptuning") {
-    return peft::attach(
-        bert, peft::PTuningOptions(o.ptuning_tokens)
-                  .encoder(peft::enum_from_name<peft::PromptEncoderType>(o.ptuning_encoder))
-                  .encoder_hidden_size(o.ptuning_hidden));
-  }
-  if (o.method == "propetl") {
-    // The prototype's sizes come from the options of the method it is built from.
-    if (o.propetl_base == "lora") {
-      return peft::attach(bert, peft::ProPETLOptions(peft::ProPETLBase::LoRA)
-                                    .keep_ratio(o.propetl_keep_ratio)
-                                    .r(o.lora_r)
-                                    .alpha(o.lora_alpha)
-                                    .targets(o.lora_targets));
-    }
-    if (o.propetl_base == "prefix") {
-      return peft::attach(bert, peft::ProPETLOptions(peft::ProPETLBase::Prefix)
-                                    .keep_ratio(o.propetl_keep_ratio)
-                                    .num_virtual_tokens(o.prefix_tokens));
-    }
-    return peft::attach(bert, peft::ProPETLOptions(peft::ProPETLBase::Adapter)
-                                  .keep_ratio(o.propetl_keep_ratio)
-                                  .reduction_factor(o.adapter_reduction)
-                                  .activation(o.adapter_activation));
-  }
   if (o.method != "full") return peft::attach(bert, o.method, method_options(o));
-  // Full fine-tuning, the baseline every method is compared with: the whole backbone trains.
   peft::unfreeze(bert);
   return {};
 }
@@ -438,39 +499,9 @@ inline Classifier build_classifier(const Options& o, const fs::path& model_dir, 
   return c;
 }
 
-/// One line describing the method's settings for the report.
+/// One line describing the method's settings for the report: its registry summary and the
+/// options it was attached with.
 inline std::string describe_method(const Options& o) {
-  if (o.method == "lora") {
-    return fmt::format("r={} alpha={} dropout={}{} targets {}", o.lora_r, o.lora_alpha,
-                       o.lora_dropout, o.lora_rslora ? " rslora" : "", join(o.lora_targets));
-  }
-  if (o.method == "adapter") {
-    return fmt::format("{} reduction={} activation={}", o.adapter_kind, o.adapter_reduction,
-                       o.adapter_activation);
-  }
-  if (o.method == "bitfit") return o.bitfit_layer_norm ? "biases and LayerNorms" : "biases";
-  if (o.method == "prefix") {
-    return fmt::format("{} virtual tokens{}", o.prefix_tokens,
-                       o.prefix_projection ? fmt::format(", MLP {}", o.prefix_hidden) : "");
-  }
-  if (o.method == "prompt") {
-    return fmt::format("{} virtual tokens, {} init", o.prompt_tokens, o.prompt_init);
-  }
-  if (o.method == "ptuning") {
-    return fmt::format("{} virtual tokens from an {} prompt encoder of hidden size {}",
-                       o.ptuning_tokens, o.ptuning_encoder,
-                       o.ptuning_hidden > 0 ? std::to_string(o.ptuning_hidden) : "= width");
-  }
-  if (o.method == "propetl") {
-    const std::string base =
-        o.propetl_base == "lora"     ? fmt::format("LoRA r={} alpha={} targets {}", o.lora_r,
-                                                   o.lora_alpha, join(o.lora_targets))
-        : o.propetl_base == "prefix" ? fmt::format("prefix of {} rows", o.prefix_tokens)
-                                     : fmt::format("pfeiffer adapter reduction={} activation={}",
-                                                   o.adapter_reduction, o.adapter_activation);
-    return fmt::format("one {} prototype shared by every site, keep ratio {}, mask lr {}", base,
-                       o.propetl_keep_ratio, o.propetl_mask_lr);
-  }
   if (o.method == "lst") {
     std::vector<std::string> layers;
     for (auto l : o.lst_layers) layers.push_back(std::to_string(l));
@@ -569,6 +600,20 @@ inline void apply_recipe(const CLI::App& app, const Benchmark& bench, Options& o
   }
   std::cout << fmt::format("defaults from the {}: {}\n", r.source,
                            taken.empty() ? std::string("none (every setting given)") : join(taken));
+}
+
+/// Refuses a method flag given on the command line for a method that does not read it (it would
+/// be ignored without a word).
+inline void check_method_flags(const CLI::App& app, const Benchmark& bench, const Options& o) {
+  for (const auto& f : method_flags()) {
+    if (app.count(f.flag) == 0) continue;
+    if (std::find(f.methods.begin(), f.methods.end(), o.method) != f.methods.end()) continue;
+    std::string methods = f.methods.front();
+    for (size_t i = 1; i < f.methods.size(); ++i) {
+      methods += (i + 1 == f.methods.size() ? " or " : ", ") + f.methods[i];
+    }
+    fail(bench.program, "{} applies to --method {}, not {}", f.flag, methods, o.method);
+  }
 }
 
 /// The task's metrics of `logits_of` over one split's batches (moved to `device` first).
@@ -747,9 +792,6 @@ inline int run(const Benchmark& bench, const Options& o) {
     fail(bench.program,
          "--train-pooler does not apply to --pooling mean (the classifier reads the mean of the "
          "token states; BERT's pooler is not used)");
-  }
-  if (o.lora_plus_ratio > 0 && o.method != "lora" && o.method != "dora") {
-    fail(bench.program, "--lora-plus-ratio applies to --method lora or dora, not {}", o.method);
   }
   const bool early_exit = o.early_exit != "none";
   if (early_exit) {
@@ -980,9 +1022,7 @@ inline int run(const Benchmark& bench, const Options& o) {
   // The method's own rates, from its registry entry: LoRA+'s B matrices (lora, dora), ProPETL's
   // mask scores.
   if (o.method != "full" && o.exit_from.empty()) {
-    auto settings = method_options(o);
-    if (o.lora_plus_ratio > 0) settings["loraplus_lr_ratio"] = o.lora_plus_ratio;
-    if (o.method == "propetl") settings["mask_lr"] = o.propetl_mask_lr;
+    const auto settings = method_options(o);
     if (const auto rules = peft::method_entry(o.method).lr_rules) {
       for (const auto& [pattern, rate] : rules(lr, settings)) options.lr_for(pattern, rate);
     }
@@ -1101,9 +1141,9 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->check(CLI::IsMember(available_methods()))
       ->default_str("recipe");
   app.add_option("--method-options", o.method_options,
-                 "JSON options of a method without flags of its own (ia3, dora, vera, loha, "
-                 "lokr, compacter, ...): its adapter_config.json keys, e.g. '{\"r\": 4}'; "
-                 "dora also takes the --lora-* flags");
+                 "JSON options of the method: its adapter_config.json keys, e.g. '{\"r\": 4}' "
+                 "(see its header); they win over the method's flags, which fill the keys left "
+                 "out (--lora-* for every method that reads r, lora_alpha, ...)");
   app.add_option("--epochs", o.epochs, "passes over the training data")
       ->check(CLI::PositiveNumber)
       ->default_str("recipe");
@@ -1293,6 +1333,7 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       std::cout.setstate(std::ios::badbit);
     }
     detail::apply_recipe(app, bench, o);
+    detail::check_method_flags(app, bench, o);
     // --nproc N: this process becomes the launcher of N ranks running the same command line.
     if (o.nproc > 1 && !peft::launch_env().from_env) {
       std::vector<std::string> args{"/proc/self/exe"};
