@@ -165,6 +165,55 @@ TEST_CASE("Bert::from_pretrained reports missing files, tensors and wrong shapes
                  Catch::Contains("[8]"));
 }
 
+TEST_CASE("from_pretrained's adjust edits the config before the model is built", "[bert]") {
+  TempDir dir;
+  write_folder(dir.path, tiny_config(), tiny_weights());
+  // Dropout: the rates the model's modules and the head's dropout use.
+  auto model = peft::models::BertForSequenceClassification::from_pretrained(
+      dir.path, 2, peft::models::Pooling::Cls, [](peft::models::BertConfig& c) {
+        c.hidden_dropout_prob = 0.25;
+        c.attention_probs_dropout_prob = 0.125;
+      });
+  CHECK(model->bert->config().hidden_dropout_prob == 0.25);
+  CHECK(model->bert->config().attention_probs_dropout_prob == 0.125);
+  CHECK(model->bert->embeddings_dropout->options.p() == 0.25);
+  CHECK(model->bert->encoder_layer(1)->dropout1->options.p() == 0.25);
+  CHECK(model->bert->encoder_layer(1)->self_attn->options.dropout() == 0.125);
+  CHECK(model->dropout->options.p() == 0.25);  // no classifier_dropout: hidden_dropout_prob
+
+  // Fewer layers: the first layer of the checkpoint, the rest ignored. Expected: the full
+  // model's embeddings and its stock layer 0, sequence-first.
+  auto full = peft::models::Bert::from_pretrained(dir.path);
+  auto one = peft::models::Bert::from_pretrained(
+      dir.path, [](peft::models::BertConfig& c) { c.num_hidden_layers = 1; });
+  REQUIRE(one->encoder->layers->size() == 1);
+  full->eval();
+  one->eval();
+  auto ids = torch::tensor({5, 6, 7, 8, 2, 3, 0, 0}, torch::kLong).view({2, 4});
+  auto mask = ids.ne(0).to(torch::kLong);
+  auto types = torch::zeros_like(ids);
+  torch::NoGradGuard no_grad;
+  auto x = full->word_embeddings(ids) + full->position_embeddings(torch::arange(4).repeat({2, 1})) +
+           full->token_type_embeddings(types);
+  x = full->embeddings_norm(x);
+  auto expected =
+      full->encoder_layer(0)->forward(x.transpose(0, 1), {}, mask.eq(0)).transpose(0, 1);
+  CHECK((one(ids, mask, types) - expected).abs().max().item<double>() <= 1e-5);
+
+  // A config the checkpoint cannot fill, and one that is not valid, name what is wrong.
+  CHECK_THAT(error_of([&] {
+               peft::models::Bert::from_pretrained(
+                   dir.path, [](peft::models::BertConfig& c) { c.intermediate_size = kFF + 1; });
+             }),
+             Catch::Contains("intermediate.dense.weight") && Catch::Contains("expected [17, 8]"));
+  CHECK_THAT(error_of([&] {
+               peft::models::Bert::from_pretrained(
+                   dir.path, [](peft::models::BertConfig& c) { c.num_attention_heads = 3; });
+             }),
+             Catch::Contains("config.json as adjusted") &&
+                 Catch::Contains("not divisible by num_attention_heads 3"));
+}
+
 TEST_CASE("Bert loads Hugging Face names into the stock modules", "[bert]") {
   TempDir dir;
   for (std::string prefix : {"bert.", ""}) {

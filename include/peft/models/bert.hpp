@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -31,6 +32,10 @@
 
 PEFT_NAMESPACE_BEGIN
 namespace models {
+
+/// Edits a model's config after it is read and before the model is built
+/// (BertImpl::from_pretrained's `adjust`).
+using ConfigAdjust = std::function<void(BertConfig&)>;
 
 /// A BERT/RoBERTa encoder. Children: `word_embeddings`, `position_embeddings`,
 /// `token_type_embeddings`, `embeddings_norm`, `encoder` (peft::nn::TransformerEncoder over a
@@ -90,8 +95,13 @@ class BertImpl : public torch::nn::Module, public HubModel {
   }
 
   /// Loads `folder/config.json` and `folder/model.safetensors` (a Hugging Face BertModel,
-  /// BertFor*, RobertaModel or RobertaFor* checkpoint) into a frozen model.
-  static std::shared_ptr<BertImpl> from_pretrained(const std::filesystem::path& folder) {
+  /// BertFor*, RobertaModel or RobertaFor* checkpoint) into a frozen model. `adjust`, when given,
+  /// edits the config before the model is built, as transformers' `from_pretrained(folder,
+  /// **kwargs)` does: dropout rates, or fewer layers (num_hidden_layers: the first ones are
+  /// loaded and the rest of the checkpoint ignored). The adjusted config is checked again; a
+  /// change the weights cannot fill (another width) fails with the tensor's key and shapes.
+  static std::shared_ptr<BertImpl> from_pretrained(const std::filesystem::path& folder,
+                                                   const ConfigAdjust& adjust = nullptr) {
     namespace fs = std::filesystem;
     check(fs::is_directory(folder), "models::bert", "model folder {} does not exist",
           folder.string());
@@ -99,6 +109,10 @@ class BertImpl : public torch::nn::Module, public HubModel {
     check(fs::exists(config_file), "models::bert", "{} not found", config_file.string());
     auto config = BertConfig::from_file(config_file);
     config.name_or_path = folder.string();
+    if (adjust) {
+      adjust(config);
+      config.validate(config_file.string() + " as adjusted");
+    }
     const auto weights = folder / "model.safetensors";
     if (!fs::exists(weights)) {
       check(!fs::exists(folder / "pytorch_model.bin"), "models::bert",
@@ -349,9 +363,11 @@ class Bert : public torch::nn::ModuleHolder<BertImpl> {
   using torch::nn::ModuleHolder<BertImpl>::ModuleHolder;
   using torch::nn::ModuleHolder<BertImpl>::get;
 
-  /// Loads a Hugging Face folder (config.json + model.safetensors); see BertImpl::from_pretrained.
-  static Bert from_pretrained(const std::filesystem::path& folder) {
-    return Bert(BertImpl::from_pretrained(folder));
+  /// Loads a Hugging Face folder (config.json + model.safetensors), its config edited by
+  /// `adjust` if given; see BertImpl::from_pretrained.
+  static Bert from_pretrained(const std::filesystem::path& folder,
+                              const ConfigAdjust& adjust = nullptr) {
+    return Bert(BertImpl::from_pretrained(folder, adjust));
   }
 };
 

@@ -140,11 +140,13 @@ class BertEarlyExitForSequenceClassificationImpl : public torch::nn::Module, pub
     predictor = register_module("predictor", new_head(H + num_labels, 1));
   }
 
-  /// A frozen backbone from a Hugging Face folder with new exits and predictor.
+  /// A frozen backbone from a Hugging Face folder (its config edited by `adjust` if given) with
+  /// new exits and predictor.
   static std::shared_ptr<BertEarlyExitForSequenceClassificationImpl> from_pretrained(
-      const std::filesystem::path& folder, int64_t num_labels, Pooling pooling = Pooling::Cls) {
+      const std::filesystem::path& folder, int64_t num_labels, Pooling pooling = Pooling::Cls,
+      const ConfigAdjust& adjust = nullptr) {
     return std::make_shared<BertEarlyExitForSequenceClassificationImpl>(
-        Bert::from_pretrained(folder), num_labels, pooling);
+        Bert::from_pretrained(folder, adjust), num_labels, pooling);
   }
 
   /// Sets the exit policy and its threshold (see ExitPolicy; checked by check_exit_threshold).
@@ -387,12 +389,14 @@ class BertEarlyExitForSequenceClassification
   using torch::nn::ModuleHolder<BertEarlyExitForSequenceClassificationImpl>::ModuleHolder;
   using torch::nn::ModuleHolder<BertEarlyExitForSequenceClassificationImpl>::get;
 
-  /// A frozen backbone from a Hugging Face folder with new exits and predictor.
-  static BertEarlyExitForSequenceClassification from_pretrained(const std::filesystem::path& folder,
-                                                                int64_t num_labels,
-                                                                Pooling pooling = Pooling::Cls) {
+  /// A frozen backbone from a Hugging Face folder (its config edited by `adjust` if given) with
+  /// new exits and predictor.
+  static BertEarlyExitForSequenceClassification from_pretrained(
+      const std::filesystem::path& folder, int64_t num_labels, Pooling pooling = Pooling::Cls,
+      const ConfigAdjust& adjust = nullptr) {
     return BertEarlyExitForSequenceClassification(
-        BertEarlyExitForSequenceClassificationImpl::from_pretrained(folder, num_labels, pooling));
+        BertEarlyExitForSequenceClassificationImpl::from_pretrained(folder, num_labels, pooling,
+                                                                    adjust));
   }
 };
 

@@ -87,11 +87,14 @@ class BertForSequenceClassificationImpl : public torch::nn::Module {
     classifier = register_module("classifier", new_head(bert->config().hidden_size, num_labels));
   }
 
-  /// A frozen backbone from a Hugging Face folder with a new head.
+  /// A frozen backbone from a Hugging Face folder (its config edited by `adjust` if given; the
+  /// head's dropout follows the adjusted classifier_dropout or hidden_dropout_prob) with a new
+  /// head.
   static std::shared_ptr<BertForSequenceClassificationImpl> from_pretrained(
-      const std::filesystem::path& folder, int64_t num_labels, Pooling pooling = Pooling::Cls) {
-    return std::make_shared<BertForSequenceClassificationImpl>(Bert::from_pretrained(folder),
-                                                               num_labels, pooling);
+      const std::filesystem::path& folder, int64_t num_labels, Pooling pooling = Pooling::Cls,
+      const ConfigAdjust& adjust = nullptr) {
+    return std::make_shared<BertForSequenceClassificationImpl>(
+        Bert::from_pretrained(folder, adjust), num_labels, pooling);
   }
 
   /// Logits [N, num_labels] (see BertImpl::forward for the inputs). With Pooling::Cls and
@@ -133,12 +136,14 @@ class BertForSequenceClassification
   using torch::nn::ModuleHolder<BertForSequenceClassificationImpl>::ModuleHolder;
   using torch::nn::ModuleHolder<BertForSequenceClassificationImpl>::get;
 
-  /// A frozen backbone from a Hugging Face folder with a new head of `num_labels` outputs.
+  /// A frozen backbone from a Hugging Face folder (its config edited by `adjust` if given) with a
+  /// new head of `num_labels` outputs.
   static BertForSequenceClassification from_pretrained(const std::filesystem::path& folder,
                                                        int64_t num_labels,
-                                                       Pooling pooling = Pooling::Cls) {
+                                                       Pooling pooling = Pooling::Cls,
+                                                       const ConfigAdjust& adjust = nullptr) {
     return BertForSequenceClassification(
-        BertForSequenceClassificationImpl::from_pretrained(folder, num_labels, pooling));
+        BertForSequenceClassificationImpl::from_pretrained(folder, num_labels, pooling, adjust));
   }
 };
 

@@ -51,12 +51,14 @@ class BertLadderForSequenceClassificationImpl : public torch::nn::Module {
     classifier = register_module("classifier", new_head(bert->config().hidden_size, num_labels));
   }
 
-  /// A frozen backbone from a Hugging Face folder with a new side network and head.
+  /// A frozen backbone from a Hugging Face folder (its config edited by `adjust` if given) with a
+  /// new side network and head.
   static std::shared_ptr<BertLadderForSequenceClassificationImpl> from_pretrained(
       const std::filesystem::path& folder, int64_t num_labels,
-      const LadderOptions& options = LadderOptions(), Pooling pooling = Pooling::Cls) {
-    return std::make_shared<BertLadderForSequenceClassificationImpl>(Bert::from_pretrained(folder),
-                                                                     num_labels, options, pooling);
+      const LadderOptions& options = LadderOptions(), Pooling pooling = Pooling::Cls,
+      const ConfigAdjust& adjust = nullptr) {
+    return std::make_shared<BertLadderForSequenceClassificationImpl>(
+        Bert::from_pretrained(folder, adjust), num_labels, options, pooling);
   }
 
   /// Logits [N, num_labels] from input_ids [N, L], attention_mask [N, L] (1 = token, 0 =
@@ -104,14 +106,15 @@ class BertLadderForSequenceClassification
   using torch::nn::ModuleHolder<BertLadderForSequenceClassificationImpl>::ModuleHolder;
   using torch::nn::ModuleHolder<BertLadderForSequenceClassificationImpl>::get;
 
-  /// A frozen backbone from a Hugging Face folder with a new side network and a head of
-  /// `num_labels` outputs.
+  /// A frozen backbone from a Hugging Face folder (its config edited by `adjust` if given) with a
+  /// new side network and a head of `num_labels` outputs.
   static BertLadderForSequenceClassification from_pretrained(
       const std::filesystem::path& folder, int64_t num_labels,
-      const LadderOptions& options = LadderOptions(), Pooling pooling = Pooling::Cls) {
+      const LadderOptions& options = LadderOptions(), Pooling pooling = Pooling::Cls,
+      const ConfigAdjust& adjust = nullptr) {
     return BertLadderForSequenceClassification(
         BertLadderForSequenceClassificationImpl::from_pretrained(folder, num_labels, options,
-                                                                 pooling));
+                                                                 pooling, adjust));
   }
 };
 
