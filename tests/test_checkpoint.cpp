@@ -2,6 +2,7 @@
 // saves.
 
 #include <peft/train/checkpoint.hpp>
+#include <peft/train/output_dir.hpp>
 #include <peft/train/precision.hpp>
 #include <peft/train/progress.hpp>
 #include <peft/train/schedule.hpp>
@@ -735,4 +736,42 @@ TEST_CASE("joining a run ignores SIGPIPE, so a write to a dead rank fails instea
   ::signal(SIGPIPE, count_sigpipe);
   CHECK(peft::detail::ignore_sigpipe());
   CHECK(disposition() == &count_sigpipe);
+}
+
+TEST_CASE("prepare_output_dir refuses to mix runs, and overwrites only a run's own files",
+          "[checkpoint]") {
+  namespace fs = std::filesystem;
+  TempDir dir;
+  const auto out = dir.path / "run";
+  // A folder that does not exist yet, and an empty path: nothing to do.
+  CHECK(peft::prepare_output_dir(out).empty());
+  CHECK(peft::prepare_output_dir({}).empty());
+  fs::create_directories(out / "checkpoint-40");
+  std::ofstream(out / "metrics.jsonl") << "{}\n";
+  std::ofstream(out / "notes.txt") << "mine\n";
+  fs::create_directories(out / "data");
+  // An earlier run: refused, naming the folder and the first file found, and nothing removed.
+  CHECK_THROWS_WITH(
+      peft::prepare_output_dir(out, peft::OutputDirOptions().hint("pass --resume or --overwrite")),
+      Catch::Contains("[peft::output_dir]") &&
+          Catch::Contains(out.string() +
+                          " holds an earlier run (checkpoint-40); pass --resume or --overwrite"));
+  CHECK(fs::exists(out / "checkpoint-40"));
+  // Resuming keeps everything.
+  CHECK(peft::prepare_output_dir(out, peft::OutputDirOptions().resume(true)).empty());
+  CHECK(fs::exists(out / "metrics.jsonl"));
+  // Overwriting removes the run's files, and only those.
+  const auto removed = peft::prepare_output_dir(out, peft::OutputDirOptions().overwrite(true));
+  CHECK(removed == std::vector<fs::path>{out / "checkpoint-40", out / "metrics.jsonl"});
+  CHECK_FALSE(fs::exists(out / "checkpoint-40"));
+  CHECK_FALSE(fs::exists(out / "metrics.jsonl"));
+  CHECK(fs::exists(out / "notes.txt"));
+  CHECK(fs::exists(out / "data"));
+  // A file where the folder should be.
+  std::ofstream(dir.path / "file") << "x";
+  CHECK_THROWS_WITH(peft::prepare_output_dir(dir.path / "file"),
+                    Catch::Contains("is a file, expected a folder"));
+  CHECK(peft::is_run_output("adapter_model.safetensors"));
+  CHECK(peft::is_run_output("best"));
+  CHECK_FALSE(peft::is_run_output("train.tsv"));
 }

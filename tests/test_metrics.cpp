@@ -1,6 +1,8 @@
+#include <peft/train/accumulator.hpp>
 #include <peft/train/metrics.hpp>
 
 #include <catch2/catch.hpp>
+#include <torch/torch.h>
 
 #include <cmath>
 #include <cstdint>
@@ -141,4 +143,50 @@ TEST_CASE("evaluate computes a task's metric set by name", "[metrics]") {
         }) ==
         "[peft::metrics] unknown metric \"acc\"; known metrics: accuracy, f1, macro_f1, mcc, "
         "pearson, spearman");
+}
+
+TEST_CASE("Accumulator scores logits batch by batch like the metrics on the whole split",
+          "[metrics]") {
+  // kBinaryPreds as the argmax of logits, in batches of 4, 4 and 2; labels as int64 tensors.
+  metrics::Accumulator acc;
+  for (size_t start = 0; start < kBinaryPreds.size(); start += 4) {
+    const size_t end = std::min(kBinaryPreds.size(), start + 4);
+    std::vector<float> logits;
+    std::vector<int64_t> labels;
+    for (size_t i = start; i < end; ++i) {
+      // Class 1 wins by 0.5 when predicted, else class 0 does.
+      logits.push_back(kBinaryPreds[i] == 1 ? -0.25F : 0.25F);
+      logits.push_back(kBinaryPreds[i] == 1 ? 0.25F : -0.25F);
+      labels.push_back(kBinaryLabels[i]);
+    }
+    const auto n = static_cast<int64_t>(end - start);
+    acc.add(torch::tensor(logits).view({n, 2}), torch::tensor(labels, torch::kLong));
+  }
+  CHECK(acc.size() == 10);
+  const auto scores = acc.compute({"accuracy", "f1"});
+  CHECK(scores.at("accuracy") == Approx(0.7));                  // hand count, as above
+  CHECK(scores.at("f1") == Approx(8.0 / 11.0).epsilon(1e-12));  // 2tp / (2tp + fp + fn)
+
+  // Regression: [N, 1] and [N] outputs, float labels; Pearson of (1, 2, 3) and (1, 2, 4) =
+  // 0.9819805060619657 (scipy.stats.pearsonr).
+  metrics::Accumulator reg(/*regression=*/true);
+  reg.add(torch::tensor({1.0F, 2.0F}).view({2, 1}), torch::tensor({1.0F, 2.0F}));
+  reg.add(torch::tensor({3.0F}), torch::tensor({4.0F}));
+  CHECK(reg.predictions() == std::vector<double>{1, 2, 3});
+  CHECK(reg.compute({"pearson"}).at("pearson") == Approx(0.9819805060619657).epsilon(1e-12));
+
+  CHECK_THAT(message_of([] { metrics::Accumulator().compute({"accuracy"}); }),
+             Contains("no rows to evaluate"));
+  CHECK_THAT(message_of([] {
+               metrics::Accumulator().add(torch::zeros({3, 2}), torch::zeros({2}, torch::kLong));
+             }),
+             Contains("3 outputs for 2 labels"));
+  CHECK_THAT(message_of([] {
+               metrics::Accumulator(true).add(torch::zeros({3, 2}), torch::zeros({3}));
+             }),
+             Contains("must be [N] or [N, 1], got [3, 2]"));
+  CHECK_THAT(message_of([] {
+               metrics::Accumulator().add(torch::zeros({3}), torch::zeros({3}, torch::kLong));
+             }),
+             Contains("logits must be [N, C], got [3]"));
 }

@@ -19,7 +19,9 @@
 #include <peft/tasks/text_classifier.hpp>
 #include "model_path.hpp"
 #include <peft/data/split.hpp>
+#include <peft/train/accumulator.hpp>
 #include <peft/train/distributed.hpp>
+#include <peft/train/output_dir.hpp>
 #include <peft/train/launch.hpp>
 
 #include <torch/torch.h>
@@ -514,36 +516,6 @@ inline std::string describe_method(const Options& o) {
                      method_options(o).dump());
 }
 
-/// Refuses to mix a fresh run into the checkpoints and log of an earlier one (the log is
-/// appended to, and the newest checkpoint is what --resume would pick up); --overwrite removes
-/// what an earlier run wrote, and only that.
-inline void prepare_output(const Options& o, const std::string& program) {
-  if (o.output.empty()) return;
-  const fs::path out(o.output);
-  std::error_code ec;
-  if (fs::exists(out, ec) && !fs::is_directory(out, ec)) {
-    fail(program, "--output {} is a file, expected a folder", out.string());
-  }
-  if (o.resume || !fs::is_directory(out, ec)) return;
-  std::vector<fs::path> earlier;
-  for (const auto& entry : fs::directory_iterator(out, ec)) {
-    const auto name = entry.path().filename().string();
-    if (name.rfind("checkpoint-", 0) == 0 || name == "best" || name == "metrics.jsonl" ||
-        name == "result.json" || name == "adapter_config.json" ||
-        name == "adapter_model.safetensors" || name == "model.safetensors") {
-      earlier.push_back(entry.path());
-    }
-  }
-  if (earlier.empty()) return;
-  if (!o.overwrite) {
-    fail(program,
-         "--output {} holds an earlier run ({}); pass --resume to continue it or "
-         "--overwrite to replace it",
-         out.string(), earlier.front().filename().string());
-  }
-  for (const auto& p : earlier) fs::remove_all(p, ec);
-}
-
 /// Writes the trained parameters to --output: the adapter folder save_adapter() writes, or for a
 /// method without a file format (peft::has_adapter_format; full fine-tuning) every trained
 /// tensor, head included.
@@ -616,46 +588,16 @@ inline void check_method_flags(const CLI::App& app, const Benchmark& bench, cons
   }
 }
 
-/// The task's metrics of `logits_of` over one split's batches (moved to `device` first).
+/// The task's metrics of `logits_of` over one split's batches (moved to `device` first); in a
+/// data-parallel run over every rank's share of the split.
 inline std::map<std::string, double> split_metrics(
     const peft::data::TaskInfo& task, const std::vector<Batch>& batches, torch::Device device,
     const std::function<torch::Tensor(const Batch&)>& logits_of,
     peft::Collective* group = nullptr) {
-  std::vector<double> scores, gold_scores;
-  std::vector<int64_t> classes, gold_classes;
-  for (const auto& raw : batches) {
-    const auto b = raw.to(device);
-    auto logits = logits_of(b).cpu();
-    if (task.is_regression()) {
-      auto s = logits.squeeze(-1).to(torch::kDouble).contiguous();
-      auto g = raw.labels.to(torch::kDouble).contiguous();
-      scores.insert(scores.end(), s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
-      gold_scores.insert(gold_scores.end(), g.data_ptr<double>(), g.data_ptr<double>() + g.numel());
-    } else {
-      auto c = logits.argmax(-1).contiguous();
-      auto g = raw.labels.contiguous();
-      classes.insert(classes.end(), c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
-      gold_classes.insert(gold_classes.end(), g.data_ptr<int64_t>(),
-                          g.data_ptr<int64_t>() + g.numel());
-    }
-  }
-  // Data parallel: each rank scored its share of the rows; the metrics need all of them.
-  if (group != nullptr) {
-    if (task.is_regression()) {
-      scores = peft::gather_values(*group, scores, "the evaluation's scores");
-      gold_scores = peft::gather_values(*group, gold_scores, "the evaluation's labels");
-    } else {
-      auto gather = [&](std::vector<int64_t>& v, const std::string& what) {
-        auto all = peft::gather_values(*group, std::vector<double>(v.begin(), v.end()), what);
-        v.assign(all.size(), 0);
-        for (size_t i = 0; i < all.size(); ++i) v[i] = static_cast<int64_t>(all[i]);
-      };
-      gather(classes, "the evaluation's predictions");
-      gather(gold_classes, "the evaluation's labels");
-    }
-  }
-  return task.is_regression() ? peft::metrics::evaluate(task, scores, gold_scores)
-                              : peft::metrics::evaluate(task, classes, gold_classes);
+  peft::metrics::Accumulator scores(task.is_regression());
+  for (const auto& raw : batches) scores.add(logits_of(raw.to(device)), raw.labels);
+  if (group != nullptr) scores.gather(*group);
+  return scores.compute(task.metrics);
 }
 
 /// The thresholds --early-exit tries when --exit-threshold is not given: from cautious to eager.
@@ -1064,7 +1006,13 @@ inline int run(const Benchmark& bench, const Options& o) {
         world, o.batch_size / world, count.trainable_bytes);
   }
   // Rank 0 alone prepares (and may clear) --output; the others wait for it.
-  if (rank == 0) prepare_output(o, bench.program);
+  if (rank == 0) {
+    peft::prepare_output_dir(
+        o.output, peft::OutputDirOptions()
+                      .resume(o.resume)
+                      .overwrite(o.overwrite)
+                      .hint("pass --resume to continue it or --overwrite to replace it"));
+  }
   if (group) group->barrier("preparing --output");
   if (o.resume) {
     if (trainer.resume()) {

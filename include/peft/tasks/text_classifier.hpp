@@ -40,7 +40,9 @@
 #include <peft/io/safetensors.hpp>
 #include <peft/models/heads.hpp>
 #include <peft/text/load.hpp>
+#include <peft/train/accumulator.hpp>
 #include <peft/train/metrics.hpp>
+#include <peft/train/output_dir.hpp>
 #include <peft/train/trainer.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -261,6 +263,9 @@ struct TextClassifierOptions {
   TORCH_ARG(bool, group_by_length) = true;
   /// Checkpoints and metrics.jsonl go here during fit(); empty: nothing is written.
   TORCH_ARG(std::filesystem::path, output_dir) = {};
+  /// Whether fit() may replace an earlier run's files in output_dir (prepare_output_dir: else
+  /// an earlier run there is an error, so that two runs never mix in one log).
+  TORCH_ARG(bool, overwrite) = false;
 };
 
 /// A BERT-family classifier (or regressor, with one label) with a method attached, its
@@ -275,14 +280,9 @@ class TextClassifier {
       : options_(std::move(options)),
         tokenizer_(text::load_tokenizer(model_folder)),
         model_(models::BertForSequenceClassification::from_pretrained(
-            model_folder, num_labels, models::pooling_from_string(options_.pooling()))) {
-    const bool full = options_.method() == "full";
-    const double dropout = full && options_.model_dropout() == 0 ? -1 : options_.model_dropout();
-    if (dropout >= 0) {
-      model_->bert->set_dropout(dropout, dropout);
-      model_->dropout->options.p(dropout);
-    }
-    if (full) {
+            model_folder, num_labels, models::pooling_from_string(options_.pooling()),
+            dropout_adjust(options_))) {
+    if (options_.method() == "full") {
       unfreeze(*model_);
     } else {
       sites_ = attach(*model_->bert, options_.method(), options_.method_options());
@@ -296,6 +296,7 @@ class TextClassifier {
   TrainResult fit(const std::vector<data::Example>& train,
                   const std::vector<data::Example>& eval = {}) {
     check(!train.empty(), "text_classifier", "no training examples");
+    prepare_output_dir(options_.output_dir(), OutputDirOptions().overwrite(options_.overwrite()));
     std::vector<data::Example> shuffled;
     for (auto i : data::shuffled_order(train.size(), static_cast<uint64_t>(options_.seed()))) {
       shuffled.push_back(train[i]);
@@ -368,15 +369,21 @@ class TextClassifier {
   /// Accuracy and F1 (two classes) or macro F1 (more), or Pearson and Spearman for regression.
   std::map<std::string, double> evaluate(const std::vector<data::Example>& examples) {
     check(!examples.empty(), "text_classifier", "no examples to evaluate");
-    const auto predictions = predict(examples);
-    std::vector<float> gold;
-    for (const auto& e : examples) gold.push_back(e.label);
+    const bool was_training = model_->is_training();
+    model_->eval();
+    torch::NoGradGuard no_grad;
+    const auto encoded = encode(examples);
     const int64_t n = model_->num_labels();
-    const std::vector<std::string> names = n == 1 ? std::vector<std::string>{"pearson", "spearman"}
-                                           : n == 2
-                                               ? std::vector<std::string>{"accuracy", "f1"}
-                                               : std::vector<std::string>{"accuracy", "macro_f1"};
-    return metrics::evaluate(names, predictions, gold);
+    metrics::Accumulator scores(n == 1);
+    // The metrics do not depend on the rows' order: length order pads least.
+    for (const auto& b :
+         options_.group_by_length() ? length_sorted_batches(encoded, 64) : encoded.batches(64)) {
+      scores.add(model_(b.input_ids, b.attention_mask, b.token_type_ids), b.labels);
+    }
+    model_->train(was_training);
+    return scores.compute(n == 1   ? std::vector<std::string>{"pearson", "spearman"}
+                          : n == 2 ? std::vector<std::string>{"accuracy", "f1"}
+                                   : std::vector<std::string>{"accuracy", "macro_f1"});
   }
 
   /// Saves what was trained to `dir`: the adapter and head as Hugging Face PEFT's
@@ -399,6 +406,18 @@ class TextClassifier {
   const std::vector<std::string>& sites() const { return sites_; }
 
  private:
+  /// model_dropout as a config adjustment: every dropout of the model and the head (none below
+  /// 0, or for "full" at the default 0, which keeps the config's).
+  static models::ConfigAdjust dropout_adjust(const TextClassifierOptions& o) {
+    const double p = o.method() == "full" && o.model_dropout() == 0 ? -1 : o.model_dropout();
+    if (p < 0) return nullptr;
+    return [p](models::BertConfig& c) {
+      c.hidden_dropout_prob = p;
+      c.attention_probs_dropout_prob = p;
+      c.classifier_dropout = p;
+    };
+  }
+
   EncodedExamples encode(const std::vector<data::Example>& examples) const {
     const bool pair = !examples.empty() && examples.front().text_b.has_value();
     return encode_examples(examples, *tokenizer_, options_.max_len(), pair,
