@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iterator>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -469,6 +470,61 @@ TEST_CASE("aligned tensors are read without a copy and outlive the file object",
   w.mul_(10);
   CHECK(torch::equal(w, values * 10));
   CHECK(torch::equal(peft::io::load_safetensors(path)[1].second, values));
+}
+
+namespace {
+
+// Resident kilobytes of the mapping holding `addr`, from /proc/self/smaps (-1 when not found).
+long mapping_rss_kb(const void* addr) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  std::string line;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    uintptr_t lo = 0, hi = 0;
+    char dash = 0;
+    std::istringstream range(line);
+    if (range >> std::hex >> lo >> dash >> hi && dash == '-') {
+      inside = a >= lo && a < hi;
+    } else if (inside && line.rfind("Rss:", 0) == 0) {
+      return std::stol(line.substr(4));
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+TEST_CASE("copy_to fills a tensor slice by slice and hands the copied pages back",
+          "[safetensors]") {
+  TempDir dir;
+  const auto path = dir.file("big.safetensors");
+  const auto big = torch::arange(1 << 20, torch::kFloat).reshape({1024, 1024});  // 4 MiB
+  const auto half = torch::linspace(-2, 2, 999).to(torch::kHalf);
+  peft::io::save_safetensors(path,
+                             {{"u", torch::ones({3}, torch::kByte)}, {"big", big}, {"half", half}});
+  peft::io::SafetensorsFile file(path);
+  // Every page of the big tensor read: the mapping holds them.
+  CHECK(file.tensor("big").sum().item<double>() == big.sum().item<double>());
+  const long before = mapping_rss_kb(file.mapped_data());
+  REQUIRE(before >= 4096);
+  auto target = torch::empty({1024, 1024});
+  file.copy_to("big", target, /*chunk_bytes=*/64 << 10);
+  CHECK(torch::equal(target, big));
+  // Only the pages the big tensor shares with its neighbours (and the header's) stay resident.
+  CHECK(mapping_rss_kb(file.mapped_data()) <= 64);
+  // Read again, the values come from the file.
+  CHECK(torch::equal(file.tensor("big"), big));
+  // Converted to the target's dtype, whatever the chunk size.
+  auto wide = torch::empty({999}, torch::kDouble);
+  file.copy_to("half", wide, 100);
+  CHECK(torch::equal(wide, half.to(torch::kDouble)));
+  CHECK_THROWS_WITH(file.copy_to("big", torch::empty({1024, 1023})),
+                    Catch::Contains("big.safetensors") &&
+                        Catch::Contains("tensor \"big\" (1048576 elements) cannot be copied into "
+                                        "a tensor of shape [1024, 1023]"));
+  CHECK_THROWS_WITH(file.copy_to("big", torch::empty({1024, 1024}).t()),
+                    Catch::Contains("into a non-contiguous tensor"));
 }
 
 TEST_CASE("every truncation and every flipped byte fails cleanly or still loads", "[safetensors]") {

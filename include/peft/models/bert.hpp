@@ -137,7 +137,7 @@ class BertImpl : public torch::nn::Module, public HubModel {
       if (st.contains(std::string(p) + "embeddings.word_embeddings.weight")) prefix = p;
     }
     auto plan = weight_map();
-    std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
+    std::vector<std::pair<torch::Tensor, std::string>> copies;
     for (const auto& [name, target] : plan) {
       const std::string key = prefix + name;
       check(st.contains(key), "models::bert", "{}: missing tensor \"{}\" (expected shape {})",
@@ -149,10 +149,12 @@ class BertImpl : public torch::nn::Module, public HubModel {
       check(c10::isFloatingType(st.dtype(key)), "models::bert",
             "{}: tensor \"{}\" has dtype {}, expected a floating-point type", file.string(), key,
             st.entry(key).dtype_name);
-      copies.emplace_back(target, st.tensor(key));
+      copies.emplace_back(target, key);
     }
+    // A slice at a time, each slice's pages of the file released once copied: the load's peak
+    // memory is the model, not the model and the file.
     torch::NoGradGuard no_grad;
-    for (auto& [target, source] : copies) target.copy_(source);
+    for (auto& [target, key] : copies) st.copy_to(key, target);
   }
 
   /// input_ids [N, L]; attention_mask [N, L] (1 = token, 0 = padding; all ones if undefined);

@@ -428,8 +428,9 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
             peft::detail::shape(st.shape(name)), peft::detail::shape(target.sizes()));
       copies.emplace_back(target, name);
     }
+    // A slice at a time, the file's pages released once copied (SafetensorsFile::copy_to).
     torch::NoGradGuard no_grad;
-    for (auto& [target, name] : copies) target.copy_(st.tensor(name));
+    for (auto& [target, name] : copies) st.copy_to(name, target);
   }
 
   /// Hidden states [N, n + L, H] after the final norm, for input_ids [N, L] (n = prompt rows).
