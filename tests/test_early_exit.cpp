@@ -5,6 +5,8 @@
 #include <peft/models/bert.hpp>
 #include <peft/models/early_exit.hpp>
 #include <peft/models/heads.hpp>
+#include <peft/tasks/exit_sweep.hpp>
+#include <peft/tasks/text_classifier.hpp>
 
 #include "model_helpers.hpp"
 
@@ -338,4 +340,72 @@ TEST_CASE("Early exit rejects regression, unknown policies and thresholds out of
   CHECK(std::find(names.begin(), names.end(), "early_exit") == names.end());
   REQUIRE(peft::find_method("early_exit").has_value());
   CHECK(peft::find_method("early_exit")->format->peft_type == "EARLY_EXIT");
+}
+
+TEST_CASE("sweep_exit_thresholds measures every setting and keeps the chosen one on the model",
+          "[early_exit]") {
+  auto model = exit_model(Pooling::Mean);
+  randomize_trainable(*model);
+  const auto in = inputs();
+  // Two batches of two rows; labels 0, 1, 2, 0.
+  const auto labels = torch::tensor({0, 1, 2, 0}, torch::kLong);
+  std::vector<peft::TextBatch> batches;
+  for (int64_t start : {0, 2}) {
+    batches.push_back({in.ids.narrow(0, start, 2), in.types.narrow(0, start, 2),
+                       in.mask.narrow(0, start, 2), labels.narrow(0, start, 2)});
+  }
+  // Expected, directly: accuracy and mean layers of one setting over all four rows.
+  auto direct = [&](ExitPolicy policy, double threshold) {
+    model->set_exit(policy, threshold);
+    torch::NoGradGuard no_grad;
+    auto r = model->early_exit(in.ids, in.mask, in.types);
+    return std::pair{r.logits.argmax(-1).eq(labels).to(torch::kDouble).mean().item<double>(),
+                     r.layers.to(torch::kDouble).mean().item<double>()};
+  };
+  const auto [full_accuracy, full_layers] = direct(ExitPolicy::None, 0.0);
+  // Entropy below 0 never happens (every layer runs); below 10 nats always (ln 3 at most).
+  const auto [never_accuracy, never_layers] = direct(ExitPolicy::Entropy, 0.0);
+  const auto [first_accuracy, first_layers] = direct(ExitPolicy::Entropy, 10.0);
+  CHECK(full_layers == kLayers);
+  CHECK(never_layers == kLayers);
+  CHECK(first_layers == 1);
+
+  // Nothing within a negative tolerance: the most cautious threshold is kept.
+  auto sweep = peft::sweep_exit_thresholds(
+      *model, batches, "accuracy", ExitPolicy::Entropy,
+      peft::ExitSweepOptions().thresholds({10.0, 0.0}).timings(1).tolerance(-1.0));
+  REQUIRE(sweep.points.size() == 2);
+  CHECK(sweep.full.metric == full_accuracy);
+  CHECK(sweep.full.mean_layers == kLayers);
+  CHECK(sweep.points[0].threshold == 10.0);
+  CHECK(sweep.points[0].metric == first_accuracy);
+  CHECK(sweep.points[0].mean_layers == 1);
+  CHECK(sweep.points[1].metric == never_accuracy);
+  CHECK(sweep.points[1].mean_layers == kLayers);
+  CHECK(std::isfinite(sweep.points[0].seconds));
+  CHECK_FALSE(sweep.within_tolerance);
+  CHECK(sweep.chosen().threshold == 0.0);
+  CHECK(model->policy() == ExitPolicy::Entropy);
+  CHECK(model->threshold() == 0.0);
+  CHECK_FALSE(model->is_training());
+
+  // Everything within: the faster of the two measured, set on the model.
+  sweep = peft::sweep_exit_thresholds(
+      *model, batches, "accuracy", ExitPolicy::Entropy,
+      peft::ExitSweepOptions().thresholds({10.0, 0.0}).timings(1).tolerance(1.0));
+  CHECK(sweep.within_tolerance);
+  const auto& other = sweep.points[1 - sweep.chosen_index];
+  CHECK(sweep.chosen().seconds <= other.seconds);
+  CHECK(model->threshold() == sweep.chosen().threshold);
+
+  // Defaults per policy, and what cannot be swept.
+  CHECK(peft::default_exit_thresholds(ExitPolicy::Patience, 6) == std::vector<double>{4, 3, 2, 1});
+  CHECK_THROWS_WITH(peft::sweep_exit_thresholds(*model, batches, "accuracy", ExitPolicy::Patience,
+                                                peft::ExitSweepOptions().thresholds({0.5})),
+                    Catch::Contains("patience"));
+  CHECK_THROWS_WITH(peft::sweep_exit_thresholds(*model, batches, "accuracy", ExitPolicy::None),
+                    Catch::Contains("needs an exit policy"));
+  CHECK_THROWS_WITH(peft::sweep_exit_thresholds(*model, std::vector<peft::TextBatch>{}, "accuracy",
+                                                ExitPolicy::Entropy),
+                    Catch::Contains("needs evaluation batches"));
 }

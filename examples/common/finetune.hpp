@@ -16,6 +16,7 @@
 #include <peft/models/heads.hpp>
 #include <peft/models/ladder_heads.hpp>
 #include <peft/models/recipes.hpp>
+#include <peft/tasks/exit_sweep.hpp>
 #include <peft/tasks/text_classifier.hpp>
 #include "model_path.hpp"
 #include <peft/data/split.hpp>
@@ -600,116 +601,58 @@ inline std::map<std::string, double> split_metrics(
   return scores.compute(task.metrics);
 }
 
-/// The thresholds --early-exit tries when --exit-threshold is not given: from cautious to eager.
-inline std::vector<double> default_exit_thresholds(peft::models::ExitPolicy policy,
-                                                   int64_t layers) {
-  using peft::models::ExitPolicy;
-  if (policy == ExitPolicy::Entropy) return {0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6};
-  if (policy == ExitPolicy::Learned) return {0.99, 0.95, 0.9, 0.85, 0.8, 0.7};
-  std::vector<double> out;
-  for (int64_t t = layers - 2; t >= 1; --t) out.push_back(static_cast<double>(t));
-  return out;
-}
-
 /// Passes over the evaluation split per exit setting; the fastest is reported.
 inline constexpr int kExitTimings = 3;
 
-/// After an --early-exit run: the first split's metric, mean layers run and inference time of
-/// the full model (every layer) and of each threshold, in one process on the same batches. The
-/// model keeps the fastest threshold whose metric is at most one point (0.01) below the full
-/// model's (the most cautious one when none is), which --output saves. Returns the report for
-/// the result line.
+/// After an --early-exit run: peft::sweep_exit_thresholds over the first split's batches (the
+/// full model and each threshold, in one process), printed; the model keeps the fastest
+/// threshold within one point (0.01) of the full model's metric, which --output saves. Returns
+/// the report for the result line.
 inline nlohmann::ordered_json exit_sweep(
     const Options& o, const peft::data::TaskInfo& task, const std::string& split,
     const std::vector<Batch>& batches, torch::Device device,
     peft::models::BertEarlyExitForSequenceClassification model) {
-  using peft::models::ExitPolicy;
   const auto policy = peft::models::exit_policy_from_string(o.early_exit);
-  auto thresholds = o.exit_thresholds.empty() ? default_exit_thresholds(policy, model->num_layers())
-                                              : o.exit_thresholds;
+  const auto thresholds = o.exit_thresholds.empty()
+                              ? peft::default_exit_thresholds(policy, model->num_layers())
+                              : o.exit_thresholds;
   const std::string metric = task.metrics.front();
-  model->eval();
-  torch::NoGradGuard no_grad;
-  struct Point {
-    double threshold, value, layers, seconds;
-  };
-  // Every setting: the full model first, then each threshold.
-  std::vector<std::pair<ExitPolicy, double>> settings{{ExitPolicy::None, 0.0}};
-  for (double t : thresholds) settings.emplace_back(policy, t);
-  std::vector<Point> measured(settings.size(),
-                              Point{0, 0, 0, std::numeric_limits<double>::infinity()});
-  auto pass = [&](size_t i) {
-    model->set_exit(settings[i].first, settings[i].second);
-    int64_t layers = 0, examples = 0;
-    auto logits_of = [&](const Batch& b) {
-      auto r = model->early_exit(b.input_ids, b.attention_mask, b.token_type_ids);
-      layers += r.layers.sum().item<int64_t>();
-      examples += r.layers.numel();
-      return r.logits;
-    };
-    const auto start = std::chrono::steady_clock::now();
-    const auto metrics = split_metrics(task, batches, device, logits_of);
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    auto& p = measured[i];
-    p = Point{settings[i].second, metrics.at(metric),
-              static_cast<double>(layers) / static_cast<double>(std::max<int64_t>(examples, 1)),
-              std::min(p.seconds, seconds)};
-  };
-  // A warm-up pass, then kExitTimings rounds over all settings, each setting's fastest pass
-  // kept: one pass of a few seconds on a shared CPU varies by tens of percent, and rounds spread
-  // any drift evenly over the settings.
   std::cout << fmt::format(
                    "early exit: timing the full model and {} threshold{} on {}, {} passes "
                    "each...\n",
                    thresholds.size(), thresholds.size() == 1 ? "" : "s", split, kExitTimings)
             << std::flush;
-  pass(0);
-  measured[0].seconds = std::numeric_limits<double>::infinity();
-  for (int round = 0; round < kExitTimings; ++round) {
-    for (size_t i = 0; i < settings.size(); ++i) pass(i);
-  }
-  const Point full = measured[0];
-  const std::vector<Point> points(measured.begin() + 1, measured.end());
+  const auto sweep = peft::sweep_exit_thresholds(
+      *model, batches, metric, policy,
+      peft::ExitSweepOptions().thresholds(thresholds).timings(kExitTimings).device(device));
+  const auto& full = sweep.full;
   int64_t examples = 0;
   for (const auto& b : batches) examples += b.labels.size(0);
   std::cout << fmt::format(
       "early exit on {} ({} examples; time: the fastest of {} passes): full model {} {:.4f}, {} "
       "layers, {:.2f} s\n",
-      split, examples, kExitTimings, metric, full.value, model->num_layers(), full.seconds);
-  for (const auto& p : points) {
+      split, examples, kExitTimings, metric, full.metric, model->num_layers(), full.seconds);
+  for (const auto& p : sweep.points) {
     std::cout << fmt::format(
         "  {} {:<5g} {} {:.4f} ({:+.2f} points), mean layers {:.2f}, {:.2f} s, {:.2f}x faster\n",
-        o.early_exit, p.threshold, metric, p.value, 100 * (p.value - full.value), p.layers,
+        o.early_exit, p.threshold, metric, p.metric, 100 * (p.metric - full.metric), p.mean_layers,
         p.seconds, full.seconds / p.seconds);
   }
-  // Thresholds run from cautious to eager as given; pick by measured speed among those within
-  // one point.
-  const Point* chosen = nullptr;
-  for (const auto& p : points) {
-    if (p.value < full.value - 0.01) continue;
-    if (chosen == nullptr || p.seconds < chosen->seconds) chosen = &p;
-  }
-  if (chosen == nullptr) {
-    chosen = &*std::max_element(points.begin(), points.end(),
-                                [](const Point& a, const Point& b) { return a.layers < b.layers; });
-  }
-  model->set_exit(policy, chosen->threshold);
-  std::cout << fmt::format("early exit kept: {} {:g} ({}){}\n", o.early_exit, chosen->threshold,
-                           chosen->value >= full.value - 0.01 ? "fastest within 1 point"
-                                                              : "none within 1 point; the most "
-                                                                "cautious",
-                           o.output.empty() ? "" : ", saved with the adapter");
+  const auto& chosen = sweep.chosen();
+  std::cout << fmt::format(
+      "early exit kept: {} {:g} ({}){}\n", o.early_exit, chosen.threshold,
+      sweep.within_tolerance ? "fastest within 1 point" : "none within 1 point; the most cautious",
+      o.output.empty() ? "" : ", saved with the adapter");
   nlohmann::ordered_json report;
   report["policy"] = o.early_exit;
-  report["threshold"] = chosen->threshold;
-  report["full_" + metric] = number(full.value);
+  report["threshold"] = chosen.threshold;
+  report["full_" + metric] = number(full.metric);
   report["full_seconds"] = round_to(full.seconds, 3);
   nlohmann::ordered_json curve = nlohmann::ordered_json::array();
-  for (const auto& p : points) {
+  for (const auto& p : sweep.points) {
     curve.push_back({{"threshold", p.threshold},
-                     {metric, number(p.value)},
-                     {"mean_layers", round_to(p.layers, 3)},
+                     {metric, number(p.metric)},
+                     {"mean_layers", round_to(p.mean_layers, 3)},
                      {"seconds", round_to(p.seconds, 3)},
                      {"speedup", round_to(full.seconds / p.seconds, 3)}});
   }
