@@ -158,6 +158,16 @@ inline double default_lr(const std::string& method) {
   return method == "full" ? 5e-5 : peft::method_entry(method).default_lr;
 }
 
+/// "lora 0.001, ..., full 5e-05": every trainable method's default rate (its registry entry), for
+/// --help.
+inline std::string default_lrs() {
+  std::string out;
+  for (const auto& m : available_methods()) {
+    out += fmt::format("{}{} {:g}", out.empty() ? "" : ", ", m, default_lr(m));
+  }
+  return out;
+}
+
 /// One command-line flag of the methods' options: the key it sets in the JSON options of the
 /// methods that read it (their adapter_config.json names, as the registry's attach takes them),
 /// and its value, or null where it does not apply (ProPETL's rank with an adapter prototype).
@@ -185,91 +195,54 @@ inline const std::vector<MethodFlag>& method_flags() {
   auto adapter_base = [](const Options& o) {
     return o.method != "propetl" || o.propetl_base == "adapter";
   };
+  // clang-format off
   static const std::vector<MethodFlag> flags{
-      {"--lora-r",
-       "r",
-       {"lora", "dora", "propetl"},
-       [=](const Options& o) { return lora_base(o) ? J(o.lora_r) : J(); }},
-      {"--lora-alpha",
-       "lora_alpha",
-       {"lora", "dora", "propetl"},
-       [=](const Options& o) { return lora_base(o) ? J(o.lora_alpha) : J(); }},
-      {"--lora-dropout",
-       "lora_dropout",
-       {"lora", "dora"},
-       [](const Options& o) { return J(o.lora_dropout); }},
-      {"--lora-rslora",
-       "use_rslora",
-       {"lora", "dora"},
-       [](const Options& o) { return J(o.lora_rslora); }},
-      {"--lora-targets",
-       "target_modules",
-       {"lora", "dora", "propetl"},
-       [=](const Options& o) { return lora_base(o) ? J(o.lora_targets) : J(); }},
-      {"--lora-plus-ratio",
-       "loraplus_lr_ratio",
-       {"lora", "dora"},
-       [](const Options& o) { return o.lora_plus_ratio > 0 ? J(o.lora_plus_ratio) : J(); }},
-      {"--adapter-kind",
-       "adapter_kind",
-       {"adapter"},
-       [](const Options& o) { return J(o.adapter_kind); }},
-      {"--adapter-reduction",
-       "reduction_factor",
-       {"adapter", "propetl"},
-       [=](const Options& o) { return adapter_base(o) ? J(o.adapter_reduction) : J(); }},
-      {"--adapter-activation",
-       "activation",
-       {"adapter", "propetl"},
-       [=](const Options& o) { return adapter_base(o) ? J(o.adapter_activation) : J(); }},
-      {"--bitfit-layer-norm",
-       "layer_norm",
-       {"bitfit"},
-       [](const Options& o) { return J(o.bitfit_layer_norm); }},
-      {"--prefix-tokens",
-       "num_virtual_tokens",
-       {"prefix", "propetl"},
-       [](const Options& o) {
-         return o.method == "prefix" || o.propetl_base == "prefix" ? J(o.prefix_tokens) : J();
-       }},
-      {"--prefix-projection",
-       "prefix_projection",
-       {"prefix"},
-       [](const Options& o) { return J(o.prefix_projection); }},
-      {"--prefix-hidden",
-       "encoder_hidden_size",
-       {"prefix"},
-       [](const Options& o) { return J(o.prefix_hidden); }},
-      {"--prompt-tokens",
-       "num_virtual_tokens",
-       {"prompt"},
-       [](const Options& o) { return J(o.prompt_tokens); }},
-      {"--prompt-init",
-       "prompt_tuning_init",
-       {"prompt"},
-       [](const Options& o) { return J(upper(o.prompt_init)); }},
-      {"--ptuning-tokens",
-       "num_virtual_tokens",
-       {"ptuning"},
-       [](const Options& o) { return J(o.ptuning_tokens); }},
-      {"--ptuning-encoder",
-       "encoder_reparameterization_type",
-       {"ptuning"},
-       [](const Options& o) { return J(upper(o.ptuning_encoder)); }},
-      {"--ptuning-hidden",
-       "encoder_hidden_size",
-       {"ptuning"},
-       [](const Options& o) { return J(o.ptuning_hidden); }},
-      {"--propetl-base", "base", {"propetl"}, [](const Options& o) { return J(o.propetl_base); }},
-      {"--propetl-keep-ratio",
-       "keep_ratio",
-       {"propetl"},
-       [](const Options& o) { return J(o.propetl_keep_ratio); }},
-      {"--propetl-mask-lr",
-       "mask_lr",
-       {"propetl"},
-       [](const Options& o) { return J(o.propetl_mask_lr); }},
+    {"--lora-r", "r", {"lora", "dora", "propetl"},
+     [=](const Options& o) { return lora_base(o) ? J(o.lora_r) : J(); }},
+    {"--lora-alpha", "lora_alpha", {"lora", "dora", "propetl"},
+     [=](const Options& o) { return lora_base(o) ? J(o.lora_alpha) : J(); }},
+    {"--lora-dropout", "lora_dropout", {"lora", "dora"},
+     [](const Options& o) { return J(o.lora_dropout); }},
+    {"--lora-rslora", "use_rslora", {"lora", "dora"},
+     [](const Options& o) { return J(o.lora_rslora); }},
+    {"--lora-targets", "target_modules", {"lora", "dora", "propetl"},
+     [=](const Options& o) { return lora_base(o) ? J(o.lora_targets) : J(); }},
+    {"--lora-plus-ratio", "loraplus_lr_ratio", {"lora", "dora"},
+     [](const Options& o) { return o.lora_plus_ratio > 0 ? J(o.lora_plus_ratio) : J(); }},
+    {"--adapter-kind", "adapter_kind", {"adapter"},
+     [](const Options& o) { return J(o.adapter_kind); }},
+    {"--adapter-reduction", "reduction_factor", {"adapter", "propetl"},
+     [=](const Options& o) { return adapter_base(o) ? J(o.adapter_reduction) : J(); }},
+    {"--adapter-activation", "activation", {"adapter", "propetl"},
+     [=](const Options& o) { return adapter_base(o) ? J(o.adapter_activation) : J(); }},
+    {"--bitfit-layer-norm", "layer_norm", {"bitfit"},
+     [](const Options& o) { return J(o.bitfit_layer_norm); }},
+    {"--prefix-tokens", "num_virtual_tokens", {"prefix", "propetl"},
+     [](const Options& o) {
+       return o.method == "prefix" || o.propetl_base == "prefix" ? J(o.prefix_tokens) : J();
+     }},
+    {"--prefix-projection", "prefix_projection", {"prefix"},
+     [](const Options& o) { return J(o.prefix_projection); }},
+    {"--prefix-hidden", "encoder_hidden_size", {"prefix"},
+     [](const Options& o) { return J(o.prefix_hidden); }},
+    {"--prompt-tokens", "num_virtual_tokens", {"prompt"},
+     [](const Options& o) { return J(o.prompt_tokens); }},
+    {"--prompt-init", "prompt_tuning_init", {"prompt"},
+     [](const Options& o) { return J(upper(o.prompt_init)); }},
+    {"--ptuning-tokens", "num_virtual_tokens", {"ptuning"},
+     [](const Options& o) { return J(o.ptuning_tokens); }},
+    {"--ptuning-encoder", "encoder_reparameterization_type", {"ptuning"},
+     [](const Options& o) { return J(upper(o.ptuning_encoder)); }},
+    {"--ptuning-hidden", "encoder_hidden_size", {"ptuning"},
+     [](const Options& o) { return J(o.ptuning_hidden); }},
+    {"--propetl-base", "base", {"propetl"},
+     [](const Options& o) { return J(o.propetl_base); }},
+    {"--propetl-keep-ratio", "keep_ratio", {"propetl"},
+     [](const Options& o) { return J(o.propetl_keep_ratio); }},
+    {"--propetl-mask-lr", "mask_lr", {"propetl"},
+     [](const Options& o) { return J(o.propetl_mask_lr); }},
   };
+  // clang-format on
   return flags;
 }
 
@@ -1045,10 +1018,9 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->default_str("recipe");
   app.add_option("--eval-batch-size", o.eval_batch_size, "evaluation batch size")
       ->check(CLI::PositiveNumber);
-  app.add_option("--lr", o.lr,
-                 "learning rate (default: the task's recipe, else by method: lora 1e-3, "
-                 "adapter 1e-3, bitfit 1e-3, prefix 1e-2, prompt 3e-2, ptuning 1e-3, propetl "
-                 "1e-3, lst 3e-3, full 5e-5)")
+  app.add_option(
+         "--lr", o.lr,
+         "learning rate (default: the task's recipe, else the method's own: " + default_lrs() + ")")
       ->check(CLI::PositiveNumber)
       ->default_str("recipe");
   app.add_option("--head-lr", o.head_lr,

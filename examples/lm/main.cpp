@@ -19,13 +19,8 @@
 #include <peft/data/lm.hpp>
 #include <peft/io/adapter_format.hpp>
 #include <peft/train/trainer.hpp>
-#include <peft/methods/dora.hpp>
-#include <peft/methods/ia3.hpp>
-#include <peft/methods/lora.hpp>
-#include <peft/methods/prefix.hpp>
-#include <peft/methods/prompt.hpp>
-#include <peft/methods/adapter.hpp>
 #include <peft/models/llama.hpp>
+#include <peft/peft.hpp>  // every method, registered by name
 #include <peft/models/llama_cpp.hpp>
 #include <peft/text/chat.hpp>
 #include <peft/tasks/prompting.hpp>
@@ -266,7 +261,9 @@ int main(int argc, char** argv) {
   auto* t = app.add_subcommand("train", "tune on JSON lines of {\"prompt\", \"completion\"}");
   TrainArgs a;
   t->add_option("--data", a.data, "JSON-lines file")->required();
-  t->add_option("--method", a.method, "lora, dora, ia3, prefix, prompt, adapter, ...")
+  t->add_option("--method", a.method,
+                "a registered method: " + fmt::format("{}", fmt::join(peft::method_names(), ", ")))
+      ->check(CLI::IsMember(peft::method_names()))
       ->capture_default_str();
   t->add_option("--options", a.options,
                 "method options as JSON (Hugging Face PEFT's names; default for lora: r 8, alpha "

@@ -354,7 +354,10 @@ void add_prompt_options(CLI::App* p, PromptArgs& a) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   p->add_option("--first-seed", a.first_seed)->capture_default_str();
-  p->add_option("--method", a.method, "PEFT method trained on the shots (lora, ia3, ...)")
+  p->add_option("--method", a.method,
+                "PEFT method trained on the shots: " +
+                    fmt::format("{}", fmt::join(peft::method_names(), ", ")))
+      ->check(CLI::IsMember(peft::method_names()))
       ->capture_default_str();
   p->add_option("--options", a.options,
                 "method options as JSON (default for lora: r 8, alpha 16, "
