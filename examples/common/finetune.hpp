@@ -824,7 +824,7 @@ inline int run(const Benchmark& bench, const Options& o) {
   const auto count = peft::count_parameters(*model.root);
   // What --output stores: every trained tensor (the method's, the head's, the pooler's if
   // trained; for full fine-tuning the whole model), and the frozen tensors a method stores with
-  // them (VeRA's shared matrices).
+  // them (shared frozen matrices).
   int64_t frozen_method_bytes = 0;
   std::set<const void*> counted;
   for (auto& [path, m] : peft::attached_methods(*model.root)) {
@@ -877,7 +877,7 @@ inline int run(const Benchmark& bench, const Options& o) {
     if (o.exit_from.empty()) options.lr_for(model.head, o.head_lr);
     if (early_exit) options.lr_for("exits", o.head_lr).lr_for("predictor", o.head_lr);
   }
-  // The method's own rates, from its registry entry: LoRA+'s B matrices (lora, dora), ProPETL's
+  // The method's own rates, from its registry entry: LoRA+'s B matrices, ProPETL's
   // mask scores.
   if (o.method != "full" && o.exit_from.empty()) {
     const auto settings = method_options(o);

@@ -279,7 +279,7 @@ inline void fold(torch::nn::Module& model) {
 }
 
 /// Bytes the attached methods' parameters and buffers take, each tensor once (what an adapter
-/// file stores, before metadata: VeRA's shared frozen matrices are buffers).
+/// file stores, before metadata: a method's shared frozen matrices are buffers).
 inline int64_t adapter_bytes(torch::nn::Module& model) {
   int64_t bytes = 0;
   std::unordered_set<const void*> seen;

@@ -1,6 +1,6 @@
 #pragma once
 
-// The method registry: one entry per method name ("lora", "ia3", ...) holding what the rest of
+// The method registry: one entry per method name ("lora", "adapter", ...) holding what the rest of
 // the library needs to know about the method without including it: how to attach it from JSON
 // options, its default learning rate and learning-rate rules, and its adapter file format (what
 // save_adapter() writes and load_adapter() reads). Each method registers itself at the end of
@@ -140,14 +140,14 @@ struct AdapterFormat {
   Save save;
   Load load;
   /// When set, load_adapter() reads a `peft_type` file through this entry only if it returns
-  /// true for the file's config, and prefers it to an entry without one (DoRA claims the LORA
-  /// files with use_dora true).
+  /// true for the file's config, and prefers it to an entry without one (a LoRA variant claims
+  /// the LORA files whose config sets its flag).
   Claims claims;
 };
 
 /// Everything the library knows about one method.
 struct MethodEntry {
-  /// The name --method options and MethodImpl::method() use: "lora", "ia3", ...
+  /// The name --method options and MethodImpl::method() use: "lora", "prefix", ...
   std::string name;
   /// One line for --help and docs.
   std::string summary;

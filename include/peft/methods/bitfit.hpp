@@ -70,7 +70,7 @@ class BitFitImpl : public MethodImpl {
     // biases it never had would be another method under BitFit's name.
     check(has_frozen_bias_, "bitfit",
           "the {} projection has no bias: BitFit tunes a model's existing biases and this "
-          "architecture has none (Llama-family decoders have no biases); use LoRA, IA3 or another "
+          "architecture has none (Llama-family decoders have no biases); use LoRA or another "
           "method",
           site.role());
     bias = register_parameter("bias", torch::zeros({site.out_features()}));

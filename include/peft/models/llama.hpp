@@ -285,7 +285,8 @@ class LlamaAttentionImpl : public torch::nn::Module {
 TORCH_MODULE(LlamaAttention);
 
 /// SwiGLU feed-forward: down(silu(gate(x)) * up(x)); sites `gate_proj` (role "gate_proj"),
-/// `up_proj` ("linear1") and `down_proj` ("linear2", so IA3's defaults scale its input).
+/// `up_proj` ("linear1") and `down_proj` ("linear2", the role BERT's FFN output has, so a method's
+/// FFN defaults apply to it).
 class LlamaMLPImpl : public torch::nn::Module {
  public:
   explicit LlamaMLPImpl(const LlamaConfig& c) : torch::nn::Module("peft::models::LlamaMLP") {

@@ -29,9 +29,9 @@ namespace models {
 /// alpha / r, as peft does; rsLoRA's alpha / sqrt(r) is stored as the alpha that gives the same
 /// scale. Query and key B rows are put in llama.cpp's rotary order. The factors come from each
 /// method's MethodImpl::low_rank(), so any method that has them can be written. Throws
-/// peft::Error when the adapter is empty, holds a method without low-rank factors (DoRA, IA3,
-/// a LoRA on the embeddings), sits where llama.cpp has no tensor, or its sites disagree on the
-/// scale (llama.cpp has one alpha per file).
+/// peft::Error when the adapter is empty, holds a method without low-rank factors (one with a
+/// magnitude or scaling vector, a LoRA on the embeddings), sits where llama.cpp has no tensor, or
+/// its sites disagree on the scale (llama.cpp has one alpha per file).
 inline void save_llama_cpp_lora(LlamaImpl& model, const std::filesystem::path& path,
                                 const std::string& adapter = "default") {
   io::GgufWriter w;

@@ -17,7 +17,7 @@ namespace nn {
 /// A frozen stock Linear whose output passes through a site: `site(x, base(x))`.
 /// The stock module is registered as `base`; methods attach to this module itself. `role` is
 /// what the projection is in its layer ("query", "out_proj", ...; see SiteImpl::role), which
-/// target aliases and role-dependent options (IA3's feedforward) read.
+/// target aliases and role-dependent options (a method treating FFN layers differently) read.
 class LinearImpl : public SiteImpl {
  public:
   explicit LinearImpl(torch::nn::Linear stock, std::string role = "linear")

@@ -250,7 +250,8 @@ struct TextClassifierOptions {
   TORCH_ARG(double, lr) = 0;
   /// The head's rate; 0: 3e-3 for methods, lr for "full".
   TORCH_ARG(double, head_lr) = 0;
-  /// LoRA+: LoRA's B matrices learn this many times faster (lora and dora; 0: off).
+  /// LoRA+: LoRA's B matrices learn this many times faster (methods whose learning-rate rules read
+  /// loraplus_lr_ratio; 0: off).
   TORCH_ARG(double, lora_plus_ratio) = 8;
   TORCH_ARG(double, weight_decay) = 0.01;
   TORCH_ARG(double, warmup_ratio) = 0.06;
