@@ -188,59 +188,55 @@ inline std::string upper(std::string s) {
 /// The flags of method_flags(): which method reads which key.
 inline const std::vector<MethodFlag>& method_flags() {
   using J = nlohmann::json;
-  // The LoRA flags set ProPETL's prototype only when it is a LoRA one.
+  // The LoRA, adapter and prefix flags set ProPETL's prototype only when it is of that kind.
   auto lora_base = [](const Options& o) {
     return o.method != "propetl" || o.propetl_base == "lora";
   };
   auto adapter_base = [](const Options& o) {
     return o.method != "propetl" || o.propetl_base == "adapter";
   };
+  auto prefix_base = [](const Options& o) {
+    return o.method != "propetl" || o.propetl_base == "prefix";
+  };
+  // A flag whose value goes into the JSON as it is; the same where `applies` says so.
+  auto member = [](auto Options::*field) {
+    return [field](const Options& o) { return J(o.*field); };
+  };
+  auto member_if = [](auto applies, auto Options::*field) {
+    return [applies, field](const Options& o) { return applies(o) ? J(o.*field) : J(); };
+  };
   // clang-format off
   static const std::vector<MethodFlag> flags{
     {"--lora-r", "r", {"lora", "dora", "propetl"},
-     [=](const Options& o) { return lora_base(o) ? J(o.lora_r) : J(); }},
+     member_if(lora_base, &Options::lora_r)},
     {"--lora-alpha", "lora_alpha", {"lora", "dora", "propetl"},
-     [=](const Options& o) { return lora_base(o) ? J(o.lora_alpha) : J(); }},
-    {"--lora-dropout", "lora_dropout", {"lora", "dora"},
-     [](const Options& o) { return J(o.lora_dropout); }},
-    {"--lora-rslora", "use_rslora", {"lora", "dora"},
-     [](const Options& o) { return J(o.lora_rslora); }},
+     member_if(lora_base, &Options::lora_alpha)},
+    {"--lora-dropout", "lora_dropout", {"lora", "dora"}, member(&Options::lora_dropout)},
+    {"--lora-rslora", "use_rslora", {"lora", "dora"}, member(&Options::lora_rslora)},
     {"--lora-targets", "target_modules", {"lora", "dora", "propetl"},
-     [=](const Options& o) { return lora_base(o) ? J(o.lora_targets) : J(); }},
+     member_if(lora_base, &Options::lora_targets)},
     {"--lora-plus-ratio", "loraplus_lr_ratio", {"lora", "dora"},
      [](const Options& o) { return o.lora_plus_ratio > 0 ? J(o.lora_plus_ratio) : J(); }},
-    {"--adapter-kind", "adapter_kind", {"adapter"},
-     [](const Options& o) { return J(o.adapter_kind); }},
+    {"--adapter-kind", "adapter_kind", {"adapter"}, member(&Options::adapter_kind)},
     {"--adapter-reduction", "reduction_factor", {"adapter", "propetl"},
-     [=](const Options& o) { return adapter_base(o) ? J(o.adapter_reduction) : J(); }},
+     member_if(adapter_base, &Options::adapter_reduction)},
     {"--adapter-activation", "activation", {"adapter", "propetl"},
-     [=](const Options& o) { return adapter_base(o) ? J(o.adapter_activation) : J(); }},
-    {"--bitfit-layer-norm", "layer_norm", {"bitfit"},
-     [](const Options& o) { return J(o.bitfit_layer_norm); }},
+     member_if(adapter_base, &Options::adapter_activation)},
+    {"--bitfit-layer-norm", "layer_norm", {"bitfit"}, member(&Options::bitfit_layer_norm)},
     {"--prefix-tokens", "num_virtual_tokens", {"prefix", "propetl"},
-     [](const Options& o) {
-       return o.method == "prefix" || o.propetl_base == "prefix" ? J(o.prefix_tokens) : J();
-     }},
-    {"--prefix-projection", "prefix_projection", {"prefix"},
-     [](const Options& o) { return J(o.prefix_projection); }},
-    {"--prefix-hidden", "encoder_hidden_size", {"prefix"},
-     [](const Options& o) { return J(o.prefix_hidden); }},
-    {"--prompt-tokens", "num_virtual_tokens", {"prompt"},
-     [](const Options& o) { return J(o.prompt_tokens); }},
+     member_if(prefix_base, &Options::prefix_tokens)},
+    {"--prefix-projection", "prefix_projection", {"prefix"}, member(&Options::prefix_projection)},
+    {"--prefix-hidden", "encoder_hidden_size", {"prefix"}, member(&Options::prefix_hidden)},
+    {"--prompt-tokens", "num_virtual_tokens", {"prompt"}, member(&Options::prompt_tokens)},
     {"--prompt-init", "prompt_tuning_init", {"prompt"},
      [](const Options& o) { return J(upper(o.prompt_init)); }},
-    {"--ptuning-tokens", "num_virtual_tokens", {"ptuning"},
-     [](const Options& o) { return J(o.ptuning_tokens); }},
+    {"--ptuning-tokens", "num_virtual_tokens", {"ptuning"}, member(&Options::ptuning_tokens)},
     {"--ptuning-encoder", "encoder_reparameterization_type", {"ptuning"},
      [](const Options& o) { return J(upper(o.ptuning_encoder)); }},
-    {"--ptuning-hidden", "encoder_hidden_size", {"ptuning"},
-     [](const Options& o) { return J(o.ptuning_hidden); }},
-    {"--propetl-base", "base", {"propetl"},
-     [](const Options& o) { return J(o.propetl_base); }},
-    {"--propetl-keep-ratio", "keep_ratio", {"propetl"},
-     [](const Options& o) { return J(o.propetl_keep_ratio); }},
-    {"--propetl-mask-lr", "mask_lr", {"propetl"},
-     [](const Options& o) { return J(o.propetl_mask_lr); }},
+    {"--ptuning-hidden", "encoder_hidden_size", {"ptuning"}, member(&Options::ptuning_hidden)},
+    {"--propetl-base", "base", {"propetl"}, member(&Options::propetl_base)},
+    {"--propetl-keep-ratio", "keep_ratio", {"propetl"}, member(&Options::propetl_keep_ratio)},
+    {"--propetl-mask-lr", "mask_lr", {"propetl"}, member(&Options::propetl_mask_lr)},
   };
   // clang-format on
   return flags;
