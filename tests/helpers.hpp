@@ -1,7 +1,8 @@
 #pragma once
-// Shared fixtures for the core tests: small stock modules and comparisons.
+// Shared fixtures for the core tests: small stock modules and comparisons. Each test file includes
+// the library headers it tests, so that a change to one method rebuilds only the tests of it.
 
-#include <peft/peft.hpp>
+#include <peft/core/parameters.hpp>
 
 #include <catch2/catch.hpp>
 #include <torch/torch.h>

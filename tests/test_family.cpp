@@ -4,6 +4,8 @@
 #include <peft/methods/fusion.hpp>
 #include <peft/methods/propetl.hpp>
 #include <peft/methods/ptuning.hpp>
+#include <peft/nn/encoder.hpp>
+#include <peft/nn/tuned.hpp>
 
 #include <cmath>
 

@@ -1,6 +1,9 @@
 // Ladder Side-Tuning: no graph through the backbone, the ladder arithmetic, pruned
 // initialisation, and learning.
 #include <peft/methods/ladder.hpp>
+#include <peft/models/bert.hpp>
+#include <peft/models/ladder_heads.hpp>
+#include <peft/nn/encoder.hpp>
 
 #include "helpers.hpp"
 

@@ -1,5 +1,15 @@
 // The methods: identity at initialisation, hand-computed or stock-module expectations once
 // trained, merge, gradients, bad options, and learning a task the head alone cannot.
+#include <peft/core/attach.hpp>
+#include <peft/core/parameters.hpp>
+#include <peft/methods/adapter.hpp>
+#include <peft/methods/bitfit.hpp>
+#include <peft/methods/lora.hpp>
+#include <peft/methods/prefix.hpp>
+#include <peft/methods/prompt.hpp>
+#include <peft/nn/encoder.hpp>
+#include <peft/nn/tuned.hpp>
+
 #include "helpers.hpp"
 
 using namespace testing;

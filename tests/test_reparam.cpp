@@ -8,13 +8,16 @@
 #include <peft/methods/loha.hpp>
 #include <peft/methods/lokr.hpp>
 #include <peft/methods/vera.hpp>
+#include <peft/peft.hpp>  // the registry tests look at every method
 
 #include <unistd.h>
 
 #include <filesystem>
+#include <set>
 #include <string>
 
 #include "helpers.hpp"
+#include "model_helpers.hpp"
 
 using namespace testing;
 namespace fs = std::filesystem;
@@ -245,4 +248,72 @@ TEST_CASE("The registry lists every included method and attaches from JSON optio
   CHECK_THROWS_WITH(peft::attach(*model, "lora", {{"bias", "all"}}),
                     Catch::Contains("bias \"all\" is not supported"));
   CHECK(peft::has_adapter_format("ia3"));
+}
+
+TEST_CASE("Each method declares the option keys it reads, and attach refuses any other key",
+          "[registry]") {
+  // What each method reads is recorded while it attaches to a tiny BERT with its defaults (and
+  // its learning-rate rules run): the declared keys must be exactly those.
+  auto config = testing::tiny_bert_config(2);
+  config.hidden_size = 64;  // wide enough for the adapters' defaults (reduction 16, phm_dim 4)
+  config.intermediate_size = 128;
+  std::vector<std::string> checked;
+  for (const auto& entry : peft::registered_methods()) {
+    if (!entry.attach) continue;
+    INFO("method " << entry.name);
+    peft::models::Bert model(config);
+    peft::detail::KeyLog log;
+    // Fusion needs the adapters it fuses; with none attached it fails after reading its options.
+    const nlohmann::json options = entry.name == "fusion"
+                                       ? nlohmann::json{{"fused_adapters", {"a", "b"}}}
+                                       : nlohmann::json::object();
+    try {
+      entry.attach(*model, options);
+    } catch (const peft::Error& e) {
+      INFO(e.what());
+      CHECK(entry.name == "fusion");
+    }
+    if (entry.lr_rules) entry.lr_rules(1e-3, options);
+    const std::set<std::string> declared(entry.option_keys.begin(), entry.option_keys.end());
+    CHECK(declared.size() == entry.option_keys.size());  // no key listed twice
+    CHECK(log.keys() == declared);
+    checked.push_back(entry.name);
+  }
+  CHECK(checked.size() >= 14);
+
+  // Any other key is refused before the model changes, naming the key and the method's keys.
+  for (const auto& name : peft::method_names()) {
+    const auto entry = peft::method_entry(name);
+    if (!entry.attach) continue;
+    INFO("method " << name);
+    peft::models::Bert model(config);
+    const auto before = snapshot(*model);
+    CHECK_THROWS_WITH(peft::attach(*model, name, {{"not_an_option", 1}}),
+                      Catch::Contains("unknown option \"not_an_option\"") &&
+                          Catch::Contains(name + " reads: " + entry.option_keys.front()));
+    CHECK(peft::attached_methods(*model).empty());
+    const auto after = snapshot(*model);
+    REQUIRE(after.size() == before.size());
+    for (size_t i = 0; i < after.size(); ++i) CHECK(torch::equal(after[i], before[i]));
+  }
+  peft::models::Bert model(config);
+  // A misspelt key is named with the key it resembles; one that resembles none gets the list.
+  CHECK_THROWS_WITH(peft::attach(*model, "lora", {{"alpha", 16}}),
+                    Catch::Contains("did you mean \"lora_alpha\"?"));
+  CHECK_THROWS_WITH(peft::attach(*model, "lora", {{"lora_dropuot", 0.1}}),
+                    Catch::Contains("did you mean \"lora_dropout\"?"));
+  CHECK_THROWS_WITH(peft::attach(*model, "lora", {{"rank", 4}}),
+                    Catch::Contains("unknown option \"rank\"; lora reads: r, lora_alpha"));
+  CHECK_THROWS_WITH(peft::attach(*model, "lora", {{"use_dora", true}}),
+                    Catch::Contains("unknown option \"use_dora\""));
+  CHECK_THROWS_WITH(peft::attach(*model, "lorra"), Catch::Contains("did you mean \"lora\"?"));
+  // target_modules as Hugging Face's regular expression is refused, not ignored; one layer index
+  // is a list of one.
+  CHECK_THROWS_WITH(peft::attach(*model, "lora", {{"target_modules", "query|value"}}),
+                    Catch::Contains("\"target_modules\" must be a list of module names"));
+  CHECK(peft::attached_methods(*model).empty());
+  const auto sites =
+      peft::attach(*model, "lora", {{"target_modules", {"query"}}, {"layers_to_transform", 1}});
+  REQUIRE(sites.size() == 1);
+  CHECK(sites[0].find("1") != std::string::npos);
 }

@@ -1,5 +1,21 @@
 // Invariant 1 (exactness): with no method attached, or every method at its identity
 // initialisation, a wrapper's output equals the stock module's.
+#include <peft/core/attach.hpp>
+#include <peft/core/parameters.hpp>
+#include <peft/detail/linear.hpp>
+#include <peft/functional/attention.hpp>
+#include <peft/methods/adapter.hpp>
+#include <peft/methods/lora.hpp>
+#include <peft/methods/prefix.hpp>
+#include <peft/methods/prompt.hpp>
+#include <peft/nn/attention.hpp>
+#include <peft/nn/embedding.hpp>
+#include <peft/nn/encoder.hpp>
+#include <peft/nn/encoder_layer.hpp>
+#include <peft/nn/linear.hpp>
+#include <peft/nn/tuned.hpp>
+#include <peft/train/precision.hpp>
+
 #include "helpers.hpp"
 
 #include <algorithm>

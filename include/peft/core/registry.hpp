@@ -160,6 +160,10 @@ struct MethodEntry {
   /// method's options (LoRA+'s lora_B, ProPETL's mask scores); may be empty.
   std::function<std::vector<std::pair<std::string, double>>(double, const nlohmann::json&)>
       lr_rules;
+  /// Every key `attach` and `lr_rules` read. peft::attach() refuses options with any other key
+  /// (a misspelt `"rank"` would otherwise train at the default rank); empty = not declared, no
+  /// check.
+  std::vector<std::string> option_keys;
   /// The adapter file format, if the method has one.
   std::optional<AdapterFormat> format;
   /// For a method that is a model rather than something attached at sites (Ladder
@@ -275,19 +279,60 @@ inline std::vector<std::string> save_site_parameters(SaveContext& c) {
   return targets;
 }
 
-/// Sets the targets and layers of `options` from a config's `target_modules` and
-/// `layers_to_transform` when it has them as lists (other values leave the defaults); a list of
-/// the wrong type throws from `where`, naming `file`.
+/// The sites (those `fits` accepts) whose keys the file holds, as our site paths: a key is
+/// `<prefix><hub module path><one of suffixes>`, the layout of Hugging Face PEFT's LoRA-like
+/// files. Throws on a key that names no such site of the model.
+inline std::vector<std::string> file_sites(const LoadContext& c, const std::string& prefix,
+                                           const std::vector<std::string>& suffixes,
+                                           const std::function<bool(const SiteImpl&)>& fits) {
+  std::map<std::string, std::string> ours;  // hub module path -> our site path
+  for (auto& [path, site] : sites_by_path(c.model)) {
+    if (fits(*site)) ours[c.hub_path(path)] = path;
+  }
+  std::vector<std::string> targets;
+  for (const auto& key : c.keys) {
+    if (key.compare(0, prefix.size(), prefix) != 0) continue;
+    for (const auto& s : suffixes) {
+      if (key.size() <= prefix.size() + s.size() ||
+          key.compare(key.size() - s.size(), s.size(), s) != 0) {
+        continue;
+      }
+      const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - s.size());
+      auto it = ours.find(module);
+      check(it != ours.end(), "load_adapter",
+            "{}: key \"{}\" names module \"{}\", which is no projection of this model",
+            c.weights_file, key, module);
+      targets.push_back(it->second);
+    }
+  }
+  return targets;
+}
+
+/// Sets the targets and layers of `options` from a config's `target_modules` (a list of module
+/// names) and `layers_to_transform` (a list of layer indices, or one index); missing or null
+/// leaves the defaults. Anything else throws from `where`, naming `file`: Hugging Face's regular
+/// expression form of `target_modules` (a string) is refused rather than ignored.
 template <class Options>
 void targets_from_json(const nlohmann::json& config, Options& options, const std::string& file,
                        const char* where) {
+  KeyLog::note("target_modules");
+  KeyLog::note("layers_to_transform");
   auto targets = config.find("target_modules");
-  if (targets != config.end() && targets->is_array()) {
+  if (targets != config.end() && !targets->is_null()) {
+    check(targets->is_array(), where,
+          "{}: \"target_modules\" must be a list of module names, got {} (a regular expression "
+          "or \"all-linear\" is not supported)",
+          file, targets->dump());
     options.targets(config_value<std::vector<std::string>>(config, "target_modules", file, where));
   }
   auto layers = config.find("layers_to_transform");
-  if (layers != config.end() && layers->is_array()) {
-    options.layers(config_value<std::vector<int64_t>>(config, "layers_to_transform", file, where));
+  if (layers != config.end() && !layers->is_null()) {
+    if (layers->is_array()) {
+      options.layers(
+          config_value<std::vector<int64_t>>(config, "layers_to_transform", file, where));
+    } else {
+      options.layers({config_value<int64_t>(config, "layers_to_transform", file, where)});
+    }
   }
 }
 
@@ -299,6 +344,45 @@ void validate_from_file(const Options& options, const std::string& cfg_name) {
   } catch (const Error& e) {
     fail("load_adapter", "{}: {}", cfg_name, e.what());
   }
+}
+
+/// The number of single-character edits that turn `a` into `b` (Levenshtein distance).
+inline size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+/// `; did you mean "<c>"?` for the candidate c closest to `name` (fewest edits) among those
+/// that resemble it: at most a third of its characters differ, or one ends with the other and
+/// the shorter has four characters or more ("alpha" for "lora_alpha"). "" when none does.
+inline std::string did_you_mean(const std::string& name,
+                                const std::vector<std::string>& candidates) {
+  auto ends_with = [](const std::string& s, const std::string& tail) {
+    return tail.size() >= 4 && s.size() >= tail.size() &&
+           s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  std::string best;
+  size_t best_distance = std::string::npos;
+  for (const auto& c : candidates) {
+    const size_t d = edit_distance(name, c);
+    const bool close =
+        d <= std::max<size_t>(1, name.size() / 3) || ends_with(c, name) || ends_with(name, c);
+    if (close && d < best_distance) {
+      best_distance = d;
+      best = c;
+    }
+  }
+  return best.empty() ? std::string() : fmt::format("; did you mean \"{}\"?", best);
 }
 
 /// The first module of type T inside `model` and its path ("" for the model itself), if any.
@@ -341,7 +425,8 @@ inline MethodEntry method_entry(const std::string& name) {
   auto e = find_method(name);
   if (!e) {
     const auto names = method_names();
-    fail("registry", "unknown method \"{}\"; registered: {}", name,
+    fail("registry", "unknown method \"{}\"{}; registered: {}", name,
+         detail::did_you_mean(name, names),
          names.empty() ? std::string("(none)") : fmt::format("{}", fmt::join(names, ", ")));
   }
   return *e;
@@ -363,8 +448,9 @@ inline std::vector<std::pair<std::string, std::string>> adapter_formats() {
 }
 
 /// Attaches method `name` to `model` with `options` (JSON; see each method's header for its
-/// keys; missing keys take the method's defaults) and returns the site paths. Throws on an
-/// unknown name or bad options, leaving the model unchanged.
+/// keys, listed in its entry's `option_keys`; missing keys take the method's defaults) and
+/// returns the site paths. Throws on an unknown name, a key the method does not read, or a bad
+/// value, leaving the model unchanged.
 ///
 ///     peft::attach(*bert, "lora", {{"r", 16}, {"target_modules", {"query", "value"}}});
 inline std::vector<std::string> attach(torch::nn::Module& model, const std::string& name,
@@ -373,6 +459,14 @@ inline std::vector<std::string> attach(torch::nn::Module& model, const std::stri
   check(static_cast<bool>(entry.attach), name, "this method cannot be attached from options");
   check(options.is_object() || options.is_null(), name, "options must be a JSON object, got {}",
         options.dump());
+  if (!entry.option_keys.empty() && options.is_object()) {
+    const auto& keys = entry.option_keys;
+    for (const auto& item : options.items()) {
+      check(std::find(keys.begin(), keys.end(), item.key()) != keys.end(), name,
+            "unknown option \"{}\"{}; {} reads: {}", item.key(),
+            detail::did_you_mean(item.key(), keys), name, fmt::join(keys, ", "));
+    }
+  }
   return entry.attach(model, options.is_null() ? nlohmann::json::object() : options);
 }
 

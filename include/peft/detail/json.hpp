@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <set>
 #include <string>
 #include <type_traits>
 
@@ -16,6 +17,31 @@
 
 PEFT_NAMESPACE_BEGIN
 namespace detail {
+
+/// While a KeyLog lives, every key the readers below (and the methods' own look-ups) ask a
+/// config for on this thread is added to it, whether the config has it or not. The tests use it
+/// to check that the option keys a method declares are exactly the keys it reads.
+class KeyLog {
+ public:
+  KeyLog() : previous_(current()) { current() = this; }
+  ~KeyLog() { current() = previous_; }
+  KeyLog(const KeyLog&) = delete;
+  KeyLog& operator=(const KeyLog&) = delete;
+
+  const std::set<std::string>& keys() const { return keys_; }
+  /// Adds `key` to the innermost live log, if any.
+  static void note(const std::string& key) {
+    if (auto* log = current()) log->keys_.insert(key);
+  }
+
+ private:
+  static KeyLog*& current() {
+    thread_local KeyLog* log = nullptr;
+    return log;
+  }
+  KeyLog* previous_;
+  std::set<std::string> keys_;
+};
 
 /// `value` as JSON; a float holding a whole number is written as an integer.
 template <class T>
@@ -32,6 +58,7 @@ nlohmann::json number(T value) {
 template <class T>
 T config_value(const nlohmann::json& config, const char* key, const std::string& file,
                const char* where = "load_adapter") {
+  KeyLog::note(key);
   auto it = config.find(key);
   check(it != config.end() && !it->is_null(), where, "{}: \"{}\" is missing", file, key);
   if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
@@ -74,6 +101,7 @@ T config_value(const nlohmann::json& config, const char* key, const std::string&
 template <class T>
 T config_value_or(const nlohmann::json& config, const char* key, T fallback,
                   const std::string& file, const char* where = "load_adapter") {
+  KeyLog::note(key);
   auto it = config.find(key);
   if (it == config.end() || it->is_null()) return fallback;
   return config_value<T>(config, key, file, where);
@@ -84,6 +112,7 @@ T config_value_or(const nlohmann::json& config, const char* key, T fallback,
 template <class T>
 void config_read(const nlohmann::json& config, const char* key, T& out, const std::string& file,
                  const char* where) {
+  KeyLog::note(key);
   auto it = config.find(key);
   if (it != config.end() && !it->is_null()) out = config_value<T>(config, key, file, where);
 }

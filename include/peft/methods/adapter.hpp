@@ -201,6 +201,8 @@ inline MethodEntry adapter_entry() {
   e.name = "adapter";
   e.summary = "bottleneck adapters after sub-layers (Houlsby et al., 2019; Pfeiffer et al., 2021)";
   e.default_lr = 1e-3;
+  e.option_keys = {"adapter_kind", "reduction_factor", "bottleneck",         "activation",
+                   "scaling",      "target_modules",   "layers_to_transform"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     const auto kind = enum_from_name<AdapterKind>(
         config_value_or<std::string>(json, "adapter_kind", "houlsby", "options", "adapter"),

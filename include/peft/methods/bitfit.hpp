@@ -162,6 +162,7 @@ inline MethodEntry bitfit_entry() {
   e.name = "bitfit";
   e.summary = "BitFit: only bias terms train (Ben Zaken et al., 2022)";
   e.default_lr = 1e-3;
+  e.option_keys = {"layer_norm", "target_modules", "layers_to_transform"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     auto options = BitFitOptions().layer_norm(
         config_value_or<bool>(json, "layer_norm", false, "options", "bitfit"));

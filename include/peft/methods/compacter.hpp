@@ -296,6 +296,8 @@ inline MethodEntry compacter_entry() {
   e.name = "compacter";
   e.summary = "Compacter: adapters of Kronecker products with shared rules (Mahabadi et al., 2021)";
   e.default_lr = 1e-3;
+  e.option_keys = {"adapter_kind", "reduction_factor", "phm_dim",
+                   "phm_rank",     "shared_phm_rule",  "activation"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     const char* w = "compacter";
     auto options =

@@ -160,7 +160,7 @@ inline LoadPlan load_dora(const LoadContext& c) {
   auto options = dora_from_lora(lora_options_from_json(c.config, c.config_file));
   options.adapter_name(c.adapter);
   const int64_t r = options.r();
-  auto targets = lora_file_targets(c, plan.save_prefix, {".lora_A.weight"}, &DoRAOptions::fits);
+  auto targets = file_sites(c, plan.save_prefix, {".lora_A.weight"}, &DoRAOptions::fits);
   check(!targets.empty(), "load_adapter", "{}: no DoRA weights (keys ending in .lora_A.weight)",
         c.weights_file);
   auto sites = sites_by_path(c.model);
@@ -191,6 +191,7 @@ inline MethodEntry dora_entry() {
   e.name = "dora";
   e.summary = "DoRA: LoRA with a separately trained magnitude per output (Liu et al., 2024)";
   e.default_lr = 1e-3;
+  e.option_keys = lora_entry().option_keys;  // LoRA's options, LoRA+ included
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return peft::attach(model, dora_from_lora(lora_options_from_json(json, "options", "dora")));
   };

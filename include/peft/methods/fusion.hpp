@@ -312,6 +312,7 @@ inline MethodEntry fusion_entry() {
   e.name = "fusion";
   e.summary = "AdapterFusion: attention over trained adapters (Pfeiffer et al., 2021)";
   e.default_lr = 1e-3;
+  e.option_keys = {"fused_adapters", "temperature"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return fuse(model,
                 config_value<std::vector<std::string>>(json, "fused_adapters", "options", "fusion"),

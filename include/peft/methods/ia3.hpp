@@ -114,6 +114,7 @@ inline IA3Options ia3_options_from_json(const nlohmann::json& config, const std:
         "{}: fan_in_fan_out is not supported", file);
   IA3Options options;
   targets_from_json(config, options, file, where);
+  KeyLog::note("feedforward_modules");
   if (config.contains("feedforward_modules") && config["feedforward_modules"].is_array()) {
     options.feedforward(
         config_value<std::vector<std::string>>(config, "feedforward_modules", file, where));
@@ -203,6 +204,8 @@ inline MethodEntry ia3_entry() {
   e.name = "ia3";
   e.summary = "IA3: learned vectors rescaling projections (Liu et al., 2022)";
   e.default_lr = 3e-3;
+  e.option_keys = {"target_modules", "feedforward_modules", "layers_to_transform",
+                   "fan_in_fan_out"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return peft::attach(model, ia3_options_from_json(json, "options", "ia3"));
   };

@@ -25,7 +25,7 @@
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
 #include <peft/detail/json.hpp>
-#include <peft/methods/lora.hpp>
+#include <peft/methods/lycoris.hpp>
 #include <peft/nn/tuned.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -95,55 +95,6 @@ class LoHaImpl : public MethodImpl {
 
 namespace detail {
 
-/// LyCORIS-style options from JSON (Hugging Face's LoHaConfig/LoKrConfig names): r, alpha,
-/// target_modules, layers_to_transform; the dropouts and convolution settings peft does not
-/// implement must be off.
-template <class Options>
-Options lycoris_options_from_json(const nlohmann::json& config, const std::string& file,
-                                  const char* where) {
-  for (const char* key : {"rank_dropout", "module_dropout"}) {
-    check(config_value_or<double>(config, key, 0.0, file, where) == 0.0, where,
-          "{}: {} is not supported (only 0)", file, key);
-  }
-  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
-    auto it = config.find(key);
-    check(it == config.end() || it->is_null() || it->empty(), where,
-          "{}: {} (per-module ranks or alphas) is not supported", file, key);
-  }
-  Options options(config_value_or<int64_t>(config, "r", 8, file, where));
-  options.alpha(config_value_or<double>(config, "alpha", 8.0, file, where));
-  targets_from_json(config, options, file, where);
-  validate_from_file(options, file);
-  return options;
-}
-
-/// The config fields LoHa and LoKr files share.
-inline void lycoris_config(int64_t r, double alpha, const std::vector<std::string>& targets,
-                           nlohmann::json& config) {
-  config["r"] = r;
-  config["alpha"] = number(alpha);
-  config["rank_dropout"] = 0.0;
-  config["module_dropout"] = 0.0;
-  config["use_effective_conv2d"] = false;
-  config["init_weights"] = true;
-  config["rank_pattern"] = nlohmann::json::object();
-  config["alpha_pattern"] = nlohmann::json::object();
-  config["target_modules"] = targets;
-}
-
-/// Checks that every method of an adapter has the first one's r and alpha; returns the first.
-template <class Impl>
-const auto& shared_rank_alpha(const SiteMethods& methods) {
-  const auto& first = std::dynamic_pointer_cast<Impl>(methods.front().second)->options();
-  for (auto& [path, m] : methods) {
-    const auto& o = std::dynamic_pointer_cast<Impl>(m)->options();
-    check(o.r() == first.r() && o.alpha() == first.alpha(), "save_adapter",
-          "{} at \"{}\" has r={} alpha={}, unlike \"{}\"; one file holds one setting", m->method(),
-          path, o.r(), o.alpha(), methods.front().first);
-  }
-  return first;
-}
-
 inline void save_loha(SaveContext& c) {
   c.save_prefix = "base_model.model.";
   const auto& first = shared_rank_alpha<LoHaImpl>(c.methods);
@@ -157,7 +108,7 @@ inline LoadPlan load_loha(const LoadContext& c) {
   auto options = lycoris_options_from_json<LoHaOptions>(c.config, c.config_file, "load_adapter");
   options.adapter_name(c.adapter);
   const int64_t r = options.r();
-  auto targets = lora_file_targets(c, plan.save_prefix, {".hada_w1_a"}, &LoHaOptions::fits);
+  auto targets = file_sites(c, plan.save_prefix, {".hada_w1_a"}, &LoHaOptions::fits);
   check(!targets.empty(), "load_adapter", "{}: no LoHa weights (keys ending in .hada_w1_a)",
         c.weights_file);
   auto sites = sites_by_path(c.model);
@@ -187,6 +138,14 @@ inline MethodEntry loha_entry() {
   e.name = "loha";
   e.summary = "LoHa: Hadamard product of two low-rank updates (Hyeon-Woo et al., 2022)";
   e.default_lr = 1e-3;
+  e.option_keys = {"r",
+                   "alpha",
+                   "target_modules",
+                   "layers_to_transform",
+                   "rank_dropout",
+                   "module_dropout",
+                   "rank_pattern",
+                   "alpha_pattern"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return peft::attach(model, lycoris_options_from_json<LoHaOptions>(json, "options", "loha"));
   };

@@ -30,8 +30,7 @@
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
 #include <peft/detail/json.hpp>
-#include <peft/methods/loha.hpp>
-#include <peft/methods/lora.hpp>
+#include <peft/methods/lycoris.hpp>
 #include <peft/nn/tuned.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -185,8 +184,7 @@ inline LoadPlan load_lokr(const LoadContext& c) {
   auto options = lokr_options_from_json(c.config, c.config_file, "load_adapter");
   options.adapter_name(c.adapter);
   const int64_t r = options.r();
-  auto targets =
-      lora_file_targets(c, plan.save_prefix, {".lokr_w1", ".lokr_w1_a"}, &LoKrOptions::fits);
+  auto targets = file_sites(c, plan.save_prefix, {".lokr_w1", ".lokr_w1_a"}, &LoKrOptions::fits);
   check(!targets.empty(), "load_adapter", "{}: no LoKr weights (keys ending in .lokr_w1)",
         c.weights_file);
   auto sites = sites_by_path(c.model);
@@ -224,6 +222,16 @@ inline MethodEntry lokr_entry() {
   e.name = "lokr";
   e.summary = "LoKr: Kronecker-product updates (Yeh et al., 2024)";
   e.default_lr = 1e-3;
+  e.option_keys = {"r",
+                   "alpha",
+                   "decompose_both",
+                   "decompose_factor",
+                   "target_modules",
+                   "layers_to_transform",
+                   "rank_dropout",
+                   "module_dropout",
+                   "rank_pattern",
+                   "alpha_pattern"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return peft::attach(model, lokr_options_from_json(json, "options", "lokr"));
   };

@@ -154,6 +154,7 @@ inline LoRAOptions lora_options_from_json(const nlohmann::json& config, const st
   check(!config_value_or<bool>(config, "fan_in_fan_out", false, file, where), where,
         "{}: fan_in_fan_out is not supported", file);
   for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+    KeyLog::note(key);
     auto it = config.find(key);
     check(it == config.end() || it->is_null() || it->empty(), where,
           "{}: {} (per-module ranks or alphas) is not supported", file, key);
@@ -198,34 +199,6 @@ const auto& shared_lora_options(const SiteMethods& methods) {
   return first;
 }
 
-/// Every projection whose keys (hub module path + one of `suffixes`) the file holds, as our
-/// site paths; throws on a key that names no projection of the model.
-inline std::vector<std::string> lora_file_targets(
-    const LoadContext& c, const std::string& prefix, const std::vector<std::string>& suffixes,
-    const std::function<bool(const SiteImpl&)>& fits) {
-  std::map<std::string, std::string> ours;  // hub module path -> our site path
-  for (auto& [path, site] : sites_by_path(c.model)) {
-    if (fits(*site)) ours[c.hub_path(path)] = path;
-  }
-  std::vector<std::string> targets;
-  for (const auto& key : c.keys) {
-    if (key.compare(0, prefix.size(), prefix) != 0) continue;
-    for (const auto& s : suffixes) {
-      if (key.size() <= prefix.size() + s.size() ||
-          key.compare(key.size() - s.size(), s.size(), s) != 0) {
-        continue;
-      }
-      const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - s.size());
-      auto it = ours.find(module);
-      check(it != ours.end(), "load_adapter",
-            "{}: key \"{}\" names module \"{}\", which is no projection of this model",
-            c.weights_file, key, module);
-      targets.push_back(it->second);
-    }
-  }
-  return targets;
-}
-
 inline void save_lora(SaveContext& c) {
   c.save_prefix = "base_model.model.";
   const auto& first = shared_lora_options<LoRAImpl>(c.methods);
@@ -241,8 +214,8 @@ inline LoadPlan load_lora(const LoadContext& c) {
   options.adapter_name(c.adapter);
   const int64_t r = options.r();
   // The file's keys say which projections carry LoRA.
-  auto targets = lora_file_targets(c, plan.save_prefix, {".lora_A.weight", ".lora_embedding_A"},
-                                   &LoRAOptions::fits);
+  auto targets =
+      file_sites(c, plan.save_prefix, {".lora_A.weight", ".lora_embedding_A"}, &LoRAOptions::fits);
   check(!targets.empty(), "load_adapter", "{}: no LoRA weights (keys ending in .lora_A.weight)",
         c.weights_file);
   auto sites = sites_by_path(c.model);
@@ -284,6 +257,17 @@ inline MethodEntry lora_entry() {
   e.name = "lora";
   e.summary = "LoRA: low-rank updates B A of projections (Hu et al., 2021)";
   e.default_lr = 1e-3;
+  e.option_keys = {"r",
+                   "lora_alpha",
+                   "lora_dropout",
+                   "use_rslora",
+                   "target_modules",
+                   "layers_to_transform",
+                   "loraplus_lr_ratio",
+                   "bias",
+                   "fan_in_fan_out",
+                   "rank_pattern",
+                   "alpha_pattern"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return peft::attach(model, lora_options_from_json(json, "options", "lora"));
   };

@@ -196,6 +196,7 @@ inline MethodEntry prefix_entry() {
   e.name = "prefix";
   e.summary = "prefix tuning: trainable key/value rows at every attention (Li & Liang, 2021)";
   e.default_lr = 1e-2;
+  e.option_keys = {"num_virtual_tokens", "prefix_projection", "encoder_hidden_size"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     auto options = PrefixOptions(
         config_value_or<int64_t>(json, "num_virtual_tokens", 10, "options", "prefix"));

@@ -187,6 +187,7 @@ inline MethodEntry prompt_entry() {
   e.name = "prompt";
   e.summary = "prompt tuning: trainable rows in front of the input (Lester et al., 2021)";
   e.default_lr = 3e-2;
+  e.option_keys = {"num_virtual_tokens", "prompt_tuning_init"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     auto options = PromptOptions(
         config_value_or<int64_t>(json, "num_virtual_tokens", 20, "options", "prompt"));

@@ -629,6 +629,9 @@ inline MethodEntry propetl_entry() {
   e.name = "propetl";
   e.summary = "ProPETL: one shared prototype, a binary mask per layer (Zeng et al., 2023)";
   e.default_lr = 1e-3;
+  e.option_keys = {
+      "base",       "keep_ratio",         "mask_lr",        "reduction_factor",   "activation", "r",
+      "lora_alpha", "num_virtual_tokens", "target_modules", "layers_to_transform"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     const char* w = "propetl";
     const auto base_name = config_value_or<std::string>(json, "base", "adapter", "options", w);

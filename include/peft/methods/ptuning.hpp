@@ -160,6 +160,7 @@ inline MethodEntry ptuning_entry() {
   e.name = "ptuning";
   e.summary = "P-tuning: prompt rows produced by a small encoder (Liu et al., 2021)";
   e.default_lr = 1e-3;
+  e.option_keys = {"num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     auto options = PTuningOptions(
         config_value_or<int64_t>(json, "num_virtual_tokens", 20, "options", "ptuning"));

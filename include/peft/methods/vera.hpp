@@ -30,7 +30,6 @@
 #include <peft/core/site.hpp>
 #include <peft/core/targets.hpp>
 #include <peft/detail/json.hpp>
-#include <peft/methods/lora.hpp>
 #include <peft/nn/tuned.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -211,7 +210,7 @@ inline LoadPlan load_vera(const LoadContext& c) {
   auto options = vera_options_from_json(c.config, c.config_file, "load_adapter");
   options.adapter_name(c.adapter);
   const int64_t r = options.r();
-  auto targets = lora_file_targets(c, plan.save_prefix, {".vera_lambda_b"}, &VeRAOptions::fits);
+  auto targets = file_sites(c, plan.save_prefix, {".vera_lambda_b"}, &VeRAOptions::fits);
   check(!targets.empty(), "load_adapter", "{}: no VeRA weights (keys ending in .vera_lambda_b)",
         c.weights_file);
   auto sites = sites_by_path(c.model);
@@ -249,6 +248,9 @@ inline MethodEntry vera_entry() {
       "VeRA: shared frozen random matrices, two trained vectors per projection "
       "(Kopiczko et al., 2024)";
   e.default_lr = 1e-2;
+  e.option_keys = {
+      "r",    "d_initial",    "projection_prng_key", "target_modules", "layers_to_transform",
+      "bias", "vera_dropout", "fan_in_fan_out"};
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return peft::attach(model, vera_options_from_json(json, "options", "vera"));
   };
