@@ -70,15 +70,27 @@ std::string prompt_text(const Lm& lm, const std::string& prompt) {
   return lm.chat->render({{"user", prompt}}, /*add_generation_prompt=*/true);
 }
 
-// Mean loss per labelled token over `batches`.
-double evaluate(peft::models::LlamaImpl& model, const std::vector<peft::data::LmBatch>& batches) {
+// Mean loss per labelled token over `batches`. With a group, each rank scores every world-th
+// batch and the sums are added across ranks: every rank gets the same number, as it must for the
+// best checkpoint to be chosen alike.
+double evaluate(peft::models::LlamaImpl& model, const std::vector<peft::data::LmBatch>& batches,
+                const std::shared_ptr<peft::Collective>& group) {
   torch::NoGradGuard no_grad;
+  const size_t world = group ? static_cast<size_t>(group->world_size()) : 1;
+  const size_t rank = group ? static_cast<size_t>(group->rank()) : 0;
   double total = 0, tokens = 0;
-  for (const auto& b : batches) {
+  for (size_t i = rank; i < batches.size(); i += world) {
+    const auto& b = batches[i];
     const double n = b.labels.narrow(1, 1, b.labels.size(1) - 1).ne(-100).sum().item<double>();
     auto logits = model.logits(model.forward(b.input_ids, b.attention_mask));
     total += peft::models::causal_lm_loss(logits, b.labels).item<double>() * n;
     tokens += n;
+  }
+  if (group) {
+    std::vector<torch::Tensor> sums{torch::tensor({total, tokens}, torch::kDouble)};
+    group->all_reduce_sum(sums, "held-out loss");
+    total = sums[0][0].item<double>();
+    tokens = sums[0][1].item<double>();
   }
   return tokens > 0 ? total / tokens : 0.0;
 }
@@ -135,8 +147,7 @@ int train(const std::string& model_path, const TrainArgs& a) {
   peft::check(!rows.empty(), "peft-lm", "--held-out {} leaves no training examples", a.held_out);
   const int64_t pad = lm.tokenizer->pad_id();
   const size_t global_rows = rows.size();
-  // Each rank its share of every batch; every rank scores the whole held-out set (the same
-  // number everywhere, so the best checkpoint is chosen alike).
+  // Each rank its share of every batch; the held-out batches are split between the ranks.
   if (group) rows = peft::shard_for_rank(rows, world, rank);
   const auto train_batches = peft::data::lm_batches(examples, rows, a.batch_size / world, pad);
   const auto held_batches = peft::data::lm_batches(examples, held, a.batch_size, pad);
@@ -147,7 +158,7 @@ int train(const std::string& model_path, const TrainArgs& a) {
                                    {"held_out_examples", held.size()}};
   if (!held.empty()) {
     model.eval();
-    report["held_out_loss_before"] = evaluate(model, held_batches);
+    report["held_out_loss_before"] = evaluate(model, held_batches, group);
   }
   auto trainer_options =
       peft::TrainerOptions()
@@ -167,12 +178,14 @@ int train(const std::string& model_path, const TrainArgs& a) {
         auto loss = peft::models::causal_lm_loss(
             model.logits(model.forward(b.input_ids, b.attention_mask)), b.labels);
         curve.push_back(loss.item<double>());
-        return loss;
+        // The mean over the global batch's labelled tokens, whichever rank holds them.
+        const auto tokens = b.labels.narrow(1, 1, b.labels.size(1) - 1).ne(-100).sum();
+        return peft::mean_over_ranks(loss, tokens.item<int64_t>(), group.get());
       },
       trainer_options);
   if (!held.empty()) {
     trainer.evaluate_with([&] {
-      return std::map<std::string, double>{{"held_out_loss", evaluate(model, held_batches)}};
+      return std::map<std::string, double>{{"held_out_loss", evaluate(model, held_batches, group)}};
     });
   }
   if (a.resume) {
@@ -187,7 +200,7 @@ int train(const std::string& model_path, const TrainArgs& a) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!held.empty()) {
     model.eval();
-    report["held_out_loss_after"] = evaluate(model, held_batches);
+    report["held_out_loss_after"] = evaluate(model, held_batches, group);
   }
   if (group) report["processes"] = world;
   if (rank != 0) return 0;  // rank 0 writes and reports
@@ -197,6 +210,10 @@ int train(const std::string& model_path, const TrainArgs& a) {
       peft::models::save_llama_cpp_lora(model, std::filesystem::path(a.out) / "adapter.gguf");
     }
     report["saved"] = a.out;
+    // The report beside the adapter too, so that a run's numbers outlive its terminal.
+    const auto text = report.dump(2) + "\n";
+    peft::io::write_file_atomically(std::filesystem::path(a.out) / "report.json", {text},
+                                    "peft-lm");
   }
   std::cout << report.dump() << std::endl;
   return 0;

@@ -279,6 +279,20 @@ inline std::vector<double> all_reduce_sum(Collective& group, const std::vector<d
   return {p, p + values.size()};
 }
 
+/// For a loss that is the mean over this rank's `count` items (labelled tokens, say) when the
+/// ranks hold different counts: `loss` scaled by count * world / (every rank's count), so that
+/// the Trainer's averaging of gradients over the ranks gives the gradient of the mean over every
+/// rank's items, as one process with the whole batch computes it. (Averaging per-rank means
+/// instead weighs a token of a rank with few tokens more.) One all_reduce of one number: every
+/// rank must call it, once per step. Without a group or with one rank, `loss` as it is.
+inline torch::Tensor mean_over_ranks(const torch::Tensor& loss, int64_t count, Collective* group) {
+  if (group == nullptr || group->world_size() <= 1) return loss;
+  const double total =
+      all_reduce_sum(*group, {static_cast<double>(count)}, "the loss's item count").front();
+  if (total <= 0) return loss * 0.0;
+  return loss * (static_cast<double>(count) * group->world_size() / total);
+}
+
 /// Rank `root`'s metrics on every rank (the keys must be the same on every rank).
 inline std::map<std::string, double> broadcast_metrics(Collective& group,
                                                        const std::map<std::string, double>& metrics,
