@@ -574,13 +574,14 @@ inline std::map<std::string, double> split_metrics(
 inline constexpr int kExitTimings = 3;
 
 /// After an --early-exit run: peft::sweep_exit_thresholds over the first split's batches (the
-/// full model and each threshold, in one process), printed; the model keeps the fastest
-/// threshold within one point (0.01) of the full model's metric, which --output saves. Returns
-/// the report for the result line.
-inline nlohmann::ordered_json exit_sweep(
-    const Options& o, const peft::data::TaskInfo& task, const std::string& split,
-    const std::vector<Batch>& batches, torch::Device device,
-    peft::models::BertEarlyExitForSequenceClassification model) {
+/// full model and each threshold; with several processes each scores its share), printed; the model
+/// keeps the fastest threshold within one point (0.01) of the full model's metric, which --output
+/// saves. Returns the report for the result line.
+inline nlohmann::ordered_json exit_sweep(const Options& o, const peft::data::TaskInfo& task,
+                                         const std::string& split,
+                                         const std::vector<Batch>& batches, torch::Device device,
+                                         peft::models::BertEarlyExitForSequenceClassification model,
+                                         const std::shared_ptr<peft::Collective>& group) {
   const auto policy = peft::models::exit_policy_from_string(o.early_exit);
   const auto thresholds = o.exit_thresholds.empty()
                               ? peft::default_exit_thresholds(policy, model->num_layers())
@@ -591,12 +592,14 @@ inline nlohmann::ordered_json exit_sweep(
                    "each...\n",
                    thresholds.size(), thresholds.size() == 1 ? "" : "s", split, kExitTimings)
             << std::flush;
-  const auto sweep = peft::sweep_exit_thresholds(
-      *model, batches, metric, policy,
-      peft::ExitSweepOptions().thresholds(thresholds).timings(kExitTimings).device(device));
+  const auto sweep = peft::sweep_exit_thresholds(*model, batches, metric, policy,
+                                                 peft::ExitSweepOptions()
+                                                     .thresholds(thresholds)
+                                                     .timings(kExitTimings)
+                                                     .device(device)
+                                                     .collective(group));
   const auto& full = sweep.full;
-  int64_t examples = 0;
-  for (const auto& b : batches) examples += b.labels.size(0);
+  const int64_t examples = sweep.examples;
   std::cout << fmt::format(
       "early exit on {} ({} examples; time: the fastest of {} passes): full model {} {:.4f}, {} "
       "layers, {:.2f} s\n",
@@ -679,7 +682,6 @@ inline int run(const Benchmark& bench, const Options& o) {
   const int world = group ? group->world_size() : 1;
   const int rank = group ? group->rank() : 0;
   if (group) {
-    if (early_exit) fail(bench.program, "--early-exit is not supported with several processes yet");
     if (o.device != "cpu") {
       fail(bench.program,
            "--device {} with several processes needs NCCL, which peft does not support yet; "
@@ -969,7 +971,7 @@ inline int run(const Benchmark& bench, const Options& o) {
   line["peak_rss_mb"] = round_to(peak_rss_mb(), 1);
   if (early_exit) {
     line["early_exit"] = exit_sweep(o, task, eval_splits.front(), eval_batches.front().second,
-                                    device, model.early_exit);
+                                    device, model.early_exit, group);
   }
   const auto text = line.dump();
   if (rank == 0) save_result(o, model, text);

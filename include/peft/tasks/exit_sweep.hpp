@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -57,6 +58,8 @@ struct ExitSweep {
   /// Whether the chosen threshold is within the tolerance of the full model's metric (else it is
   /// the most cautious one: the most layers run).
   bool within_tolerance = false;
+  /// Examples measured per setting (over every rank with a collective).
+  int64_t examples = 0;
 
   const ExitPoint& chosen() const { return points.at(chosen_index); }
 };
@@ -72,6 +75,10 @@ struct ExitSweepOptions {
   TORCH_ARG(double, tolerance) = 0.01;
   /// Where the batches are moved before the model sees them.
   TORCH_ARG(torch::Device, device) = torch::kCPU;
+  /// With the ranks of a data-parallel run (each passing its share of the batches): metrics and
+  /// mean layers are over every rank's rows, a pass takes as long as its slowest rank, so every
+  /// rank measures the same curve and sets the same threshold. Every rank must call the sweep.
+  TORCH_ARG(std::shared_ptr<Collective>, collective) = nullptr;
 };
 
 /// Measures `model` (in eval mode, no gradients) on `batches` (each with input_ids,
@@ -86,7 +93,9 @@ ExitSweep sweep_exit_thresholds(models::BertEarlyExitForSequenceClassificationIm
                                 models::ExitPolicy policy, const ExitSweepOptions& options = {}) {
   using models::ExitPolicy;
   check(policy != ExitPolicy::None, "early_exit", "sweep_exit_thresholds needs an exit policy");
-  check(!batches.empty(), "early_exit", "sweep_exit_thresholds needs evaluation batches");
+  // With a collective a rank may hold no rows (the others do; the metric checks the total).
+  check(!batches.empty() || options.collective() != nullptr, "early_exit",
+        "sweep_exit_thresholds needs evaluation batches");
   check(options.timings() >= 1, "early_exit", "timings must be at least 1, got {}",
         options.timings());
   auto thresholds = options.thresholds().empty()
@@ -102,6 +111,7 @@ ExitSweep sweep_exit_thresholds(models::BertEarlyExitForSequenceClassificationIm
   std::vector<std::pair<ExitPolicy, double>> settings{{ExitPolicy::None, 0.0}};
   for (double t : thresholds) settings.emplace_back(policy, t);
   std::vector<ExitPoint> measured(settings.size());
+  int64_t total_examples = 0;
   auto pass = [&](size_t i) {
     model.set_exit(settings[i].first, settings[i].second);
     metrics::Accumulator scores;
@@ -114,8 +124,20 @@ ExitSweep sweep_exit_thresholds(models::BertEarlyExitForSequenceClassificationIm
       examples += r.layers.numel();
       scores.add(r.logits, raw.labels);
     }
-    const double seconds =
+    double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (const auto& group = options.collective()) {
+      scores.gather(*group);
+      std::vector<torch::Tensor> counts{torch::tensor({layers, examples}, torch::kLong)};
+      group->all_reduce_sum(counts, "the early-exit sweep's layer counts");
+      layers = counts[0][0].template item<int64_t>();
+      examples = counts[0][1].template item<int64_t>();
+      for (const auto& t : group->all_gather(torch::tensor({seconds}, torch::kDouble),
+                                             "the early-exit sweep's timings")) {
+        seconds = std::max(seconds, t[0].template item<double>());
+      }
+    }
+    total_examples = examples;
     auto& p = measured[i];
     p.threshold = settings[i].second;
     p.metric = scores.compute({metric}).at(metric);
@@ -147,6 +169,7 @@ ExitSweep sweep_exit_thresholds(models::BertEarlyExitForSequenceClassificationIm
     }
   }
   out.within_tolerance = found;
+  out.examples = total_examples;
   model.set_exit(policy, out.chosen().threshold);
   return out;
 }
