@@ -13,12 +13,14 @@
 #include <torch/torch.h>
 
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstring>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -399,6 +401,33 @@ TEST_CASE("checkpoint loading refuses mismatches and changes nothing", "[checkpo
     CHECK_THROWS_WITH(peft::load_checkpoint(ck, *match, &match_opt),
                       Contains("optimizer.pt does not fit the optimizer"));
   }
+  // torch's Optimizer::load() takes any tensors the archive holds: moments of another shape or
+  // with NaN are refused at load (naming the parameter), not at the next step.
+  auto write_optimizer = [&](torch::optim::AdamW& o) {
+    torch::serialize::OutputArchive archive;
+    o.save(archive);
+    archive.save_to((ck / "optimizer.pt").string());
+  };
+  const auto first = peft::trainable_parameters(*net).front();
+  SECTION("an optimizer.pt whose moment has another shape is refused") {
+    adam_state(opt, first).exp_avg(torch::zeros({3}));
+    write_optimizer(opt);
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *match, &match_opt),
+                      Contains("optimizer.pt does not fit the optimizer") &&
+                          Contains("parameter 0 of group 0") && Contains("exp_avg is Float [3]"));
+  }
+  SECTION("an optimizer.pt whose moment holds NaN is refused") {
+    adam_state(opt, first).exp_avg_sq().fill_(std::numeric_limits<float>::quiet_NaN());
+    write_optimizer(opt);
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *match, &match_opt),
+                      Contains("its exp_avg_sq holds NaN or infinity"));
+  }
+  SECTION("an optimizer.pt with a negative step is refused") {
+    adam_state(opt, first).step(-5);
+    write_optimizer(opt);
+    CHECK_THROWS_WITH(peft::load_checkpoint(ck, *match, &match_opt),
+                      Contains("step -5 is negative"));
+  }
   SECTION("a fitting checkpoint loads (the control)") {
     peft::load_checkpoint(ck, *match, &match_opt, /*restore_rng=*/false);
     for (const auto& [name, p] : peft::named_trainable_parameters(*match)) {
@@ -487,6 +516,88 @@ struct FileSizeLimit {
 };
 
 }  // namespace
+
+namespace {
+
+// A tmpfs of `bytes` mounted at `path` while alive (unmounted after, whatever it holds); empty()
+// says why when the system refused (mounting needs root and CAP_SYS_ADMIN).
+struct SmallFilesystem {
+  fs::path path;
+  std::string refused;
+  SmallFilesystem(const fs::path& where, int64_t bytes) : path(where) {
+    fs::create_directories(path);
+    const std::string options = "size=" + std::to_string(bytes) + ",mode=0700";
+    if (::geteuid() != 0) {
+      refused = "not root";
+    } else if (::mount("tmpfs", path.c_str(), "tmpfs", 0, options.c_str()) != 0) {
+      refused = std::strerror(errno);
+    }
+  }
+  ~SmallFilesystem() {
+    if (refused.empty()) ::umount2(path.c_str(), MNT_DETACH);
+  }
+  SmallFilesystem(const SmallFilesystem&) = delete;
+  SmallFilesystem& operator=(const SmallFilesystem&) = delete;
+};
+
+}  // namespace
+
+TEST_CASE("a really full disk (ENOSPC on a small tmpfs): a clear error, nothing lost",
+          "[checkpoint]") {
+  TempDir dir;
+  const SmallFilesystem small(dir.path / "small", 512 * 1024);
+  if (!small.refused.empty()) {
+    WARN("skipped: cannot mount a tmpfs here (" << small.refused
+                                                << "); the RLIMIT_FSIZE test covers the writers");
+    return;
+  }
+  const auto ck = small.path / "ck";
+  auto net = make_net();
+  const auto saved = snapshot(*net);
+  peft::TrainingState state;
+  state.global_step = 3;
+  peft::save_checkpoint(ck, *net, nullptr, state);
+  const auto tensors = small.path / "weights.safetensors";
+  peft::io::save_safetensors(tensors, {{"w", torch::arange(4, torch::kFloat)}});
+  // Fill what is left, a page at a time, until the system says the device is full.
+  {
+    std::FILE* filler = std::fopen((small.path / "filler").c_str(), "wb");
+    REQUIRE(filler != nullptr);
+    const std::string page(4096, 'x');
+    while (std::fwrite(page.data(), 1, page.size(), filler) == page.size() &&
+           std::fflush(filler) == 0) {
+    }
+    std::fclose(filler);
+  }
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : peft::trainable_parameters(*net)) p.add_(1.0);
+  }
+  state.global_step = 4;
+  CHECK_THROWS_WITH(peft::save_checkpoint(ck, *net, nullptr, state),
+                    Contains(ck.string()) && Contains("No space left on device"));
+  CHECK_THROWS_WITH(
+      peft::io::save_safetensors(tensors, {{"w", torch::zeros({1000}, torch::kFloat)}}),
+      Contains("weights.safetensors") && Contains("No space left on device"));
+  // Nothing half-written is left, and the earlier versions are whole.
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(small.path))
+    names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  CHECK(names == std::vector<std::string>{"ck", "filler", "weights.safetensors"});
+  CHECK(peft::read_checkpoint_state(ck).global_step == 3);
+  auto fresh = make_net(8);
+  peft::load_checkpoint(ck, *fresh, nullptr, false);
+  for (const auto& [name, p] : peft::named_trainable_parameters(*fresh)) {
+    CHECK(torch::equal(p, saved.at(name)));
+  }
+  CHECK(torch::equal(peft::io::load_safetensors(tensors).at(0).second,
+                     torch::arange(4, torch::kFloat)));
+  // With room again, the same save goes through (the control).
+  fs::remove(small.path / "filler");
+  peft::save_checkpoint(ck, *net, nullptr, state);
+  CHECK(peft::read_checkpoint_state(ck).global_step == 4);
+}
 
 TEST_CASE("a full disk while saving: a clear error, the previous checkpoint and file intact",
           "[checkpoint]") {

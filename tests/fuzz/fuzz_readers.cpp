@@ -15,8 +15,10 @@
 //   glue, clue   bytes as a data file of the task the first byte picks, with or without labels
 //                (TSV or JSON lines)
 //   checkpoint   a training checkpoint folder of which one file is the bytes (the first byte
-//                picks which): loaded into a tiny BERT with LoRA, which, with the random
-//                generator, must be left exactly as it was when loading fails
+//                picks which; with its high bit set the checkpoint has AdamW's optimizer.pt):
+//                loaded into a tiny BERT with LoRA (and a fresh AdamW), which, with the random
+//                generator and the optimizer, must be left exactly as it was when loading
+//                fails; an optimizer that loaded must then take a step
 //
 // A reader must return or throw peft::Error: any other exception, a crash, a sanitizer report,
 // a hang (-timeout) or an allocation beyond -malloc_limit_mb is a finding. scripts/fuzz.sh runs
@@ -55,6 +57,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -223,52 +226,95 @@ void fuzz_task_file(std::string_view bytes, const std::vector<std::string>& task
   (void)read_file(task, path, peft::data::ReadOptions().labeled((selector & 0x80) == 0));
 }
 
-// A valid checkpoint folder of tiny_lora_model(), saved once: file name -> bytes.
-const std::map<std::string, std::string>& valid_checkpoint() {
-  static const auto files = [] {
+// AdamW over the trainable parameters of `model`, as the Trainer makes it.
+torch::optim::AdamW tiny_optimizer(torch::nn::Module& model) {
+  return torch::optim::AdamW(peft::trainable_parameters(model),
+                             torch::optim::AdamWOptions(1e-3).weight_decay(0.01));
+}
+
+// One optimizer step on a fixed batch; a state that does not fit its parameter throws here.
+void take_step(peft::models::BertForSequenceClassification& model, torch::optim::AdamW& optimizer) {
+  optimizer.zero_grad();
+  const auto ids = torch::tensor({{2, 5, 7, 3}}, torch::kLong);
+  model->forward(ids, torch::ones_like(ids)).sum().backward();
+  optimizer.step();
+}
+
+// A valid checkpoint folder of tiny_lora_model(), saved once, without and with AdamW's state
+// after one step: file name -> bytes.
+const std::map<std::string, std::string>& valid_checkpoint(bool with_optimizer) {
+  auto make = [](bool optimizer) {
     auto model = tiny_lora_model();
-    torch::NoGradGuard no_grad;
-    for (auto& p : peft::trainable_parameters(*model)) p.normal_(0.0, 0.3);
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : peft::trainable_parameters(*model)) p.normal_(0.0, 0.3);
+    }
+    auto adamw = tiny_optimizer(*model);
+    if (optimizer) take_step(model, adamw);
     peft::TrainingState state;
     state.global_step = 3;
     state.total_steps = 10;
     state.batches_per_epoch = 5;
     state.last_metrics["accuracy"] = 0.5;
-    const auto dir = work_dir() / "valid_checkpoint";
-    peft::save_checkpoint(dir, *model, nullptr, state);
+    const auto dir = work_dir() / (optimizer ? "valid_checkpoint_adamw" : "valid_checkpoint");
+    peft::save_checkpoint(dir, *model, optimizer ? &adamw : nullptr, state);
     std::map<std::string, std::string> out;
     for (const auto& entry : fs::directory_iterator(dir)) {
       out[entry.path().filename().string()] = slurp(entry.path());
     }
     return out;
-  }();
-  return files;
+  };
+  static const auto plain = make(false);
+  static const auto adamw = make(true);
+  return with_optimizer ? adamw : plain;
+}
+
+// The optimizer's state as bytes (its archive), to compare before and after.
+std::string optimizer_bytes(const torch::optim::Optimizer& optimizer) {
+  torch::serialize::OutputArchive archive;
+  optimizer.save(archive);
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
 }
 
 void fuzz_checkpoint(std::string_view bytes) {
-  const auto& valid = valid_checkpoint();
   if (bytes.empty()) return;
-  // The first byte picks the file replaced by the rest of the input.
+  // The first byte: its high bit picks the checkpoint with an optimizer, the rest the file
+  // replaced by the rest of the input.
+  const auto selector = static_cast<unsigned char>(bytes[0]);
+  const bool with_optimizer = (selector & 0x80) != 0;
+  const auto& valid = valid_checkpoint(with_optimizer);
   auto fuzzed = valid.begin();
-  std::advance(fuzzed, static_cast<unsigned char>(bytes[0]) % valid.size());
+  std::advance(fuzzed, (selector & 0x7f) % valid.size());
   bytes.remove_prefix(1);
   const auto dir = fresh("checkpoint");
   for (const auto& [name, content] : valid) {
     write(dir / name, name == fuzzed->first ? bytes : std::string_view(content));
   }
   auto model = tiny_lora_model();
+  auto adamw = tiny_optimizer(*model);
   const auto before = snapshot(*model);
+  const auto optimizer_before = optimizer_bytes(adamw);
   const auto rng_before = at::detail::getDefaultCPUGenerator().get_state();
   try {
-    (void)peft::load_checkpoint(dir, *model, nullptr, /*restore_rng=*/true);
+    (void)peft::load_checkpoint(dir, *model, with_optimizer ? &adamw : nullptr,
+                                /*restore_rng=*/true);
   } catch (const peft::Error&) {
     check_unchanged(*model, before, "load_checkpoint");
     if (!torch::equal(at::detail::getDefaultCPUGenerator().get_state(), rng_before)) {
       std::fprintf(stderr, "fuzz: a failed load_checkpoint changed the generator state\n");
       std::abort();
     }
+    if (optimizer_bytes(adamw) != optimizer_before) {
+      std::fprintf(stderr, "fuzz: a failed load_checkpoint changed the optimizer\n");
+      std::abort();
+    }
     throw;
   }
+  // What loaded must train: a state that does not fit its parameter would throw c10::Error here
+  // (a finding: load_checkpoint must refuse it).
+  if (with_optimizer) take_step(model, adamw);
 }
 
 // Seeds that only peft's own writers make: written under `dir`/<target>/ for the targets
@@ -292,9 +338,12 @@ void write_seeds(const fs::path& dir) {
                              {{"format", "pt"}});
   write(dir / "adapter" / "config", std::string(1, '\0') + config);
   write(dir / "adapter" / "tensors", std::string(1, '\1') + tensors);
-  int i = 0;
-  for (const auto& [name, content] : valid_checkpoint()) {
-    write(dir / "checkpoint" / name, std::string(1, static_cast<char>(i++)) + content);
+  for (const bool optimizer : {false, true}) {
+    int i = optimizer ? 0x80 : 0;
+    for (const auto& [name, content] : valid_checkpoint(optimizer)) {
+      write(dir / "checkpoint" / ((optimizer ? "adamw_" : "") + name),
+            std::string(1, static_cast<char>(i++)) + content);
+    }
   }
   // The test suite's GLUE and CLUE samples, each behind the byte that picks its task.
   const char* data = std::getenv("PEFT_FUZZ_DATA");

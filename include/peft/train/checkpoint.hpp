@@ -20,6 +20,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Generator.h>
 #include <torch/nn/module.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
@@ -43,7 +45,9 @@
 #include <optional>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -56,6 +60,7 @@
 #include <peft/core/error.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/detail/json.hpp>
+#include <peft/detail/shape.hpp>
 #include <peft/io/safetensors.hpp>
 #include <peft/train/schedule.hpp>
 
@@ -370,6 +375,80 @@ inline TrainingState read_checkpoint_state(const std::filesystem::path& dir) {
   return detail::state_from_json(detail::read_manifest(dir).at("state"));
 }
 
+namespace detail {
+
+/// Throws std::runtime_error when a loaded Adam or AdamW state does not fit its parameter:
+/// torch's Optimizer::load() takes whatever tensors the archive holds, so a moment of another
+/// shape or dtype would only fail (or broadcast) at the next step, and a NaN would spread into
+/// the weights. Other optimizers' states are not checked.
+/// The key of parameter `p` in an optimizer's state map: its TensorImpl's address, which
+/// LibTorch 1.13 writes as a string and 2.x keeps as a pointer.
+template <class Map>
+typename Map::key_type optimizer_state_key(const torch::Tensor& p) {
+  using Key = typename Map::key_type;
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream address;
+    address << static_cast<const void*>(p.unsafeGetTensorImpl());
+    return address.str();
+  } else {
+    return p.unsafeGetTensorImpl();
+  }
+}
+
+inline void check_optimizer_state(torch::optim::Optimizer& optimizer) {
+  auto& state = optimizer.state();
+  using Map = std::decay_t<decltype(state)>;
+  size_t g = 0;
+  for (auto& group : optimizer.param_groups()) {
+    size_t i = 0;
+    for (auto& p : group.params()) {
+      auto it = state.find(optimizer_state_key<Map>(p));
+      if (it == state.end()) {
+        ++i;
+        continue;
+      }
+      auto moment = [&](const torch::Tensor& t, const char* name, bool required) {
+        if (!t.defined()) {
+          if (!required) return;
+          throw std::runtime_error(
+              fmt::format("parameter {} of group {} has no {} in its state", i, g, name));
+        }
+        if (t.sizes() != p.sizes() || t.scalar_type() != p.scalar_type()) {
+          throw std::runtime_error(fmt::format("parameter {} of group {} ({} {}): its {} is {} {}",
+                                               i, g, c10::toString(p.scalar_type()),
+                                               shape(p.sizes()), name,
+                                               c10::toString(t.scalar_type()), shape(t.sizes())));
+        }
+        if (!at::isfinite(t).all().item<bool>()) {
+          throw std::runtime_error(
+              fmt::format("parameter {} of group {}: its {} holds NaN or infinity", i, g, name));
+        }
+      };
+      auto step = [&](int64_t value) {
+        if (value < 0) {
+          throw std::runtime_error(
+              fmt::format("parameter {} of group {}: step {} is negative", i, g, value));
+        }
+      };
+      if (auto* s = dynamic_cast<torch::optim::AdamWParamState*>(it->second.get())) {
+        step(s->step());
+        moment(s->exp_avg(), "exp_avg", true);
+        moment(s->exp_avg_sq(), "exp_avg_sq", true);
+        moment(s->max_exp_avg_sq(), "max_exp_avg_sq", false);
+      } else if (auto* s = dynamic_cast<torch::optim::AdamParamState*>(it->second.get())) {
+        step(s->step());
+        moment(s->exp_avg(), "exp_avg", true);
+        moment(s->exp_avg_sq(), "exp_avg_sq", true);
+        moment(s->max_exp_avg_sq(), "max_exp_avg_sq", false);
+      }
+      ++i;
+    }
+    ++g;
+  }
+}
+
+}  // namespace detail
+
 /// Restores the checkpoint in `dir` into `module`'s trainable parameters, `optimizer` (when not
 /// null) and, with `restore_rng`, the default CPU generator (rank `rank`'s state, in a run of
 /// several processes), and returns its TrainingState.
@@ -458,6 +537,7 @@ inline TrainingState load_checkpoint(const std::filesystem::path& dir, torch::nn
       // was; the checkpoint says they have none.
       optimizer->state().clear();
       optimizer->load(archive);
+      detail::check_optimizer_state(*optimizer);
     } catch (const c10::Error& e) {
       problem = e.what_without_backtrace();
     } catch (const std::exception& e) {
