@@ -165,6 +165,76 @@ TEST_CASE("Bert::from_pretrained reports missing files, tensors and wrong shapes
                  Catch::Contains("[8]"));
 }
 
+TEST_CASE("A sharded checkpoint (model.safetensors.index.json) loads like one file", "[bert]") {
+  TempDir whole, sharded;
+  torch::manual_seed(3);
+  const auto weights = tiny_weights();
+  write_folder(whole.path, tiny_config(), weights);
+  // What transformers' save_pretrained(max_shard_size=...) writes: the tensors split between
+  // files, and an index naming each tensor's file.
+  std::ofstream(sharded.path / "config.json") << tiny_config().dump(2);
+  std::vector<std::pair<std::string, torch::Tensor>> first, second;
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}},
+                          {"weight_map", nlohmann::json::object()}};
+  size_t i = 0;
+  for (const auto& [name, t] : weights) {
+    const bool in_first = i++ % 2 == 0;
+    (in_first ? first : second).emplace_back(name, t);
+    index["weight_map"][name] =
+        in_first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  peft::io::save_safetensors(sharded.path / "model-00001-of-00002.safetensors", first);
+  peft::io::save_safetensors(sharded.path / "model-00002-of-00002.safetensors", second);
+  auto write_index = [&](const nlohmann::json& j) {
+    std::ofstream(sharded.path / "model.safetensors.index.json", std::ios::trunc) << j.dump(2);
+  };
+  write_index(index);
+
+  auto expected = peft::models::Bert::from_pretrained(whole.path);
+  auto model = peft::models::Bert::from_pretrained(sharded.path);
+  auto want = expected->named_parameters();
+  for (const auto& p : model->named_parameters()) {
+    INFO(p.key());
+    CHECK(torch::equal(p.value(), want[p.key()]));
+  }
+
+  // A bad index is refused, naming the index and the shard.
+  const std::string index_file = (sharded.path / "model.safetensors.index.json").string();
+  auto bad = index;
+  bad["weight_map"]["bert.embeddings.LayerNorm.weight"] = "model-00003-of-00002.safetensors";
+  write_index(bad);
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(sharded.path); }),
+             Catch::Contains(index_file) && Catch::Contains("model-00003-of-00002.safetensors") &&
+                 Catch::Contains("not found"));
+  bad = index;
+  bad["weight_map"]["bert.embeddings.LayerNorm.weight"] = "../model-00001-of-00002.safetensors";
+  write_index(bad);
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(sharded.path); }),
+             Catch::Contains("must be a file name in the index's folder"));
+  bad = index;
+  const std::string other =
+      bad["weight_map"]["bert.embeddings.LayerNorm.weight"] == "model-00001-of-00002.safetensors"
+          ? "model-00002-of-00002.safetensors"
+          : "model-00001-of-00002.safetensors";
+  bad["weight_map"]["bert.embeddings.LayerNorm.weight"] = other;
+  write_index(bad);
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(sharded.path); }),
+             Catch::Contains("puts \"bert.embeddings.LayerNorm.weight\" in") &&
+                 Catch::Contains("which does not hold it"));
+  bad = index;
+  bad["weight_map"].erase("bert.embeddings.LayerNorm.weight");
+  write_index(bad);
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(sharded.path); }),
+             Catch::Contains(index_file) &&
+                 Catch::Contains("missing tensor \"bert.embeddings.LayerNorm.weight\""));
+  write_index(nlohmann::json{{"weight_map", {}}});
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(sharded.path); }),
+             Catch::Contains("non-empty \"weight_map\""));
+  std::ofstream(sharded.path / "model.safetensors.index.json", std::ios::trunc) << "{not json";
+  CHECK_THAT(error_of([&] { peft::models::Bert::from_pretrained(sharded.path); }),
+             Catch::Contains(index_file) && Catch::Contains("is not valid JSON"));
+}
+
 TEST_CASE("from_pretrained's adjust edits the config before the model is built", "[bert]") {
   TempDir dir;
   write_folder(dir.path, tiny_config(), tiny_weights());

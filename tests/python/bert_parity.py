@@ -6,7 +6,10 @@ Usage: bert_parity.py <path to peft_bert_tool>
 Tokenizes a padded batch of single sentences and a padded batch of sentence pairs with
 transformers' tokenizer, runs BertModel (eval, fp32) and peft_bert_tool on the same ids, and
 requires the last hidden states to agree within 1e-4 at every position, padding included (both
-compute padded positions the same way: they attend to the real tokens only).
+compute padded positions the same way: they attend to the real tokens only). Then saves the model
+with save_pretrained(max_shard_size="20MB") (model.safetensors.index.json and its shards, as
+transformers writes a large checkpoint) and requires peft's load of that folder to give the same
+hidden states.
 Prints "parity: bert passed" and exits 0 only when everything matches.
 """
 
@@ -80,6 +83,31 @@ def main():
                   f"(real tokens {diff_real:.3g})")
             if not diff <= TOLERANCE:
                 failed = True
+        # The same model saved as shards: peft reads model.safetensors.index.json.
+        sharded = os.path.join(tmp, "sharded")
+        model.save_pretrained(sharded, max_shard_size="20MB", safe_serialization=True)
+        files = sorted(os.listdir(sharded))
+        shards = [f for f in files if f.endswith(".safetensors")]
+        if "model.safetensors.index.json" not in files or len(shards) < 2:
+            print(f"parity: sharded: expected an index and several shards, got {files}")
+            failed = True
+        else:
+            inputs = {k: batches["singles"][k].to(torch.int64).contiguous()
+                      for k in ("input_ids", "attention_mask", "token_type_ids")}
+            src, out = os.path.join(tmp, "sharded.in"), os.path.join(tmp, "sharded.out")
+            save_file(inputs, src)
+            run = subprocess.run([tool, "hidden", sharded, src, out], capture_output=True,
+                                 text=True)
+            if run.returncode != 0:
+                print(f"parity: sharded: peft_bert_tool failed: {run.stderr.strip()}")
+                failed = True
+            else:
+                with torch.no_grad():
+                    ref = model(**inputs).last_hidden_state
+                diff = (load_file(out)["hidden"] - ref).abs().max().item()
+                print(f"parity: sharded ({len(shards)} shards): max abs diff {diff:.3g}")
+                if not diff <= TOLERANCE:
+                    failed = True
     if failed:
         sys.exit("parity: FAILED")
     print("parity: bert passed")

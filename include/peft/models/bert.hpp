@@ -28,6 +28,7 @@
 #include <peft/detail/shape.hpp>
 #include <peft/io/hf_config.hpp>
 #include <peft/io/safetensors.hpp>
+#include <peft/io/sharded.hpp>
 #include <peft/nn/encoder.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -94,8 +95,9 @@ class BertImpl : public torch::nn::Module, public HubModel {
     freeze(*this);
   }
 
-  /// Loads `folder/config.json` and `folder/model.safetensors` (a Hugging Face BertModel,
-  /// BertFor*, RobertaModel or RobertaFor* checkpoint) into a frozen model. `adjust`, when given,
+  /// Loads `folder/config.json` and `folder/model.safetensors` (or the shards that
+  /// `model.safetensors.index.json` lists) of a Hugging Face BertModel, BertFor*, RobertaModel
+  /// or RobertaFor* checkpoint into a frozen model. `adjust`, when given,
   /// edits the config before the model is built, as transformers' `from_pretrained(folder,
   /// **kwargs)` does: dropout rates, or fewer layers (num_hidden_layers: the first ones are
   /// loaded and the rest of the checkpoint ignored). The adjusted config is checked again; a
@@ -113,25 +115,19 @@ class BertImpl : public torch::nn::Module, public HubModel {
       adjust(config);
       config.validate(config_file.string() + " as adjusted");
     }
-    const auto weights = folder / "model.safetensors";
-    if (!fs::exists(weights)) {
-      check(!fs::exists(folder / "pytorch_model.bin"), "models::bert",
-            "{} has only pytorch_model.bin; peft reads safetensors only (convert it with "
-            "safetensors.torch.save_file or save_pretrained(safe_serialization=True))",
-            folder.string());
-      fail("models::bert", "{} not found", weights.string());
-    }
+    const auto weights = io::SafetensorsCheckpoint::find(folder, "models::bert");
     auto model = std::make_shared<BertImpl>(config);
     model->load_weights(weights);
     return model;
   }
 
-  /// Copies a Hugging Face checkpoint's tensors into the frozen weights. Names may carry a
+  /// Copies a Hugging Face checkpoint's tensors (a .safetensors file, or a
+  /// model.safetensors.index.json and its shards) into the frozen weights. Names may carry a
   /// "bert." or "roberta." prefix; other tensors in the file (heads, buffers) are ignored. Every
   /// expected tensor is checked before anything is copied: a missing one or a wrong shape throws
   /// peft::Error naming the key and both shapes, and the model is left as it was.
   void load_weights(const std::filesystem::path& file) {
-    io::SafetensorsFile st(file);
+    const io::SafetensorsCheckpoint st(file);
     std::string prefix;
     for (const char* p : {"bert.", "roberta."}) {
       if (st.contains(std::string(p) + "embeddings.word_embeddings.weight")) prefix = p;

@@ -43,6 +43,7 @@
 #include <peft/io/gguf.hpp>
 #include <peft/io/hf_config.hpp>
 #include <peft/io/safetensors.hpp>
+#include <peft/io/sharded.hpp>
 #include <peft/nn/linear.hpp>
 
 PEFT_NAMESPACE_BEGIN
@@ -373,8 +374,8 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
     freeze(*this);
   }
 
-  /// Loads a GGUF file (`*.gguf`) or a Hugging Face folder (config.json + model.safetensors)
-  /// into a frozen model.
+  /// Loads a GGUF file (`*.gguf`) or a Hugging Face folder (config.json + model.safetensors, or
+  /// its shards and model.safetensors.index.json) into a frozen model.
   static std::shared_ptr<LlamaImpl> from_pretrained(const std::filesystem::path& path) {
     namespace fs = std::filesystem;
     check(fs::exists(path), "models::llama", "{} does not exist", path.string());
@@ -390,7 +391,7 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
         LlamaConfig::from_json(io::read_json(config_file, "models::llama"), config_file.string());
     config.name_or_path = path.string();
     auto model = std::make_shared<LlamaImpl>(config);
-    model->load_safetensors(path / "model.safetensors");
+    model->load_safetensors(io::SafetensorsCheckpoint::find(path, "models::llama"));
     return model;
   }
 
@@ -417,9 +418,10 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
     for (auto& [target, source] : copies) target.copy_(source());
   }
 
-  /// Copies a Hugging Face safetensors checkpoint (LlamaForCausalLM names) into the weights.
+  /// Copies a Hugging Face safetensors checkpoint (LlamaForCausalLM names; one file, or a
+  /// model.safetensors.index.json and its shards) into the weights.
   void load_safetensors(const std::filesystem::path& file) {
-    io::SafetensorsFile st(file);
+    const io::SafetensorsCheckpoint st(file);
     std::vector<std::pair<torch::Tensor, std::string>> copies;
     for (auto& [name, target] : hub_weight_map()) {
       check(st.contains(name), "models::llama", "{}: missing tensor \"{}\" (expected shape {})",
