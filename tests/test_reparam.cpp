@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <set>
 #include <string>
 
@@ -316,4 +317,18 @@ TEST_CASE("Each method declares the option keys it reads, and attach refuses any
       peft::attach(*model, "lora", {{"target_modules", {"query"}}, {"layers_to_transform", 1}});
   REQUIRE(sites.size() == 1);
   CHECK(sites[0].find("1") != std::string::npos);
+  // A file Python saved with the regular-expression form still loads: its tensor keys name the
+  // modules.
+  testing::TempDir dir;
+  peft::save_adapter(*model, dir.path);
+  {
+    auto saved = peft::io::read_json(dir.path / "adapter_config.json");
+    saved["target_modules"] = ".*query";
+    std::ofstream(dir.path / "adapter_config.json", std::ios::trunc) << saved.dump();
+  }
+  peft::models::Bert fresh(config);
+  peft::load_adapter(*fresh, dir.path);
+  const auto loaded = peft::attached_methods(*fresh);
+  REQUIRE(loaded.size() == 1);
+  CHECK(loaded[0].first == sites[0]);
 }

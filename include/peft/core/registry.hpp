@@ -22,6 +22,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -310,15 +311,18 @@ inline std::vector<std::string> file_sites(const LoadContext& c, const std::stri
 
 /// Sets the targets and layers of `options` from a config's `target_modules` (a list of module
 /// names) and `layers_to_transform` (a list of layer indices, or one index); missing or null
-/// leaves the defaults. Anything else throws from `where`, naming `file`: Hugging Face's regular
-/// expression form of `target_modules` (a string) is refused rather than ignored.
+/// leaves the defaults. Hugging Face's regular-expression form of `target_modules` (a string) is
+/// refused when attaching from options, so that it is not silently replaced by the defaults;
+/// in a file being loaded (`where` "load_adapter") it is ignored, as the file's tensor keys name
+/// the modules that carry the method. Other mistyped values throw from `where`, naming `file`.
 template <class Options>
 void targets_from_json(const nlohmann::json& config, Options& options, const std::string& file,
                        const char* where) {
   KeyLog::note("target_modules");
   KeyLog::note("layers_to_transform");
   auto targets = config.find("target_modules");
-  if (targets != config.end() && !targets->is_null()) {
+  const bool loading = std::string_view(where) == "load_adapter";
+  if (targets != config.end() && !targets->is_null() && !(loading && targets->is_string())) {
     check(targets->is_array(), where,
           "{}: \"target_modules\" must be a list of module names, got {} (a regular expression "
           "or \"all-linear\" is not supported)",
