@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Compares numbers of two JSON reports (peft-lm's report.json), with the standard library only.
+"""Compares numbers of two JSON reports (peft-lm's report.json, peft-glue's result.json), with the
+standard library only.
 
     compare_reports.py A B TOLERANCE KEY [KEY ...]
 
-Each KEY (a dotted path for a nested value: early_exit.full_accuracy) must be a number in both
+Each KEY (a dotted path for a nested value, a number for a list's item: early_exit.curve.1.accuracy)
+must be a number in both
 files, and the two must differ by at most TOLERANCE. Prints each pair. Exit status 0 when all hold, 1 otherwise, 2 on unreadable input or a missing key.
 """
 import json
@@ -22,9 +24,12 @@ def read(path):
 def lookup(report, key):
     value = report
     for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
             return None
-        value = value[part]
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 

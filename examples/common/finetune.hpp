@@ -109,8 +109,9 @@ struct Options {
   bool lora_rslora = false;
   /// LoRA+: B matrices learn at lr times this (0: at lr, like A).
   double lora_plus_ratio = 0;
-  /// --method-options: JSON options of the method (the keys of its adapter_config.json; see its
-  /// header), e.g. {"r": 4, "alpha": 8}; they win over the method's flags (method_flags()).
+  /// --method-options: JSON options of the method (the keys its registry entry lists, named as in
+  /// its adapter_config.json), e.g. {"r": 4, "lora_alpha": 8}; they win over the method's flags
+  /// (method_flags()).
   std::string method_options = "{}";
   // Bottleneck adapters
   std::string adapter_kind = "houlsby", adapter_activation = "relu";
@@ -1003,9 +1004,10 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->check(CLI::IsMember(available_methods()))
       ->default_str("recipe");
   app.add_option("--method-options", o.method_options,
-                 "JSON options of the method: its adapter_config.json keys, e.g. '{\"r\": 4}' "
-                 "(see its header); they win over the method's flags, which fill the keys left "
-                 "out (--lora-* for every method that reads r, lora_alpha, ...)");
+                 "JSON options of the method, e.g. '{\"r\": 4}': the keys its registry entry "
+                 "lists (its adapter_config.json names; any other key is refused); they win "
+                 "over the method's flags, which fill the keys left out (--lora-* for every "
+                 "method that reads r, lora_alpha, ...)");
   app.add_option("--epochs", o.epochs, "passes over the training data")
       ->check(CLI::PositiveNumber)
       ->default_str("recipe");

@@ -175,12 +175,15 @@ int train(const std::string& model_path, const TrainArgs& a) {
   peft::Trainer<peft::data::LmBatch> trainer(
       lm.model,
       [&](const peft::data::LmBatch& b) {
-        auto loss = peft::models::causal_lm_loss(
-            model.logits(model.forward(b.input_ids, b.attention_mask)), b.labels);
+        auto logits = model.logits(model.forward(b.input_ids, b.attention_mask));
+        // The mean over the global batch's labelled tokens, whichever rank holds them; a batch
+        // without any (all cut by --max-length) contributes a zero, not cross-entropy's NaN.
+        const auto tokens =
+            b.labels.narrow(1, 1, b.labels.size(1) - 1).ne(-100).sum().item<int64_t>();
+        auto loss =
+            tokens > 0 ? peft::models::causal_lm_loss(logits, b.labels) : logits.sum() * 0.0;
         curve.push_back(loss.item<double>());
-        // The mean over the global batch's labelled tokens, whichever rank holds them.
-        const auto tokens = b.labels.narrow(1, 1, b.labels.size(1) - 1).ne(-100).sum();
-        return peft::mean_over_ranks(loss, tokens.item<int64_t>(), group.get());
+        return peft::mean_over_ranks(loss, tokens, group.get());
       },
       trainer_options);
   if (!held.empty()) {

@@ -377,7 +377,9 @@ inline TrainingState read_checkpoint_state(const std::filesystem::path& dir) {
 
 namespace detail {
 
-/// Throws std::runtime_error when a loaded Adam or AdamW state does not fit its parameter:
+/// Throws std::runtime_error when a loaded Adam or AdamW state does not fit its parameter
+/// (moments of another shape, dtype or device, NaN or infinity, a negative step, AMSGrad without
+/// max_exp_avg_sq):
 /// torch's Optimizer::load() takes whatever tensors the archive holds, so a moment of another
 /// shape or dtype would only fail (or broadcast) at the next step, and a NaN would spread into
 /// the weights. Other optimizers' states are not checked.
@@ -402,6 +404,11 @@ inline void check_optimizer_state(torch::optim::Optimizer& optimizer) {
   for (auto& group : optimizer.param_groups()) {
     size_t i = 0;
     for (auto& p : group.params()) {
+      // AMSGrad's step reads max_exp_avg_sq, which a state saved without it lacks.
+      const auto* adamw_options = dynamic_cast<const torch::optim::AdamWOptions*>(&group.options());
+      const auto* adam_options = dynamic_cast<const torch::optim::AdamOptions*>(&group.options());
+      const bool amsgrad = (adamw_options != nullptr && adamw_options->amsgrad()) ||
+                           (adam_options != nullptr && adam_options->amsgrad());
       auto it = state.find(optimizer_state_key<Map>(p));
       if (it == state.end()) {
         ++i;
@@ -413,11 +420,12 @@ inline void check_optimizer_state(torch::optim::Optimizer& optimizer) {
           throw std::runtime_error(
               fmt::format("parameter {} of group {} has no {} in its state", i, g, name));
         }
-        if (t.sizes() != p.sizes() || t.scalar_type() != p.scalar_type()) {
-          throw std::runtime_error(fmt::format("parameter {} of group {} ({} {}): its {} is {} {}",
-                                               i, g, c10::toString(p.scalar_type()),
-                                               shape(p.sizes()), name,
-                                               c10::toString(t.scalar_type()), shape(t.sizes())));
+        if (t.sizes() != p.sizes() || t.scalar_type() != p.scalar_type() ||
+            t.device() != p.device()) {
+          throw std::runtime_error(
+              fmt::format("parameter {} of group {} ({} {} on {}): its {} is {} {} on {}", i, g,
+                          c10::toString(p.scalar_type()), shape(p.sizes()), p.device().str(), name,
+                          c10::toString(t.scalar_type()), shape(t.sizes()), t.device().str()));
         }
         if (!at::isfinite(t).all().item<bool>()) {
           throw std::runtime_error(
@@ -434,12 +442,12 @@ inline void check_optimizer_state(torch::optim::Optimizer& optimizer) {
         step(s->step());
         moment(s->exp_avg(), "exp_avg", true);
         moment(s->exp_avg_sq(), "exp_avg_sq", true);
-        moment(s->max_exp_avg_sq(), "max_exp_avg_sq", false);
+        moment(s->max_exp_avg_sq(), "max_exp_avg_sq", amsgrad);
       } else if (auto* s = dynamic_cast<torch::optim::AdamParamState*>(it->second.get())) {
         step(s->step());
         moment(s->exp_avg(), "exp_avg", true);
         moment(s->exp_avg_sq(), "exp_avg_sq", true);
-        moment(s->max_exp_avg_sq(), "max_exp_avg_sq", false);
+        moment(s->max_exp_avg_sq(), "max_exp_avg_sq", amsgrad);
       }
       ++i;
     }
