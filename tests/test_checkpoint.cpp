@@ -542,6 +542,53 @@ struct SmallFilesystem {
 
 }  // namespace
 
+namespace {
+
+// What both full-disk tests do: a checkpoint (step 3) and a safetensors file saved in `dir`,
+// then the parameters changed (step 4) for a save that must fail; intact() checks that nothing
+// half-written is left beside `others` and that both earlier versions load unchanged.
+struct FullDiskCase {
+  fs::path dir, ck, tensors;
+  Net net = make_net();
+  std::map<std::string, torch::Tensor> saved = snapshot(*net);
+  peft::TrainingState state;
+
+  explicit FullDiskCase(const fs::path& folder)
+      : dir(folder), ck(folder / "ck"), tensors(folder / "weights.safetensors") {
+    state.global_step = 3;
+    peft::save_checkpoint(ck, *net, nullptr, state);
+    peft::io::save_safetensors(tensors, {{"w", torch::arange(4, torch::kFloat)}});
+    torch::NoGradGuard no_grad;
+    for (auto& p : peft::trainable_parameters(*net)) p.add_(1.0);
+    state.global_step = 4;
+  }
+
+  void save_checkpoint() { peft::save_checkpoint(ck, *net, nullptr, state); }
+  void save_tensors() {
+    peft::io::save_safetensors(tensors, {{"w", torch::zeros({1000}, torch::kFloat)}});
+  }
+
+  void intact(std::vector<std::string> others) const {
+    std::vector<std::string> names;
+    for (const auto& entry : fs::directory_iterator(dir))
+      names.push_back(entry.path().filename().string());
+    std::sort(names.begin(), names.end());
+    others.insert(others.end(), {"ck", "weights.safetensors"});
+    std::sort(others.begin(), others.end());
+    CHECK(names == others);
+    CHECK(peft::read_checkpoint_state(ck).global_step == 3);
+    auto fresh = make_net(8);
+    peft::load_checkpoint(ck, *fresh, nullptr, false);
+    for (const auto& [name, p] : peft::named_trainable_parameters(*fresh)) {
+      CHECK(torch::equal(p, saved.at(name)));
+    }
+    CHECK(torch::equal(peft::io::load_safetensors(tensors).at(0).second,
+                       torch::arange(4, torch::kFloat)));
+  }
+};
+
+}  // namespace
+
 TEST_CASE("a really full disk (ENOSPC on a small tmpfs): a clear error, nothing lost",
           "[checkpoint]") {
   TempDir dir;
@@ -551,14 +598,7 @@ TEST_CASE("a really full disk (ENOSPC on a small tmpfs): a clear error, nothing 
                                                 << "); the RLIMIT_FSIZE test covers the writers");
     return;
   }
-  const auto ck = small.path / "ck";
-  auto net = make_net();
-  const auto saved = snapshot(*net);
-  peft::TrainingState state;
-  state.global_step = 3;
-  peft::save_checkpoint(ck, *net, nullptr, state);
-  const auto tensors = small.path / "weights.safetensors";
-  peft::io::save_safetensors(tensors, {{"w", torch::arange(4, torch::kFloat)}});
+  FullDiskCase c(small.path);
   // Fill what is left, a page at a time, until the system says the device is full.
   {
     std::FILE* filler = std::fopen((small.path / "filler").c_str(), "wb");
@@ -569,77 +609,31 @@ TEST_CASE("a really full disk (ENOSPC on a small tmpfs): a clear error, nothing 
     }
     std::fclose(filler);
   }
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& p : peft::trainable_parameters(*net)) p.add_(1.0);
-  }
-  state.global_step = 4;
-  CHECK_THROWS_WITH(peft::save_checkpoint(ck, *net, nullptr, state),
-                    Contains(ck.string()) && Contains("No space left on device"));
-  CHECK_THROWS_WITH(
-      peft::io::save_safetensors(tensors, {{"w", torch::zeros({1000}, torch::kFloat)}}),
-      Contains("weights.safetensors") && Contains("No space left on device"));
-  // Nothing half-written is left, and the earlier versions are whole.
-  std::vector<std::string> names;
-  for (const auto& entry : fs::directory_iterator(small.path))
-    names.push_back(entry.path().filename().string());
-  std::sort(names.begin(), names.end());
-  CHECK(names == std::vector<std::string>{"ck", "filler", "weights.safetensors"});
-  CHECK(peft::read_checkpoint_state(ck).global_step == 3);
-  auto fresh = make_net(8);
-  peft::load_checkpoint(ck, *fresh, nullptr, false);
-  for (const auto& [name, p] : peft::named_trainable_parameters(*fresh)) {
-    CHECK(torch::equal(p, saved.at(name)));
-  }
-  CHECK(torch::equal(peft::io::load_safetensors(tensors).at(0).second,
-                     torch::arange(4, torch::kFloat)));
+  CHECK_THROWS_WITH(c.save_checkpoint(),
+                    Contains(c.ck.string()) && Contains("No space left on device"));
+  CHECK_THROWS_WITH(c.save_tensors(),
+                    Contains("weights.safetensors") && Contains("No space left on device"));
+  c.intact({"filler"});
   // With room again, the same save goes through (the control).
   fs::remove(small.path / "filler");
-  peft::save_checkpoint(ck, *net, nullptr, state);
-  CHECK(peft::read_checkpoint_state(ck).global_step == 4);
+  c.save_checkpoint();
+  CHECK(peft::read_checkpoint_state(c.ck).global_step == 4);
 }
 
 TEST_CASE("a full disk while saving: a clear error, the previous checkpoint and file intact",
           "[checkpoint]") {
   TempDir dir;
-  const auto ck = dir.path / "ck";
-  auto net = make_net();
-  const auto saved = snapshot(*net);
-  peft::TrainingState state;
-  state.global_step = 3;
-  peft::save_checkpoint(ck, *net, nullptr, state);
-  const auto tensors = dir.path / "weights.safetensors";
-  peft::io::save_safetensors(tensors, {{"w", torch::arange(4, torch::kFloat)}});
-
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& p : peft::trainable_parameters(*net)) p.add_(1.0);
-  }
-  state.global_step = 4;
+  FullDiskCase c(dir.path);
   {
     // Smaller than the trainable tensors: the first file of the new checkpoint cannot be written.
     const FileSizeLimit limit(64);
-    CHECK_THROWS_WITH(peft::save_checkpoint(ck, *net, nullptr, state),
-                      Contains("cannot write") && Contains("trainable.safetensors") &&
-                          Contains("File too large"));
-    CHECK_THROWS_WITH(
-        peft::io::save_safetensors(tensors, {{"w", torch::zeros({1000}, torch::kFloat)}}),
-        Contains("weights.safetensors") && Contains("File too large"));
+    CHECK_THROWS_WITH(c.save_checkpoint(), Contains("cannot write") &&
+                                               Contains("trainable.safetensors") &&
+                                               Contains("File too large"));
+    CHECK_THROWS_WITH(c.save_tensors(),
+                      Contains("weights.safetensors") && Contains("File too large"));
   }
-  // Nothing half-written is left, and the earlier versions are whole.
-  std::vector<std::string> names;
-  for (const auto& entry : fs::directory_iterator(dir.path))
-    names.push_back(entry.path().filename().string());
-  std::sort(names.begin(), names.end());
-  CHECK(names == std::vector<std::string>{"ck", "weights.safetensors"});
-  CHECK(peft::read_checkpoint_state(ck).global_step == 3);
-  auto fresh = make_net(8);
-  peft::load_checkpoint(ck, *fresh, nullptr, false);
-  for (const auto& [name, p] : peft::named_trainable_parameters(*fresh)) {
-    CHECK(torch::equal(p, saved.at(name)));
-  }
-  CHECK(torch::equal(peft::io::load_safetensors(tensors).at(0).second,
-                     torch::arange(4, torch::kFloat)));
+  c.intact({});
 }
 
 TEST_CASE("what a killed writer left is cleaned: temporaries removed, a moved-aside one restored",

@@ -55,34 +55,39 @@ def main():
         "pairs": tokenizer([a for a, _ in PAIRS], [b for _, b in PAIRS], padding=True,
                            return_tensors="pt"),
     }
+    def hidden_diff(tmp, name, model_folder, inputs):
+        """peft's last hidden state for `inputs` from `model_folder` against transformers':
+        (max abs diff, max abs diff over real tokens), or None after printing why not."""
+        src, out = os.path.join(tmp, name + ".in"), os.path.join(tmp, name + ".out")
+        save_file(inputs, src)
+        run = subprocess.run([tool, "hidden", model_folder, src, out], capture_output=True,
+                             text=True)
+        if run.returncode != 0:
+            print(f"parity: {name}: peft_bert_tool failed: {run.stderr.strip()}")
+            return None
+        ours = load_file(out)["hidden"]
+        with torch.no_grad():
+            ref = model(**inputs).last_hidden_state
+        if ours.shape != ref.shape:
+            print(f"parity: {name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}")
+            return None
+        real = inputs["attention_mask"].bool()
+        return (ours - ref).abs().max().item(), (ours - ref).abs()[real].max().item()
+
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
+        inputs = {}
         for name, batch in batches.items():
-            inputs = {k: batch[k].to(torch.int64).contiguous()
-                      for k in ("input_ids", "attention_mask", "token_type_ids")}
-            assert (inputs["attention_mask"] == 0).any(), f"{name}: the batch should be padded"
-            src, out = os.path.join(tmp, name + ".in"), os.path.join(tmp, name + ".out")
-            save_file(inputs, src)
-            run = subprocess.run([tool, "hidden", folder, src, out], capture_output=True,
-                                 text=True)
-            if run.returncode != 0:
-                print(f"parity: {name}: peft_bert_tool failed: {run.stderr.strip()}")
+            inputs[name] = {k: batch[k].to(torch.int64).contiguous()
+                            for k in ("input_ids", "attention_mask", "token_type_ids")}
+            assert (inputs[name]["attention_mask"] == 0).any(), \
+                f"{name}: the batch should be padded"
+            diffs = hidden_diff(tmp, name, folder, inputs[name])
+            if diffs is None or not diffs[0] <= TOLERANCE:
                 failed = True
-                continue
-            ours = load_file(out)["hidden"]
-            with torch.no_grad():
-                ref = model(**inputs).last_hidden_state
-            if ours.shape != ref.shape:
-                print(f"parity: {name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}")
-                failed = True
-                continue
-            diff = (ours - ref).abs().max().item()
-            real = inputs["attention_mask"].bool()
-            diff_real = (ours - ref).abs()[real].max().item()
-            print(f"parity: {name} {tuple(ref.shape)}: max abs diff {diff:.3g} "
-                  f"(real tokens {diff_real:.3g})")
-            if not diff <= TOLERANCE:
-                failed = True
+            if diffs is not None:
+                print(f"parity: {name} {tuple(inputs[name]['input_ids'].shape)}: max abs diff "
+                      f"{diffs[0]:.3g} (real tokens {diffs[1]:.3g})")
         # The same model saved as shards: peft reads model.safetensors.index.json.
         sharded = os.path.join(tmp, "sharded")
         model.save_pretrained(sharded, max_shard_size="20MB", safe_serialization=True)
@@ -92,22 +97,11 @@ def main():
             print(f"parity: sharded: expected an index and several shards, got {files}")
             failed = True
         else:
-            inputs = {k: batches["singles"][k].to(torch.int64).contiguous()
-                      for k in ("input_ids", "attention_mask", "token_type_ids")}
-            src, out = os.path.join(tmp, "sharded.in"), os.path.join(tmp, "sharded.out")
-            save_file(inputs, src)
-            run = subprocess.run([tool, "hidden", sharded, src, out], capture_output=True,
-                                 text=True)
-            if run.returncode != 0:
-                print(f"parity: sharded: peft_bert_tool failed: {run.stderr.strip()}")
+            diffs = hidden_diff(tmp, "sharded", sharded, inputs["singles"])
+            if diffs is None or not diffs[0] <= TOLERANCE:
                 failed = True
-            else:
-                with torch.no_grad():
-                    ref = model(**inputs).last_hidden_state
-                diff = (load_file(out)["hidden"] - ref).abs().max().item()
-                print(f"parity: sharded ({len(shards)} shards): max abs diff {diff:.3g}")
-                if not diff <= TOLERANCE:
-                    failed = True
+            if diffs is not None:
+                print(f"parity: sharded ({len(shards)} shards): max abs diff {diffs[0]:.3g}")
     if failed:
         sys.exit("parity: FAILED")
     print("parity: bert passed")
