@@ -113,11 +113,22 @@ struct RunOptions {
   bool resume = false;
   int64_t crash_at_call = 0;  // throw from the loss function at this call (1-based)
   int64_t kill_at_call = 0;   // rank 1 kills itself at this call
+  // Gradient accumulation over this many batches, and a loss weighted by every rank's rows
+  // (peft::mean_over_ranks, a collective inside the loss function); rank 0 (or the single
+  // process) returns a NaN loss at call nan_at_call, skipped with NanPolicy::skip.
+  int64_t accumulation = 1;
+  bool weighted_loss = false;
+  int64_t nan_at_call = 0;
 };
 
-// Trains (in this process, as one rank of `group` or alone) and returns the trained tensors.
-std::vector<std::pair<std::string, torch::Tensor>> train(
-    const RunOptions& run, const std::shared_ptr<peft::Collective>& group) {
+// What a run leaves: the trained tensors and the steps it skipped.
+struct Trained {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  int64_t skipped_steps = 0;
+};
+
+// Trains (in this process, as one rank of `group` or alone).
+Trained train(const RunOptions& run, const std::shared_ptr<peft::Collective>& group) {
   auto model = make_model(run.method);
   const int world = group ? group->world_size() : 1;
   const int rank = group ? group->rank() : 0;
@@ -131,12 +142,19 @@ std::vector<std::pair<std::string, torch::Tensor>> train(
       throw std::runtime_error("deliberate crash (resume test)");
     }
     if (run.kill_at_call > 0 && rank == 1 && calls == run.kill_at_call) ::raise(SIGKILL);
-    return torch::nn::functional::cross_entropy(model(b.ids, b.mask), b.labels);
+    auto loss = torch::nn::functional::cross_entropy(model(b.ids, b.mask), b.labels);
+    if (run.weighted_loss) loss = peft::mean_over_ranks(loss, b.labels.size(0), group.get());
+    if (run.nan_at_call > 0 && rank == 0 && calls == run.nan_at_call) {
+      loss = loss * std::numeric_limits<double>::quiet_NaN();
+    }
+    return loss;
   };
   std::ostringstream quiet;
   peft::Trainer<Batch> trainer(model, loss,
                                peft::TrainerOptions()
                                    .epochs(2)
+                                   .grad_accumulation(run.accumulation)
+                                   .nan_policy(peft::NanPolicy::skip)
                                    .lr(1e-2)
                                    .weight_decay(0.01)
                                    .warmup_ratio(0.1)
@@ -163,8 +181,8 @@ std::vector<std::pair<std::string, torch::Tensor>> train(
     return std::map<std::string, double>{{"accuracy", sum / static_cast<double>(hits.size())}};
   });
   if (run.resume) trainer.resume();
-  trainer.fit(batches);
-  return peft::named_trainable_parameters(*model);
+  const auto result = trainer.fit(batches);
+  return {peft::named_trainable_parameters(*model), result.skipped_steps};
 }
 
 void write_tensors(const fs::path& path,
@@ -226,8 +244,17 @@ int rank_main(const std::string& mode, const std::vector<std::string>& args) {
     run.method = arg(args, "--method", "lora");
     if (mode == "parity") {
       run.output = out / ("dist-" + run.method);
-      const auto trained = train(run, group);
+      const auto trained = train(run, group).tensors;
       if (group->is_main()) write_tensors(out / ("dist-" + run.method + ".safetensors"), trained);
+    } else if (mode == "nan") {
+      run.accumulation = 2;
+      run.weighted_loss = true;
+      run.nan_at_call = 3;
+      const auto trained = train(run, group);
+      // Both ranks write: their tensors must be identical, and both must have skipped the step.
+      write_tensors(out / fmt::format("nan-rank{}.safetensors", group->rank()), trained.tensors);
+      std::ofstream(out / fmt::format("nan-rank{}.skipped", group->rank()))
+          << trained.skipped_steps;
     } else if (mode == "resume-crash") {
       run.output = out / "resumed";
       run.save_every = 3;
@@ -237,7 +264,7 @@ int rank_main(const std::string& mode, const std::vector<std::string>& args) {
       run.output = out / "resumed";
       run.save_every = 3;
       run.resume = true;
-      const auto trained = train(run, group);
+      const auto trained = train(run, group).tensors;
       if (group->is_main()) write_tensors(out / "resumed.safetensors", trained);
     } else if (mode == "kill") {
       run.kill_at_call = 5;
@@ -260,7 +287,7 @@ int parity(const fs::path& out, const std::string& method) {
   RunOptions run;
   run.method = method;
   run.output = out / ("single-" + method);
-  const auto single = train(run, nullptr);
+  const auto single = train(run, nullptr).tensors;
   if (launch("parity", {"--method", method, "--out", out.string()}) != 0) {
     return fail_check("parity " + method + " (a rank failed)");
   }
@@ -274,6 +301,40 @@ int parity(const fs::path& out, const std::string& method) {
   // The run must have trained (or equality would prove nothing), and both runs must agree.
   if (!(moved > 1e-3) || !(diff <= 1e-5)) return fail_check("parity " + method);
   std::cout << "distributed parity " << method << ": passed\n";
+  return 0;
+}
+
+// A NaN loss on rank 0 at the first batch of an accumulation window, with a loss function that
+// itself calls a collective: rank 0 must still compute the window's second loss (else the ranks'
+// collectives go out of step and the run hangs or fails), both ranks skip the step, and the
+// result equals one process that skips the same step.
+int nan_skip(const fs::path& out) {
+  fs::remove_all(out);
+  fs::create_directories(out);
+  const auto before = peft::named_trainable_parameters(*make_model("lora"));
+  RunOptions run;
+  run.accumulation = 2;
+  run.weighted_loss = true;
+  run.nan_at_call = 3;
+  const auto single = train(run, nullptr);
+  if (launch("nan", {"--out", out.string()}) != 0) return fail_check("nan (a rank failed)");
+  const auto rank0 = read_tensors(out / "nan-rank0.safetensors");
+  const auto rank1 = read_tensors(out / "nan-rank1.safetensors");
+  const auto skipped0 = read_text(out / "nan-rank0.skipped");
+  const auto skipped1 = read_text(out / "nan-rank1.skipped");
+  const double diff = max_diff(single.tensors, rank0);
+  const double between = max_diff(rank0, rank1);
+  const double moved = max_diff(single.tensors, before);
+  std::cout << fmt::format(
+      "NaN at rank 0's first batch of step 2 (accumulation 2): skipped steps single {}, rank 0 "
+      "{}, rank 1 {}; max |difference| single vs rank 0 {:.3g}, rank 0 vs rank 1 {:.3g}; moved "
+      "{:.3g}\n",
+      single.skipped_steps, skipped0, skipped1, diff, between, moved);
+  if (single.skipped_steps != 1 || skipped0 != "1" || skipped1 != "1") {
+    return fail_check("nan (every run must skip exactly the one step)");
+  }
+  if (!(moved > 1e-3) || !(diff <= 1e-5) || between != 0.0) return fail_check("nan");
+  std::cout << "distributed nan: passed\n";
   return 0;
 }
 
@@ -402,6 +463,7 @@ int main(int argc, char** argv) {
         arg(args, "--out", (fs::temp_directory_path() / "peft_distributed").string());
     if (mode == "parity") return parity(out, arg(args, "--method", "lora"));
     if (mode == "resume") return resume(out);
+    if (mode == "nan") return nan_skip(out);
     if (mode == "kill") return kill(out);
     if (mode == "port") return port();
     if (mode == "unreachable") return unreachable();

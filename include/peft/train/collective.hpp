@@ -285,7 +285,8 @@ inline std::vector<double> all_reduce_sum(Collective& group, const std::vector<d
 /// rank's items, as one process with the whole batch computes it. (Averaging per-rank means
 /// instead weighs a token of a rank with few tokens more.) One all_reduce of one number per call:
 /// every rank must call it for every batch it computes a loss on (with gradient accumulation
-/// too), in the same order. A rank with `count` 0 must still call it, with a finite `loss` (its
+/// too), in the same order. peft::Trainer keeps that order when a rank's loss is not finite:
+/// it still computes the losses of the rest of the accumulation window on that rank. A rank with `count` 0 must still call it, with a finite `loss` (its
 /// gradient is multiplied by 0). Without a group or with one rank, `loss` as it is.
 inline torch::Tensor mean_over_ranks(const torch::Tensor& loss, int64_t count, Collective* group) {
   if (group == nullptr || group->world_size() <= 1) return loss;

@@ -455,8 +455,13 @@ class Trainer {
         double loss_sum = 0.0;
         const double scale = fp16 ? state_.loss_scale : 1.0;
         for (int64_t i = 0; i < window; ++i, ++b) {
-          if (!bad.empty()) continue;
+          // After a non-finite loss the window's other batches are not needed, except with a
+          // group: a loss function may itself call collectives (mean_over_ranks), which every
+          // rank must make in the same order, so each batch's loss is still computed (without
+          // backward) and the step is skipped on every rank after the gradients' reduction.
+          if (!bad.empty() && !averager) continue;
           const auto loss = compute_loss(source.batch(epoch, b), step, epoch, b);
+          if (!bad.empty()) continue;
           const double value = loss.template item<double>();
           if (!std::isfinite(value)) {
             bad = fmt::format("the loss is {}", value);
