@@ -312,6 +312,9 @@ TEST_CASE("Each method declares the option keys it reads, and attach refuses any
   // is a list of one.
   CHECK_THROWS_WITH(peft::attach(*model, "lora", {{"target_modules", "query|value"}}),
                     Catch::Contains("\"target_modules\" must be a list of module names"));
+  // Likewise IA3's feed-forward list (a string used to leave the default list in place).
+  CHECK_THROWS_WITH(peft::attach(*model, "ia3", {{"feedforward_modules", "output.dense"}}),
+                    Catch::Contains("\"feedforward_modules\" must be a list of module names"));
   CHECK(peft::attached_methods(*model).empty());
   const auto sites =
       peft::attach(*model, "lora", {{"target_modules", {"query"}}, {"layers_to_transform", 1}});
@@ -331,4 +334,33 @@ TEST_CASE("Each method declares the option keys it reads, and attach refuses any
   const auto loaded = peft::attached_methods(*fresh);
   REQUIRE(loaded.size() == 1);
   CHECK(loaded[0].first == sites[0]);
+}
+
+TEST_CASE("One adapter file holds one setting: sites attached with different ranks are refused",
+          "[registry]") {
+  // LoRA and DoRA store one r/alpha/rslora/dropout for all sites, LoHa and LoKr one r/alpha (and
+  // LoKr one factorisation): a model whose sites differ cannot be saved as one file, and the
+  // refusal names both settings and writes nothing.
+  const auto config = testing::tiny_bert_config(2);
+  for (const char* name : {"lora", "dora", "loha", "lokr"}) {
+    INFO("method " << name);
+    peft::models::Bert model(config);
+    peft::attach(*model, name, {{"r", 4}, {"target_modules", {"query"}}});
+    peft::attach(*model, name, {{"r", 2}, {"target_modules", {"value"}}});
+    testing::TempDir dir;
+    const auto folder = dir.path / "adapter";
+    CHECK_THROWS_WITH(peft::save_adapter(*model, folder),
+                      Catch::Contains("has r=2") && Catch::Contains("(r=4") &&
+                          Catch::Contains("one file holds one setting"));
+    CHECK_FALSE(std::filesystem::exists(folder / "adapter_config.json"));
+    CHECK_FALSE(std::filesystem::exists(folder / "adapter_model.safetensors"));
+  }
+  // LoKr's factorisation is part of its setting.
+  peft::models::Bert model(config);
+  peft::attach(*model, "lokr", {{"r", 4}, {"target_modules", {"query"}}});
+  peft::attach(*model, "lokr", {{"r", 4}, {"target_modules", {"value"}}, {"decompose_factor", 2}});
+  testing::TempDir dir;
+  CHECK_THROWS_WITH(
+      peft::save_adapter(*model, dir.path / "adapter"),
+      Catch::Contains("decompose_factor=2") && Catch::Contains("one file holds one setting"));
 }

@@ -264,6 +264,22 @@ inline NamedTensors module_parameters(torch::nn::Module& model,
   return out;
 }
 
+/// Checks that every method of an adapter (all of class `Impl`) has the first one's setting, as
+/// `describe(options)` writes it ("r=8 alpha=16"): one file holds one setting. Returns the first
+/// method's options.
+template <class Impl, class Describe>
+const auto& shared_setting(const SiteMethods& methods, Describe describe) {
+  const auto& first = std::dynamic_pointer_cast<Impl>(methods.front().second)->options();
+  const std::string expected = describe(first);
+  for (const auto& [path, m] : methods) {
+    const std::string setting = describe(std::dynamic_pointer_cast<Impl>(m)->options());
+    check(setting == expected, "save_adapter",
+          "{} at \"{}\" has {}, unlike \"{}\" ({}); one file holds one setting", m->method(), path,
+          setting, methods.front().first, expected);
+  }
+  return first;
+}
+
 /// Saves every parameter of each of the adapter's methods under its site's hub path,
 /// `<save_prefix><hub module path>.<parameter name>` (the layout of Hugging Face PEFT's LoRA-like
 /// files, whose parameter names the methods mirror), and returns those hub paths, the file's
@@ -309,25 +325,35 @@ inline std::vector<std::string> file_sites(const LoadContext& c, const std::stri
   return targets;
 }
 
+/// A list of module names under `key` (target_modules, IA3's feedforward_modules): nothing
+/// when the key is absent or null. Hugging Face also writes a regular expression or
+/// "all-linear" there: refused when attaching from options, ignored (nothing) in a file being
+/// loaded (`where` "load_adapter"), whose tensor keys name the modules.
+inline std::optional<std::vector<std::string>> module_list_from_json(const nlohmann::json& config,
+                                                                     const char* key,
+                                                                     const std::string& file,
+                                                                     const char* where) {
+  KeyLog::note(key);
+  const auto found = config.find(key);
+  if (found == config.end() || found->is_null()) return std::nullopt;
+  if (found->is_string() && std::string_view(where) == "load_adapter") return std::nullopt;
+  check(found->is_array(), where,
+        "{}: \"{}\" must be a list of module names, got {} (a regular expression or "
+        "\"all-linear\" is not supported)",
+        file, key, found->dump());
+  return config_value<std::vector<std::string>>(config, key, file, where);
+}
+
 /// Sets the targets and layers of `options` from a config's `target_modules` (a list of module
 /// names) and `layers_to_transform` (a list of layer indices, or one index); missing or null
-/// leaves the defaults. Hugging Face's regular-expression form of `target_modules` (a string) is
-/// refused when attaching from options, so that it is not silently replaced by the defaults;
-/// in a file being loaded (`where` "load_adapter") it is ignored, as the file's tensor keys name
-/// the modules that carry the method. Other mistyped values throw from `where`, naming `file`.
+/// leaves the defaults. `target_modules` as a string: see
+/// module_list_from_json. Other mistyped values throw from `where`, naming `file`.
 template <class Options>
 void targets_from_json(const nlohmann::json& config, Options& options, const std::string& file,
                        const char* where) {
-  KeyLog::note("target_modules");
   KeyLog::note("layers_to_transform");
-  auto targets = config.find("target_modules");
-  const bool loading = std::string_view(where) == "load_adapter";
-  if (targets != config.end() && !targets->is_null() && !(loading && targets->is_string())) {
-    check(targets->is_array(), where,
-          "{}: \"target_modules\" must be a list of module names, got {} (a regular expression "
-          "or \"all-linear\" is not supported)",
-          file, targets->dump());
-    options.targets(config_value<std::vector<std::string>>(config, "target_modules", file, where));
+  if (auto targets = module_list_from_json(config, "target_modules", file, where)) {
+    options.targets(std::move(*targets));
   }
   auto layers = config.find("layers_to_transform");
   if (layers != config.end() && !layers->is_null()) {

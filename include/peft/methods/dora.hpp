@@ -147,7 +147,7 @@ inline DoRAOptions dora_from_lora(const LoRAOptions& o) {
 /// `lora_B.weight` and `lora_magnitude_vector`.
 inline void save_dora(SaveContext& c) {
   c.save_prefix = "base_model.model.";
-  const auto& first = shared_lora_options<DoRAImpl>(c.methods);
+  const auto& first = shared_setting<DoRAImpl>(c.methods, lora_setting<DoRAOptions>);
   const auto targets = save_site_parameters(c);
   lora_config(first.as_lora(), c.config);
   c.config["use_dora"] = true;

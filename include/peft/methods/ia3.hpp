@@ -114,10 +114,8 @@ inline IA3Options ia3_options_from_json(const nlohmann::json& config, const std:
         "{}: fan_in_fan_out is not supported", file);
   IA3Options options;
   targets_from_json(config, options, file, where);
-  KeyLog::note("feedforward_modules");
-  if (config.contains("feedforward_modules") && config["feedforward_modules"].is_array()) {
-    options.feedforward(
-        config_value<std::vector<std::string>>(config, "feedforward_modules", file, where));
+  if (auto feedforward = module_list_from_json(config, "feedforward_modules", file, where)) {
+    options.feedforward(std::move(*feedforward));
   }
   return options;
 }

@@ -97,7 +97,7 @@ namespace detail {
 
 inline void save_loha(SaveContext& c) {
   c.save_prefix = "base_model.model.";
-  const auto& first = shared_rank_alpha<LoHaImpl>(c.methods);
+  const auto& first = shared_setting<LoHaImpl>(c.methods, rank_alpha_setting<LoHaOptions>);
   const auto targets = save_site_parameters(c);
   lycoris_config(first.r(), first.alpha(), targets, c.config);
 }
@@ -138,14 +138,7 @@ inline MethodEntry loha_entry() {
   e.name = "loha";
   e.summary = "LoHa: Hadamard product of two low-rank updates (Hyeon-Woo et al., 2022)";
   e.default_lr = 1e-3;
-  e.option_keys = {"r",
-                   "alpha",
-                   "target_modules",
-                   "layers_to_transform",
-                   "rank_dropout",
-                   "module_dropout",
-                   "rank_pattern",
-                   "alpha_pattern"};
+  e.option_keys = lycoris_option_keys();
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return peft::attach(model, lycoris_options_from_json<LoHaOptions>(json, "options", "loha"));
   };

@@ -163,14 +163,10 @@ inline LoKrOptions lokr_options_from_json(const nlohmann::json& config, const st
 
 inline void save_lokr(SaveContext& c) {
   c.save_prefix = "base_model.model.";
-  const auto& first = shared_rank_alpha<LoKrImpl>(c.methods);
-  for (auto& [path, m] : c.methods) {
-    const auto& o = std::dynamic_pointer_cast<LoKrImpl>(m)->options();
-    check(o.decompose_both() == first.decompose_both() &&
-              o.decompose_factor() == first.decompose_factor(),
-          "save_adapter", "LoKr at \"{}\" factors unlike \"{}\"; one file holds one setting", path,
-          c.methods.front().first);
-  }
+  const auto& first = shared_setting<LoKrImpl>(c.methods, [](const LoKrOptions& o) {
+    return fmt::format("{} decompose_both={} decompose_factor={}", rank_alpha_setting(o),
+                       o.decompose_both(), o.decompose_factor());
+  });
   const auto targets = save_site_parameters(c);
   lycoris_config(first.r(), first.alpha(), targets, c.config);
   c.config["decompose_both"] = first.decompose_both();
@@ -222,16 +218,8 @@ inline MethodEntry lokr_entry() {
   e.name = "lokr";
   e.summary = "LoKr: Kronecker-product updates (Yeh et al., 2024)";
   e.default_lr = 1e-3;
-  e.option_keys = {"r",
-                   "alpha",
-                   "decompose_both",
-                   "decompose_factor",
-                   "target_modules",
-                   "layers_to_transform",
-                   "rank_dropout",
-                   "module_dropout",
-                   "rank_pattern",
-                   "alpha_pattern"};
+  e.option_keys = lycoris_option_keys();
+  e.option_keys.insert(e.option_keys.end(), {"decompose_both", "decompose_factor"});
   e.attach = [](torch::nn::Module& model, const nlohmann::json& json) {
     return peft::attach(model, lokr_options_from_json(json, "options", "lokr"));
   };

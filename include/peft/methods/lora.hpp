@@ -183,25 +183,16 @@ inline void lora_config(const LoRAOptions& o, nlohmann::json& config) {
   config["layers_pattern"] = nullptr;
 }
 
-/// Checks that every LoRA of an adapter shares the first one's settings; returns those.
-template <class Impl>
-const auto& shared_lora_options(const SiteMethods& methods) {
-  const auto& first = std::dynamic_pointer_cast<Impl>(methods.front().second)->options();
-  for (auto& [path, m] : methods) {
-    const auto& o = std::dynamic_pointer_cast<Impl>(m)->options();
-    check(o.r() == first.r() && o.alpha() == first.alpha() && o.rslora() == first.rslora() &&
-              o.dropout() == first.dropout(),
-          "save_adapter",
-          "{} at \"{}\" has r={} alpha={} rslora={} dropout={}, unlike \"{}\"; one file holds "
-          "one setting",
-          m->method(), path, o.r(), o.alpha(), o.rslora(), o.dropout(), methods.front().first);
-  }
-  return first;
+/// The settings one LoRA (or DoRA) file holds for all its sites (for shared_setting).
+template <class Options>
+std::string lora_setting(const Options& o) {
+  return fmt::format("r={} alpha={} rslora={} dropout={}", o.r(), o.alpha(), o.rslora(),
+                     o.dropout());
 }
 
 inline void save_lora(SaveContext& c) {
   c.save_prefix = "base_model.model.";
-  const auto& first = shared_lora_options<LoRAImpl>(c.methods);
+  const auto& first = shared_setting<LoRAImpl>(c.methods, lora_setting<LoRAOptions>);
   const auto targets = save_site_parameters(c);
   lora_config(first, c.config);
   c.config["target_modules"] = targets;

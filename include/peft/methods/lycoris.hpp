@@ -57,17 +57,22 @@ inline void lycoris_config(int64_t r, double alpha, const std::vector<std::strin
   config["target_modules"] = targets;
 }
 
-/// Checks that every method of an adapter has the first one's r and alpha; returns the first.
-template <class Impl>
-const auto& shared_rank_alpha(const SiteMethods& methods) {
-  const auto& first = std::dynamic_pointer_cast<Impl>(methods.front().second)->options();
-  for (auto& [path, m] : methods) {
-    const auto& o = std::dynamic_pointer_cast<Impl>(m)->options();
-    check(o.r() == first.r() && o.alpha() == first.alpha(), "save_adapter",
-          "{} at \"{}\" has r={} alpha={}, unlike \"{}\"; one file holds one setting", m->method(),
-          path, o.r(), o.alpha(), methods.front().first);
-  }
-  return first;
+/// The settings one LoHa or LoKr file holds for all its sites (for shared_setting).
+template <class Options>
+std::string rank_alpha_setting(const Options& o) {
+  return fmt::format("r={} alpha={}", o.r(), o.alpha());
+}
+
+/// The option keys LoHa and LoKr read (lycoris_options_from_json); LoKr adds its own.
+inline std::vector<std::string> lycoris_option_keys() {
+  return {"r",
+          "alpha",
+          "target_modules",
+          "layers_to_transform",
+          "rank_dropout",
+          "module_dropout",
+          "rank_pattern",
+          "alpha_pattern"};
 }
 
 }  // namespace detail
