@@ -240,6 +240,20 @@ inline const std::vector<MethodFlag>& method_flags() {
     {"--propetl-mask-lr", "mask_lr", {"propetl"}, member(&Options::propetl_mask_lr)},
   };
   // clang-format on
+  // The table must agree with the registry: a key a listed method does not read would be refused
+  // by its attach, for every run of that method, whether or not the flag was given.
+  static const bool checked = [] {
+    for (const auto& f : flags) {
+      for (const auto& m : f.methods) {
+        const auto keys = peft::method_entry(m).option_keys;
+        peft::check(std::find(keys.begin(), keys.end(), f.key) != keys.end(), "method flags",
+                    "{} sets option \"{}\", which method {} does not read (its keys: {})", f.flag,
+                    f.key, m, fmt::join(keys, ", "));
+      }
+    }
+    return true;
+  }();
+  (void)checked;
   return flags;
 }
 
