@@ -5,9 +5,9 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #
 # SECONDS_PER_TARGET defaults to 600; the targets (tests/fuzz/fuzz_readers.cpp) to all of
-# safetensors gguf config adapter tokenizer glue clue checkpoint. PEFT_FUZZ_JOBS targets run at
-# once (default: the number of cores). Builds build/fuzz; the corpus each run grows is kept in
-# build/fuzz/corpus/<target>/ and reused by the next run; inputs that break a reader are written
+# safetensors gguf config adapter tokenizer glue clue checkpoint sharded. PEFT_FUZZ_JOBS targets
+# run at once (default: the number of cores). Builds build/fuzz; the corpus each run grows is
+# kept in build/fuzz/corpus/<target>/ and reused by the next run; inputs that break a reader are written
 # to build/fuzz/findings/<target>/ (copy them to tests/fuzz/regressions/<target>/ once fixed, and
 # the normal test suite replays them). Exits non-zero when a target found something.
 set -euo pipefail
@@ -15,7 +15,7 @@ source "$(dirname "$0")/common.sh"
 seconds="${1:-600}"
 shift || true
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(safetensors gguf config adapter tokenizer glue clue checkpoint)
+[[ ${#targets[@]} -gt 0 ]] || targets=(safetensors gguf config adapter tokenizer glue clue checkpoint sharded)
 [[ "$seconds" =~ ^[0-9]+$ ]] || { peft_log "SECONDS_PER_TARGET must be a whole number, got '$seconds'"; exit 2; }
 
 PEFT_TORCH=pip

@@ -19,6 +19,8 @@
 //                loaded into a tiny BERT with LoRA (and a fresh AdamW), which, with the random
 //                generator and the optimizer, must be left exactly as it was when loading
 //                fails; an optimizer that loaded must then take a step
+//   sharded      bytes as a sharded checkpoint's model.safetensors.index.json beside two valid
+//                shards: opened, then every tensor it lists copied out as float32
 //
 // A reader must return or throw peft::Error: any other exception, a crash, a sanitizer report,
 // a hang (-timeout) or an allocation beyond -malloc_limit_mb is a finding. scripts/fuzz.sh runs
@@ -36,6 +38,7 @@
 #include <peft/io/gguf.hpp>
 #include <peft/io/hf_config.hpp>
 #include <peft/io/safetensors.hpp>
+#include <peft/io/sharded.hpp>
 #include <peft/methods/lora.hpp>
 #include <peft/models/bert.hpp>
 #include <peft/models/heads.hpp>
@@ -108,6 +111,33 @@ void fuzz_safetensors(std::string_view bytes) {
   write(path, bytes);
   const peft::io::SafetensorsFile file(path);
   for (const auto& entry : file.entries()) (void)file.tensor(entry.name).sum();
+}
+
+// The two shards a fuzzed model.safetensors.index.json may name: valid files, written once.
+const fs::path& shard_dir() {
+  static const fs::path dir = [] {
+    auto d = work_dir() / "sharded";
+    fs::create_directories(d);
+    peft::io::save_safetensors(d / "model-00001-of-00002.safetensors",
+                               {{"a", torch::arange(6, torch::kFloat).view({2, 3})},
+                                {"b", torch::ones({4}, torch::kHalf)}},
+                               {{"format", "pt"}});
+    peft::io::save_safetensors(d / "model-00002-of-00002.safetensors",
+                               {{"c", torch::arange(3, torch::kLong)}}, {{"format", "pt"}});
+    return d;
+  }();
+  return dir;
+}
+
+// A sharded checkpoint's index (its shards valid): opened, then every tensor it lists copied out.
+void fuzz_sharded(std::string_view bytes) {
+  const auto index = shard_dir() / "model.safetensors.index.json";
+  write(index, bytes);
+  const peft::io::SafetensorsCheckpoint weights(index);
+  for (const auto& name : weights.names()) {
+    auto target = torch::empty(weights.shape(name), torch::kFloat);
+    weights.copy_to(name, target);
+  }
 }
 
 void fuzz_gguf(std::string_view bytes) {
@@ -318,9 +348,15 @@ void fuzz_checkpoint(std::string_view bytes) {
 }
 
 // Seeds that only peft's own writers make: written under `dir`/<target>/ for the targets
-// safetensors, adapter and checkpoint (bench/fuzz.sh adds real files for the others).
+// safetensors, adapter, checkpoint and sharded (scripts/fuzz.sh adds real files for the others).
 void write_seeds(const fs::path& dir) {
-  for (const char* t : {"safetensors", "adapter", "checkpoint"}) fs::create_directories(dir / t);
+  for (const char* t : {"safetensors", "adapter", "checkpoint", "sharded"}) {
+    fs::create_directories(dir / t);
+  }
+  write(
+      dir / "sharded" / "index",
+      R"({"metadata": {"total_size": 56}, "weight_map": {"a": "model-00001-of-00002.safetensors",)"
+      R"( "b": "model-00001-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}})");
   const auto adapter = work_dir() / "seed_adapter";
   {
     auto model = tiny_lora_model();
@@ -396,6 +432,7 @@ const Target& selected_target() {
                });
          }},
         {"checkpoint", fuzz_checkpoint},
+        {"sharded", fuzz_sharded},
     };
     const auto it = targets.find(name);
     if (it == targets.end()) {
