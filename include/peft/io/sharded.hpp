@@ -33,11 +33,14 @@ class SafetensorsCheckpoint {
   /// neither (and saying so when it holds only PyTorch's pickled `pytorch_model.bin`).
   static std::filesystem::path find(const std::filesystem::path& folder, const char* where) {
     namespace fs = std::filesystem;
+    // error_code overloads: a path the system refuses (too long, a loop) is "not there", not a
+    // std::filesystem_error.
+    std::error_code ec;
     for (const char* name : {"model.safetensors", "model.safetensors.index.json"}) {
-      if (fs::exists(folder / name)) return folder / name;
+      if (fs::exists(folder / name, ec)) return folder / name;
     }
     for (const char* name : {"pytorch_model.bin", "pytorch_model.bin.index.json"}) {
-      check(!fs::exists(folder / name), where,
+      check(!fs::exists(folder / name, ec), where,
             "{} has only {}; peft reads safetensors only (convert it with "
             "safetensors.torch.save_file or save_pretrained(safe_serialization=True))",
             folder.string(), name);
@@ -71,8 +74,10 @@ class SafetensorsCheckpoint {
       auto& file = shards[name];
       if (!file) {
         const auto full = path.parent_path() / shard_path;
-        check(std::filesystem::exists(full), "io", "{}: shard {} (for \"{}\") not found", path_,
-              full.string(), tensor);
+        std::error_code ec;
+        check(std::filesystem::is_regular_file(full, ec), "io", "{}: shard {} (for \"{}\") {}",
+              path_, full.string(), tensor,
+              ec ? "cannot be opened: " + ec.message() : std::string("not found or not a file"));
         file = std::make_shared<SafetensorsFile>(full);
       }
       check(file->contains(tensor), "io", "{}: the index puts \"{}\" in {}, which does not hold it",

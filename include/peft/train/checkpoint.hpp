@@ -517,6 +517,16 @@ inline TrainingState load_checkpoint(const std::filesystem::path& dir, torch::nn
                         detail::ckpt_shape(rng.sizes()), c10::toString(rng.scalar_type()),
                         detail::ckpt_shape(current.sizes()), c10::toString(current.scalar_type()));
     }
+    // The state's bytes must also be one the generator accepts (set_state checks the Mersenne
+    // Twister's fields): tried on a scratch generator now, so that the load fails before the
+    // model or the optimizer changes.
+    try {
+      auto probe = at::make_generator<at::CPUGeneratorImpl>();
+      probe.set_state(rng);
+    } catch (const c10::Error& e) {
+      detail::ckpt_fail(dir, "rng.safetensors: \"{}\" is not a valid CPU generator state: {}", key,
+                        e.what_without_backtrace());
+    }
   }
 
   if (optimizer != nullptr) {
