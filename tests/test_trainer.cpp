@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +20,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "train_helpers.hpp"
@@ -43,6 +45,30 @@ TEST_CASE("training changes only the trainable parameters", "[trainer]") {
     CHECK(torch::equal(item.value(), before.at(item.key())) == frozen);
     CHECK_FALSE(item.value().grad().defined());
   }
+}
+
+TEST_CASE("TrainResult::eval_seconds counts the time fit() spent in the evaluation callback",
+          "[trainer]") {
+  const auto batches = make_batches(3);
+  auto net = make_net();
+  std::ostringstream sink;
+  peft::Trainer<Batch> trainer(
+      net, [&](const Batch& b) { return loss_of(net, b); },
+      peft::TrainerOptions().epochs(2).progress_stream(&sink));
+  // The callback waits 50 ms; it runs at each of the two epoch ends.
+  int calls = 0;
+  trainer.evaluate_with([&] {
+    ++calls;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    return std::map<std::string, double>{{"accuracy", 0.5}};
+  });
+  const auto start = std::chrono::steady_clock::now();
+  const auto result = trainer.fit(batches);
+  const double total =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(calls == 2);
+  CHECK(result.eval_seconds >= 0.1);
+  CHECK(result.eval_seconds <= total);
 }
 
 TEST_CASE("progress prints plain lines off a terminal, the metrics log is JSON lines",

@@ -962,8 +962,8 @@ inline int run(const Benchmark& bench, const Options& o) {
   if (found == result.last_metrics.end()) {
     fail(bench.program, "the run ended without an evaluation of {}", key);
   }
-  std::cout << fmt::format("trained {} steps in {:.1f} s; {} {:.4f}\n", result.steps, seconds, key,
-                           found->second);
+  std::cout << fmt::format("trained {} steps in {:.1f} s ({:.1f} s of it evaluating); {} {:.4f}\n",
+                           result.steps, seconds, result.eval_seconds, key, found->second);
   if (group) {
     // Measured on this rank: what the reductions carried and how long they took (including
     // waits for the other ranks), the ceiling on what overlapping them with backward could save.
@@ -983,6 +983,8 @@ inline int run(const Benchmark& bench, const Options& o) {
   line["total_params"] = count.total;
   line["adapter_bytes"] = adapter_bytes;
   line["train_seconds"] = round_to(seconds, 2);
+  // Of train_seconds, the evaluations at epoch ends (and every --eval-every steps).
+  line["eval_seconds"] = round_to(result.eval_seconds, 2);
   line["peak_rss_mb"] = round_to(peak_rss_mb(), 1);
   if (early_exit) {
     line["early_exit"] = exit_sweep(o, task, eval_splits.front(), eval_batches.front().second,

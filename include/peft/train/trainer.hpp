@@ -21,6 +21,7 @@
 #include <torch/utils.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -163,7 +164,8 @@ struct TrainResult {
   std::optional<double> best_metric;                            ///< best value of options.metric
   int64_t best_step = -1;                                       ///< step of best_metric
   std::map<std::string, double> last_metrics;                   ///< latest evaluation
-  bool stopped_early = false;                                   ///< patience ran out
+  double eval_seconds = 0.0;   ///< wall seconds this fit() spent in the evaluation callback
+  bool stopped_early = false;  ///< patience ran out
   std::filesystem::path best_checkpoint;  ///< `<output_dir>/best`, when written
   std::filesystem::path last_checkpoint;  ///< final `checkpoint-<step>`, when written
 };
@@ -657,11 +659,14 @@ class Trainer {
     if (!eval_) return false;
     std::map<std::string, double> metrics;
     model_->eval();
+    const auto start = std::chrono::steady_clock::now();
     {
       torch::NoGradGuard no_grad;
       AutocastGuard autocast(options_.device(), options_.precision());
       metrics = eval_();
     }
+    result.eval_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     model_->train();
     // Rank 0's metrics decide for every rank (best checkpoint, early stopping).
     if (group()) {
