@@ -182,8 +182,11 @@ int train(const std::string& model_path, const TrainArgs& a) {
             b.labels.narrow(1, 1, b.labels.size(1) - 1).ne(-100).sum().item<int64_t>();
         auto loss =
             tokens > 0 ? peft::models::causal_lm_loss(logits, b.labels) : logits.sum() * 0.0;
-        curve.push_back(loss.item<double>());
-        return peft::mean_over_ranks(loss, tokens, group.get());
+        // The curve holds the global batch's loss on every rank, as one process logs it.
+        double global = 0.0;
+        auto weighted = peft::mean_over_ranks(loss, tokens, group.get(), &global);
+        curve.push_back(global);
+        return weighted;
       },
       trainer_options);
   if (!held.empty()) {

@@ -286,12 +286,23 @@ inline std::vector<double> all_reduce_sum(Collective& group, const std::vector<d
 /// instead weighs a token of a rank with few tokens more.) One all_reduce of one number per call:
 /// every rank must call it for every batch it computes a loss on (with gradient accumulation
 /// too), in the same order. peft::Trainer keeps that order when a rank's loss is not finite:
-/// it still computes the losses of the rest of the accumulation window on that rank. A rank with `count` 0 must still call it, with a finite `loss` (its
-/// gradient is multiplied by 0). Without a group or with one rank, `loss` as it is.
-inline torch::Tensor mean_over_ranks(const torch::Tensor& loss, int64_t count, Collective* group) {
-  if (group == nullptr || group->world_size() <= 1) return loss;
-  const double total =
-      all_reduce_sum(*group, {static_cast<double>(count)}, "the loss's item count").front();
+/// it still computes the losses of the rest of the accumulation window on that rank. A rank with
+/// `count` 0 must still call it, with a finite `loss` (its gradient is multiplied by 0). Without a
+/// group or with one rank, `loss` as it is. `global_mean`, when given, receives the loss over every
+/// rank's items (the value one process with the whole batch would log; 0 when no rank has an item),
+/// carried by the same reduction.
+inline torch::Tensor mean_over_ranks(const torch::Tensor& loss, int64_t count, Collective* group,
+                                     double* global_mean = nullptr) {
+  if (group == nullptr || group->world_size() <= 1) {
+    if (global_mean != nullptr) *global_mean = loss.item<double>();
+    return loss;
+  }
+  // With global_mean, the loss's value times its count travels in the same reduction.
+  std::vector<double> sums{static_cast<double>(count)};
+  if (global_mean != nullptr) sums.push_back(loss.item<double>() * static_cast<double>(count));
+  sums = all_reduce_sum(*group, sums, "the loss's item count");
+  const double total = sums.front();
+  if (global_mean != nullptr) *global_mean = total > 0 ? sums[1] / total : 0.0;
   if (total <= 0) return loss * 0.0;
   return loss * (static_cast<double>(count) * group->world_size() / total);
 }
