@@ -23,6 +23,7 @@ Prints "parity: llama passed" and exits 0 only when all hold.
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -159,6 +160,22 @@ def main():
         tool("logits", folder, inp, out)
         diff = np.abs(load_file(out)["logits"][real] - ref[real]).max()
         check("logits from a Hugging Face folder", diff <= 1e-4, f"max |diff| {diff:.2e}")
+
+        # And split into shards as save_pretrained(max_shard_size=...) splits it (huggingface_hub's
+        # own splitter names the files and the index), the single file removed.
+        from huggingface_hub import split_torch_state_dict_into_shards
+        split = split_torch_state_dict_into_shards(state, max_shard_size="200MB")
+        check("the state splits into several shards", len(split.filename_to_tensors) > 1,
+              f"{len(split.filename_to_tensors)} shards")
+        os.remove(os.path.join(folder, "model.safetensors"))
+        for filename, names in split.filename_to_tensors.items():
+            save_torch_file({n: state[n] for n in names}, os.path.join(folder, filename))
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f)
+        tool("logits", folder, inp, out)
+        diff = np.abs(load_file(out)["logits"][real] - ref[real]).max()
+        check("logits from a sharded Hugging Face folder", diff <= 1e-4,
+              f"max |diff| {diff:.2e} over {len(split.filename_to_tensors)} shards")
 
         chat = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}],
                                        add_generation_prompt=True, tokenize=True)
