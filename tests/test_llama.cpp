@@ -223,6 +223,64 @@ TEST_CASE("Llama: a saved adapter loads into a fresh model bit for bit, under Hu
   CHECK(torch::equal(logits(*fresh, ids), logits(*m, ids)));
 }
 
+TEST_CASE("Llama: packed rows give every example its own logits and the batch its own loss",
+          "[llama]") {
+  // Four examples of 5, 3, 4 and 6 tokens (labels on all but the first two of each) packed into
+  // rows of at most 12: [0 1 2] and [3] padded. Each example's logits must equal its logits
+  // alone, and the packed batch's loss the loss of the four as an ordinary padded batch: a
+  // token must see neither the other examples of its row nor positions counted across them.
+  std::vector<peft::data::LmExample> examples;
+  for (int64_t len : {5, 3, 4, 6}) {
+    peft::data::LmExample e;
+    for (int64_t t = 0; t < len; ++t) {
+      e.input_ids.push_back(torch::randint(1, 40, {1}, torch::kLong).item<int64_t>());
+      e.labels.push_back(t < 2 ? -100 : e.input_ids.back());
+    }
+    examples.push_back(e);
+  }
+  const std::vector<size_t> rows{0, 1, 2, 3};
+  const auto packed = peft::data::pack_lm_batches(examples, rows, 12, 2, 0);
+  REQUIRE(packed.size() == 1);
+  const auto& b = packed[0];
+  REQUIRE(b.input_ids.sizes() == torch::IntArrayRef({2, 12}));
+  CHECK(torch::equal(b.position_ids[0], torch::tensor({0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3})));
+  CHECK(torch::equal(b.position_ids[1].narrow(0, 0, 6), torch::arange(6, torch::kLong)));
+  CHECK(b.attention_mask[1].sum().item<int64_t>() == 6);
+  CHECK(b.labels[0][5].item<int64_t>() == -100);  // an example's first token learns nothing
+  const auto plain = peft::data::lm_batch(examples, rows, 0);
+
+  for (const char* method : {"none", "lora", "prefix"}) {
+    INFO(method);
+    auto m = tiny_llama(3);
+    if (std::string(method) == "lora") peft::attach(*m, peft::LoRAOptions(4));
+    if (std::string(method) == "prefix") peft::attach(*m, peft::PrefixOptions(3));
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : peft::trainable_parameters(*m)) p.normal_(0, 0.3);
+    }
+    torch::NoGradGuard no_grad;
+    const auto out = m->logits(m->forward(b.input_ids, b.attention_mask, nullptr, b.position_ids));
+    const std::vector<std::pair<int64_t, int64_t>> where{{0, 0}, {0, 5}, {0, 8}, {1, 0}};
+    for (size_t i = 0; i < examples.size(); ++i) {
+      const auto k = static_cast<int64_t>(examples[i].input_ids.size());
+      auto alone = logits(*m, torch::tensor(examples[i].input_ids, torch::kLong).view({1, k}));
+      auto mine = out[where[i].first].narrow(0, where[i].second, k).unsqueeze(0);
+      CHECK(max_diff(mine, alone) <= 1e-5);
+    }
+    const auto unpacked = m->logits(m->forward(plain.input_ids, plain.attention_mask));
+    CHECK(
+        peft::models::causal_lm_loss(out, b.labels).item<double>() ==
+        Approx(peft::models::causal_lm_loss(unpacked, plain.labels).item<double>()).epsilon(1e-5));
+  }
+  // Packed rows need no cache and no prompt rows; an example longer than a row is refused.
+  auto m = tiny_llama();
+  peft::models::KVCache cache;
+  CHECK_THROWS_WITH(m->forward(b.input_ids, b.attention_mask, &cache, b.position_ids),
+                    Catch::Contains("without a key/value cache"));
+  CHECK_THROWS_WITH(peft::data::pack_lm_batches(examples, rows, 5, 2, 0),
+                    Catch::Contains("example 3 has 6 tokens, more than the row length 5"));
+}
+
 TEST_CASE("causal_lm_loss is the mean next-token cross-entropy over labelled positions",
           "[llama]") {
   // One sequence of 3 positions, vocabulary 2; position t predicts label t + 1.

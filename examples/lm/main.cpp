@@ -14,6 +14,9 @@
 //
 // `train --nproc N` trains data parallel on N processes (docs/DISTRIBUTED.md): --batch-size is
 // the global batch, each rank takes its share of every batch; rank 0 writes --out.
+// `train --pack` lays the training examples back to back in rows of up to --max-length tokens
+// (position ids restart per example and a token attends only within its example: each
+// example's logits are those it has alone), so short examples waste no padding.
 
 #include <peft/core/parameters.hpp>
 #include <peft/data/lm.hpp>
@@ -102,6 +105,7 @@ struct TrainArgs {
   int64_t seed = 0;
   int64_t nproc = 1;
   bool resume = false;
+  bool pack = false;
 };
 
 int train(const std::string& model_path, const TrainArgs& a) {
@@ -149,12 +153,18 @@ int train(const std::string& model_path, const TrainArgs& a) {
   const size_t global_rows = rows.size();
   // Each rank its share of every batch; the held-out batches are split between the ranks.
   if (group) rows = peft::shard_for_rank(rows, world, rank);
-  const auto train_batches = peft::data::lm_batches(examples, rows, a.batch_size / world, pad);
+  peft::check(!a.pack || !group, "peft-lm",
+              "--pack works in one process (the ranks would get different numbers of packed "
+              "rows); leave out --pack or --nproc");
+  const auto train_batches =
+      a.pack ? peft::data::pack_lm_batches(examples, rows, a.max_length, a.batch_size, pad)
+             : peft::data::lm_batches(examples, rows, a.batch_size / world, pad);
   const auto held_batches = peft::data::lm_batches(examples, held, a.batch_size, pad);
 
   nlohmann::ordered_json report = {{"method", a.method},
                                    {"trainable_params", counts.trainable},
                                    {"train_examples", global_rows},
+                                   {"train_batches", train_batches.size()},
                                    {"held_out_examples", held.size()}};
   if (!held.empty()) {
     model.eval();
@@ -175,7 +185,8 @@ int train(const std::string& model_path, const TrainArgs& a) {
   peft::Trainer<peft::data::LmBatch> trainer(
       lm.model,
       [&](const peft::data::LmBatch& b) {
-        auto logits = model.logits(model.forward(b.input_ids, b.attention_mask));
+        auto logits =
+            model.logits(model.forward(b.input_ids, b.attention_mask, nullptr, b.position_ids));
         // The mean over the global batch's labelled tokens, whichever rank holds them; a batch
         // without any (all cut by --max-length) contributes a zero, not cross-entropy's NaN.
         const auto tokens =
@@ -305,6 +316,9 @@ int main(int argc, char** argv) {
                 "folder for the adapter (HF PEFT layout + adapter.gguf), checkpoints and "
                 "metrics.jsonl");
   t->add_flag("--resume", a.resume, "continue from the newest checkpoint in --out");
+  t->add_flag("--pack", a.pack,
+              "lay the training examples back to back in rows of up to --max-length tokens "
+              "(each still sees only itself); --batch-size then counts rows");
   t->add_option("--nproc", a.nproc,
                 "train on this many processes of this machine, data parallel (several machines: "
                 "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them)")

@@ -83,14 +83,17 @@ inline LmExample make_lm_example(std::vector<int64_t> prompt_ids,
 }
 
 /// A padded causal-LM batch: [N, L] int64 each; padding on the right (input_ids = pad id,
-/// attention_mask = 0, labels = -100).
+/// attention_mask = 0, labels = -100). Packed batches (pack_lm_batches) also carry
+/// position_ids, each example's tokens numbered from 0 (models::LlamaImpl::forward takes them).
 struct LmBatch {
   torch::Tensor input_ids;
   torch::Tensor attention_mask;
   torch::Tensor labels;
+  torch::Tensor position_ids;  ///< undefined unless packed
   /// The batch on `device` (what peft::Trainer calls to move it).
   LmBatch to(const torch::Device& device) const {
-    return {input_ids.to(device), attention_mask.to(device), labels.to(device)};
+    return {input_ids.to(device), attention_mask.to(device), labels.to(device),
+            position_ids.defined() ? position_ids.to(device) : position_ids};
   }
 };
 
@@ -106,7 +109,7 @@ inline LmBatch lm_batch(const std::vector<LmExample>& examples, const std::vecto
   const auto n = static_cast<int64_t>(rows.size());
   const auto len = static_cast<int64_t>(L);
   LmBatch b{torch::full({n, len}, pad_id, torch::kLong), torch::zeros({n, len}, torch::kLong),
-            torch::full({n, len}, -100, torch::kLong)};
+            torch::full({n, len}, -100, torch::kLong), torch::Tensor()};
   for (int64_t i = 0; i < n; ++i) {
     const auto& e = examples[rows[static_cast<size_t>(i)]];
     const auto k = static_cast<int64_t>(e.input_ids.size());
@@ -130,6 +133,65 @@ inline std::vector<LmBatch> lm_batches(const std::vector<LmExample>& examples,
                            std::vector<size_t>(rows.begin() + static_cast<std::ptrdiff_t>(at),
                                                rows.begin() + static_cast<std::ptrdiff_t>(end)),
                            pad_id));
+  }
+  return out;
+}
+
+/// Packed batches: the examples at `rows`, in order, laid back to back in rows of at most
+/// `max_length` tokens (an example goes to the next row when it does not fit the current one),
+/// `batch_size` rows to a batch, padded on the right. position_ids count each example's tokens
+/// from 0 (0 on padding); each example's first token gets label -100 (alone it has no
+/// predecessor; packed, the previous example's last token must not learn to predict it). With a
+/// model that takes position_ids, every example's logits and the batch's mean loss over its
+/// labelled tokens are those of the same examples unpacked, with less padding.
+inline std::vector<LmBatch> pack_lm_batches(const std::vector<LmExample>& examples,
+                                            const std::vector<size_t>& rows, int64_t max_length,
+                                            int64_t batch_size, int64_t pad_id) {
+  check(batch_size > 0, "data::lm", "batch size must be positive, got {}", batch_size);
+  check(max_length > 0, "data::lm", "max_length must be positive, got {}", max_length);
+  // Which examples each packed row holds.
+  std::vector<std::vector<size_t>> packed;
+  int64_t used = 0;
+  for (auto r : rows) {
+    check(r < examples.size(), "data::lm", "row {} is outside the {} examples", r, examples.size());
+    const auto k = static_cast<int64_t>(examples[r].input_ids.size());
+    check(k <= max_length, "data::lm", "example {} has {} tokens, more than the row length {}", r,
+          k, max_length);
+    if (k == 0) continue;
+    if (packed.empty() || used + k > max_length) {
+      packed.emplace_back();
+      used = 0;
+    }
+    packed.back().push_back(r);
+    used += k;
+  }
+  std::vector<LmBatch> out;
+  for (size_t at = 0; at < packed.size(); at += static_cast<size_t>(batch_size)) {
+    const auto end = std::min(packed.size(), at + static_cast<size_t>(batch_size));
+    const auto n = static_cast<int64_t>(end - at);
+    int64_t L = 0;
+    for (size_t i = at; i < end; ++i) {
+      int64_t len = 0;
+      for (auto r : packed[i]) len += static_cast<int64_t>(examples[r].input_ids.size());
+      L = std::max(L, len);
+    }
+    LmBatch b{torch::full({n, L}, pad_id, torch::kLong), torch::zeros({n, L}, torch::kLong),
+              torch::full({n, L}, -100, torch::kLong), torch::zeros({n, L}, torch::kLong)};
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t offset = 0;
+      for (auto r : packed[at + static_cast<size_t>(i)]) {
+        const auto& e = examples[r];
+        const auto k = static_cast<int64_t>(e.input_ids.size());
+        auto labels = torch::tensor(e.labels, torch::kLong);
+        labels[0].fill_(-100);
+        b.input_ids[i].narrow(0, offset, k).copy_(torch::tensor(e.input_ids, torch::kLong));
+        b.labels[i].narrow(0, offset, k).copy_(labels);
+        b.attention_mask[i].narrow(0, offset, k).fill_(1);
+        b.position_ids[i].narrow(0, offset, k).copy_(torch::arange(k, torch::kLong));
+        offset += k;
+      }
+    }
+    out.push_back(std::move(b));
   }
   return out;
 }

@@ -441,8 +441,13 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
   /// cached positions too. With a cache, the new keys and values are appended to it. Positions
   /// count from the cache length plus the prefix rows (as Hugging Face numbers tokens after a
   /// key/value cache that holds PEFT's prefix).
+  ///
+  /// Packed rows (several examples back to back in one row, data::pack_lm_batches): position_ids
+  /// [N, L] number each example's tokens from 0, and a token attends only to earlier tokens of
+  /// its own example (a new example starts wherever the count restarts at 0), plus the prefix
+  /// rows; each example's outputs are then those it gets alone. Not with a cache or prompt rows.
   torch::Tensor forward(const torch::Tensor& input_ids, const torch::Tensor& attention_mask = {},
-                        KVCache* cache = nullptr) {
+                        KVCache* cache = nullptr, const torch::Tensor& position_ids = {}) {
     check(input_ids.dim() == 2, "models::llama", "input_ids has shape {}, expected [N, L]",
           peft::detail::shape(input_ids.sizes()));
     const int64_t N = input_ids.size(0);
@@ -466,12 +471,31 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
           "models::llama", "attention_mask has shape {}, expected [{}, {}] (cached + new)",
           peft::detail::shape(attention_mask.sizes()), N, past + input_ids.size(1));
 
-    auto positions = torch::arange(past + P, past + P + L, torch::kLong).to(torch::kFloat);
-    auto freqs = torch::outer(positions, inv_freq_);
+    torch::Tensor positions, segments;
+    if (position_ids.defined()) {
+      check(cache == nullptr && !rows.defined(), "models::llama",
+            "position_ids (packed rows) work without a key/value cache and without prompt rows");
+      check(position_ids.dim() == 2 && position_ids.size(0) == N && position_ids.size(1) == L &&
+                position_ids.scalar_type() == torch::kLong,
+            "models::llama", "position_ids has shape {} of {}, expected [{}, {}] int64",
+            peft::detail::shape(position_ids.sizes()), c10::toString(position_ids.scalar_type()), N,
+            L);
+      check(position_ids.numel() == 0 ||
+                (position_ids.min().item<int64_t>() >= 0 &&
+                 position_ids.max().item<int64_t>() + P < config_.max_position_embeddings),
+            "models::llama", "position_ids must lie in [0, {})",
+            config_.max_position_embeddings - P);
+      positions = (position_ids + P).to(torch::kFloat).view({N, L});
+      segments = position_ids.eq(0).cumsum(1);
+    } else {
+      positions =
+          torch::arange(past + P, past + P + L, torch::kLong).to(torch::kFloat).view({1, L});
+    }
+    auto freqs = positions.unsqueeze(-1) * inv_freq_.view({1, 1, -1});
     auto emb = torch::cat({freqs, freqs}, -1);
-    auto cos = emb.cos().to(x.scalar_type()).view({1, 1, L, -1});
-    auto sin = emb.sin().to(x.scalar_type()).view({1, 1, L, -1});
-    auto mask = build_mask(N, L, past, P, attention_mask, x.options());
+    auto cos = emb.cos().to(x.scalar_type()).unsqueeze(1);
+    auto sin = emb.sin().to(x.scalar_type()).unsqueeze(1);
+    auto mask = build_mask(N, L, past, P, attention_mask, x.options(), segments);
 
     if (cache != nullptr && cache->keys.empty()) {
       cache->keys.resize(layers->size());
@@ -601,14 +625,19 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
   }
 
   // Additive mask [N, 1, L, P + past + L]: every query sees the prefix rows, the cached positions
-  // and itself and those before it, never a padded key. A padded query still sees itself, so its
-  // row (whose output nobody reads) stays finite.
+  // and itself and those before it, never a padded key, and with `segments` ([N, L], packed
+  // rows) only keys of its own segment. A padded query still sees itself, so its row (whose
+  // output nobody reads) stays finite.
   static torch::Tensor build_mask(int64_t N, int64_t L, int64_t past, int64_t P,
                                   const torch::Tensor& attention_mask,
-                                  const torch::TensorOptions& options) {
+                                  const torch::TensorOptions& options,
+                                  const torch::Tensor& segments = {}) {
     auto q = torch::arange(L, torch::kLong).view({L, 1}) + past;
     auto k = torch::arange(past + L, torch::kLong).view({1, past + L});
     auto blocked = k.gt(q).view({1, 1, L, past + L}).expand({N, 1, L, past + L});
+    if (segments.defined()) {
+      blocked = blocked.logical_or(segments.view({N, 1, L, 1}).ne(segments.view({N, 1, 1, L})));
+    }
     if (attention_mask.defined()) {
       const int64_t n_prompt = L - (attention_mask.size(1) - past);
       auto pad = attention_mask.eq(0).to(torch::kBool);
