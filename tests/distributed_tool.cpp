@@ -150,22 +150,23 @@ Trained train(const RunOptions& run, const std::shared_ptr<peft::Collective>& gr
     return loss;
   };
   std::ostringstream quiet;
-  peft::Trainer<Batch> trainer(model, loss,
-                               peft::TrainerOptions()
-                                   .epochs(2)
-                                   .grad_accumulation(run.accumulation)
-                                   .nan_policy(peft::NanPolicy::skip)
-                                   .lr(1e-2)
-                                   .weight_decay(0.01)
-                                   .warmup_ratio(0.1)
-                                   .grad_clip(1.0)
-                                   .seed(42)
-                                   .save_every(run.save_every)
-                                   .keep_checkpoints(0)
-                                   .output_dir(run.output)
-                                   .metric("accuracy")
-                                   .progress_stream(&quiet)
-                                   .collective(group));
+  peft::Trainer<Batch> trainer(
+      model, loss,
+      peft::TrainerOptions()
+          .epochs(2)
+          .grad_accumulation(run.accumulation)
+          .nan_policy(run.nan_at_call > 0 ? peft::NanPolicy::skip : peft::NanPolicy::stop)
+          .lr(1e-2)
+          .weight_decay(0.01)
+          .warmup_ratio(0.1)
+          .grad_clip(1.0)
+          .seed(42)
+          .save_every(run.save_every)
+          .keep_checkpoints(0)
+          .output_dir(run.output)
+          .metric("accuracy")
+          .progress_stream(&quiet)
+          .collective(group));
   // Accuracy over every row, each rank scoring its share (exercises the gather).
   trainer.evaluate_with([&] {
     std::vector<double> hits;

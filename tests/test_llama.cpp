@@ -225,16 +225,19 @@ TEST_CASE("Llama: a saved adapter loads into a fresh model bit for bit, under Hu
 
 TEST_CASE("Llama: packed rows give every example its own logits and the batch its own loss",
           "[llama]") {
-  // Four examples of 5, 3, 4 and 6 tokens (labels on all but the first two of each) packed into
-  // rows of at most 12: [0 1 2] and [3] padded. Each example's logits must equal its logits
-  // alone, and the packed batch's loss the loss of the four as an ordinary padded batch: a
-  // token must see neither the other examples of its row nor positions counted across them.
+  // Four examples of 5, 3, 4 and 6 tokens packed into rows of at most 12: [0 1 2] and [3]
+  // padded. Each example's logits must equal its logits alone, and the packed batch's loss the
+  // loss of the four as an ordinary padded batch: a token must see neither the other examples of
+  // its row nor positions counted across them. Example 1 is labelled on every token, its first
+  // included (which nothing predicts when it stands alone): packed, the previous example's last
+  // token must not learn to predict it. The others are labelled from their third token.
   std::vector<peft::data::LmExample> examples;
   for (int64_t len : {5, 3, 4, 6}) {
     peft::data::LmExample e;
+    const bool all_labelled = examples.size() == 1;
     for (int64_t t = 0; t < len; ++t) {
       e.input_ids.push_back(torch::randint(1, 40, {1}, torch::kLong).item<int64_t>());
-      e.labels.push_back(t < 2 ? -100 : e.input_ids.back());
+      e.labels.push_back(all_labelled || t >= 2 ? e.input_ids.back() : -100);
     }
     examples.push_back(e);
   }

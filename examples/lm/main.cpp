@@ -153,6 +153,10 @@ int train(const std::string& model_path, const TrainArgs& a) {
   const size_t global_rows = rows.size();
   // Each rank its share of every batch; the held-out batches are split between the ranks.
   if (group) rows = peft::shard_for_rank(rows, world, rank);
+  peft::check(!a.pack || model.prompt_length() == 0, "peft-lm",
+              "--pack does not work with --method {}: its prompt rows would be needed in front of "
+              "every packed example",
+              a.method);
   peft::check(!a.pack || !group, "peft-lm",
               "--pack works in one process (the ranks would get different numbers of packed "
               "rows); leave out --pack or --nproc");

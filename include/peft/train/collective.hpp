@@ -290,7 +290,7 @@ inline std::vector<double> all_reduce_sum(Collective& group, const std::vector<d
 /// `count` 0 must still call it, with a finite `loss` (its gradient is multiplied by 0). Without a
 /// group or with one rank, `loss` as it is. `global_mean`, when given, receives the loss over every
 /// rank's items (the value one process with the whole batch would log; 0 when no rank has an item),
-/// carried by the same reduction.
+/// carried by the same reduction (of two numbers then: every rank must pass it, or none).
 inline torch::Tensor mean_over_ranks(const torch::Tensor& loss, int64_t count, Collective* group,
                                      double* global_mean = nullptr) {
   if (group == nullptr || group->world_size() <= 1) {
