@@ -149,49 +149,39 @@ inline std::vector<LmBatch> pack_lm_batches(const std::vector<LmExample>& exampl
                                             int64_t batch_size, int64_t pad_id) {
   check(batch_size > 0, "data::lm", "batch size must be positive, got {}", batch_size);
   check(max_length > 0, "data::lm", "max_length must be positive, got {}", max_length);
-  // Which examples each packed row holds.
-  std::vector<std::vector<size_t>> packed;
-  int64_t used = 0;
+  // The packed rows as examples of their own (ids and labels back to back), and the positions.
+  std::vector<LmExample> packed;
+  std::vector<std::vector<int64_t>> positions;
   for (auto r : rows) {
     check(r < examples.size(), "data::lm", "row {} is outside the {} examples", r, examples.size());
-    const auto k = static_cast<int64_t>(examples[r].input_ids.size());
+    const auto& e = examples[r];
+    const auto k = static_cast<int64_t>(e.input_ids.size());
     check(k <= max_length, "data::lm", "example {} has {} tokens, more than the row length {}", r,
           k, max_length);
     if (k == 0) continue;
-    if (packed.empty() || used + k > max_length) {
+    if (packed.empty() || static_cast<int64_t>(packed.back().input_ids.size()) + k > max_length) {
       packed.emplace_back();
-      used = 0;
+      positions.emplace_back();
     }
-    packed.back().push_back(r);
-    used += k;
+    auto& row = packed.back();
+    row.input_ids.insert(row.input_ids.end(), e.input_ids.begin(), e.input_ids.end());
+    row.labels.push_back(-100);
+    row.labels.insert(row.labels.end(), e.labels.begin() + 1, e.labels.end());
+    for (int64_t t = 0; t < k; ++t) positions.back().push_back(t);
   }
-  std::vector<LmBatch> out;
-  for (size_t at = 0; at < packed.size(); at += static_cast<size_t>(batch_size)) {
-    const auto end = std::min(packed.size(), at + static_cast<size_t>(batch_size));
-    const auto n = static_cast<int64_t>(end - at);
-    int64_t L = 0;
-    for (size_t i = at; i < end; ++i) {
-      int64_t len = 0;
-      for (auto r : packed[i]) len += static_cast<int64_t>(examples[r].input_ids.size());
-      L = std::max(L, len);
+  // Padded as ordinary rows (lm_batch), with the positions beside them (0 on padding).
+  std::vector<size_t> all(packed.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+  auto out = lm_batches(packed, all, batch_size, pad_id);
+  size_t next = 0;
+  for (auto& b : out) {
+    b.position_ids = torch::zeros_like(b.input_ids);
+    for (int64_t i = 0; i < b.input_ids.size(0); ++i, ++next) {
+      const auto& p = positions[next];
+      b.position_ids[i]
+          .narrow(0, 0, static_cast<int64_t>(p.size()))
+          .copy_(torch::tensor(p, torch::kLong));
     }
-    LmBatch b{torch::full({n, L}, pad_id, torch::kLong), torch::zeros({n, L}, torch::kLong),
-              torch::full({n, L}, -100, torch::kLong), torch::zeros({n, L}, torch::kLong)};
-    for (int64_t i = 0; i < n; ++i) {
-      int64_t offset = 0;
-      for (auto r : packed[at + static_cast<size_t>(i)]) {
-        const auto& e = examples[r];
-        const auto k = static_cast<int64_t>(e.input_ids.size());
-        auto labels = torch::tensor(e.labels, torch::kLong);
-        labels[0].fill_(-100);
-        b.input_ids[i].narrow(0, offset, k).copy_(torch::tensor(e.input_ids, torch::kLong));
-        b.labels[i].narrow(0, offset, k).copy_(labels);
-        b.attention_mask[i].narrow(0, offset, k).fill_(1);
-        b.position_ids[i].narrow(0, offset, k).copy_(torch::arange(k, torch::kLong));
-        offset += k;
-      }
-    }
-    out.push_back(std::move(b));
   }
   return out;
 }
