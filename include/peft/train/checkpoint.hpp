@@ -402,13 +402,13 @@ inline void check_optimizer_state(torch::optim::Optimizer& optimizer) {
   using Map = std::decay_t<decltype(state)>;
   size_t g = 0;
   for (auto& group : optimizer.param_groups()) {
+    // AMSGrad's step reads max_exp_avg_sq, which a state saved without it lacks.
+    const auto* adamw_options = dynamic_cast<const torch::optim::AdamWOptions*>(&group.options());
+    const auto* adam_options = dynamic_cast<const torch::optim::AdamOptions*>(&group.options());
+    const bool amsgrad = (adamw_options != nullptr && adamw_options->amsgrad()) ||
+                         (adam_options != nullptr && adam_options->amsgrad());
     size_t i = 0;
     for (auto& p : group.params()) {
-      // AMSGrad's step reads max_exp_avg_sq, which a state saved without it lacks.
-      const auto* adamw_options = dynamic_cast<const torch::optim::AdamWOptions*>(&group.options());
-      const auto* adam_options = dynamic_cast<const torch::optim::AdamOptions*>(&group.options());
-      const bool amsgrad = (adamw_options != nullptr && adamw_options->amsgrad()) ||
-                           (adam_options != nullptr && adam_options->amsgrad());
       auto it = state.find(optimizer_state_key<Map>(p));
       if (it == state.end()) {
         ++i;
