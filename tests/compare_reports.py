@@ -4,9 +4,10 @@ standard library only.
 
     compare_reports.py A B TOLERANCE KEY [KEY ...]
 
-Each KEY (a dotted path for a nested value, a number for a list's item: early_exit.curve.1.accuracy)
-must be a number in both
-files, and the two must differ by at most TOLERANCE. Prints each pair. Exit status 0 when all hold, 1 otherwise, 2 on unreadable input or a missing key.
+Each KEY (a dotted path for a nested value, a number for a list's item:
+early_exit.curve.1.accuracy) must be a number in both files, and the two must differ by at most
+TOLERANCE. Prints each pair. Exit status 0 when all hold, 1 otherwise, 2 on unreadable input or a
+missing key.
 """
 import json
 import sys
