@@ -117,5 +117,17 @@ void config_read(const nlohmann::json& config, const char* key, T& out, const st
   if (it != config.end() && !it->is_null()) out = config_value<T>(config, key, file, where);
 }
 
+/// `value` rounded to `digits` decimals, for reports. Dividing by the power of ten (not
+/// multiplying by 0.1) gives the double that prints as the short decimal.
+inline double round_to(double value, int digits) {
+  const double scale = std::pow(10.0, digits);
+  return std::round(value * scale) / scale;
+}
+
+/// A number for a JSON report: JSON has no NaN, so a non-finite value becomes null.
+inline nlohmann::ordered_json json_number(double value) {
+  return std::isfinite(value) ? nlohmann::ordered_json(value) : nlohmann::ordered_json(nullptr);
+}
+
 }  // namespace detail
 PEFT_NAMESPACE_END

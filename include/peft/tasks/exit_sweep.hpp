@@ -22,8 +22,11 @@
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include <peft/config.hpp>
 #include <peft/core/error.hpp>
+#include <peft/detail/json.hpp>
 #include <peft/models/early_exit.hpp>
 #include <peft/train/accumulator.hpp>
 
@@ -172,6 +175,29 @@ ExitSweep sweep_exit_thresholds(models::BertEarlyExitForSequenceClassificationIm
   out.examples = total_examples;
   model.set_exit(policy, out.chosen().threshold);
   return out;
+}
+
+/// A sweep as JSON, for a run's report: the policy, the threshold kept, the full model's
+/// `metric` and seconds, and the curve (each threshold's metric, mean layers, seconds and speed-up
+/// over the full model). Times to the millisecond; a non-finite metric is null.
+inline nlohmann::ordered_json exit_sweep_report(const ExitSweep& sweep, const std::string& metric) {
+  using detail::json_number;
+  using detail::round_to;
+  nlohmann::ordered_json report;
+  report["policy"] = models::to_string(sweep.policy);
+  report["threshold"] = sweep.chosen().threshold;
+  report["full_" + metric] = json_number(sweep.full.metric);
+  report["full_seconds"] = round_to(sweep.full.seconds, 3);
+  auto curve = nlohmann::ordered_json::array();
+  for (const auto& p : sweep.points) {
+    curve.push_back({{"threshold", p.threshold},
+                     {metric, json_number(p.metric)},
+                     {"mean_layers", round_to(p.mean_layers, 3)},
+                     {"seconds", round_to(p.seconds, 3)},
+                     {"speedup", round_to(sweep.full.seconds / p.seconds, 3)}});
+  }
+  report["curve"] = curve;
+  return report;
 }
 
 PEFT_NAMESPACE_END

@@ -164,6 +164,7 @@ struct TrainResult {
   std::optional<double> best_metric;                            ///< best value of options.metric
   int64_t best_step = -1;                                       ///< step of best_metric
   std::map<std::string, double> last_metrics;                   ///< latest evaluation
+  double seconds = 0.0;        ///< wall seconds of this fit(), evaluations included
   double eval_seconds = 0.0;   ///< wall seconds this fit() spent in the evaluation callback
   bool stopped_early = false;  ///< patience ran out
   std::filesystem::path best_checkpoint;  ///< `<output_dir>/best`, when written
@@ -367,6 +368,7 @@ class Trainer {
   /// for a NaN/Inf step under NanPolicy::stop, a loss that is not a scalar requiring grad, or a
   /// resumed checkpoint planned for a different run length.
   TrainResult fit(const BatchSource<Batch>& source) {
+    const auto started = std::chrono::steady_clock::now();
     check(!fitted_, "trainer", "fit() already ran on this Trainer; create a new one");
     fitted_ = true;
     const int64_t n = source.batches_per_epoch;
@@ -581,6 +583,8 @@ class Trainer {
     if (!out_dir.empty() && std::filesystem::is_directory(out_dir / "best")) {
       result.best_checkpoint = out_dir / "best";
     }
+    result.seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     return result;
   }
 
