@@ -501,3 +501,46 @@ TEST_CASE("TextClassifier: grouping by length changes the batches, not the predi
   // The scores differ between rows (a random head), so a misplaced row would show.
   CHECK(std::abs(a[0] - a[1]) > 1e-4);
 }
+
+TEST_CASE("TextClassifier refuses options that do not go together before loading anything",
+          "[batching]") {
+  // The path does not exist: every refusal below comes before the model is read.
+  const std::filesystem::path nowhere = "no/such/model";
+  using Options = peft::TextClassifierOptions;
+  auto refused = [&](const Options& o, int64_t labels = 2) {
+    try {
+      peft::TextClassifier c(nowhere, labels, o);
+    } catch (const peft::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  CHECK_THAT(refused(Options().pooling("mean").train_pooler(true)),
+             Catch::Contains("train_pooler does not apply to pooling mean"));
+  // A program names its flags.
+  CHECK_THAT(refused(Options().pooling("mean").train_pooler(true).option_names(
+                 {{"train_pooler", "--train-pooler"}, {"pooling", "--pooling"}})),
+             Catch::Contains("--train-pooler does not apply to --pooling mean"));
+  CHECK_THAT(refused(Options().method("lst").pooling("cls").train_pooler(true)),
+             Catch::Contains("train_pooler does not apply to method lst"));
+  CHECK_THAT(refused(Options().early_exit("entropy"), 1),
+             Catch::Contains("early_exit needs a classification task"));
+  CHECK_THAT(refused(Options().early_exit("sometimes")), Catch::Contains("sometimes"));
+  CHECK_THAT(refused(Options().method("lst").early_exit("entropy")),
+             Catch::Contains("early_exit does not apply to method lst"));
+  CHECK_THAT(refused(Options().exit_from("out/run")),
+             Catch::Contains("exit_from needs early_exit"));
+  CHECK_THAT(refused(Options().method("full").method_options({{"r", 4}})),
+             Catch::Contains("method full takes no method options"));
+  CHECK_THAT(refused(Options().method("lst").ladder_fisher_batches(2)),
+             Catch::Contains("ladder_fisher_batches needs fisher_examples"));
+  CHECK_THAT(refused(Options().ladder_fisher_batches(2)),
+             Catch::Contains("ladder_fisher_batches applies to method lst only"));
+  const std::filesystem::path gguf = "no/such/model.gguf";
+  try {
+    peft::TextClassifier c(gguf, 2, Options().method("lst"));
+    FAIL("LST on a decoder was accepted");
+  } catch (const peft::Error& e) {
+    CHECK_THAT(e.what(), Catch::Contains("method lst does not apply to a decoder model"));
+  }
+}
