@@ -1,6 +1,7 @@
 // Fine-tunes the default model (or --model) on your own labelled CSV/TSV files with any method:
 //
-//   peft_custom_task --train reviews/train.csv --dev reviews/dev.csv --method ia3 --output out/ia3
+//   peft_custom_task --train reviews/train.csv --dev reviews/dev.csv --method lora --output
+//   out/lora
 //
 // Each file has a header row naming a text column (--text, default "text"), optionally a second
 // text column (--text-b) and a label column (--label); labels are class names, or numbers with
@@ -51,7 +52,7 @@ int main(int argc, char** argv) {
                                         .method(method)
                                         .method_options(nlohmann::json::parse(method_options))
                                         .epochs(epochs));
-    peft::print_trainable(*classifier.model());
+    peft::print_trainable(classifier.model());
     classifier.fit(train.examples, dev.examples);
     const auto scores = classifier.evaluate(dev.examples);
     if (!output.empty()) classifier.save(output);

@@ -183,7 +183,7 @@ inline void lora_config(const LoRAOptions& o, nlohmann::json& config) {
   config["layers_pattern"] = nullptr;
 }
 
-/// The settings one LoRA (or DoRA) file holds for all its sites (for shared_setting).
+/// The settings one LoRA file (or a LoRA variant's) holds for all its sites (for shared_setting).
 template <class Options>
 std::string lora_setting(const Options& o) {
   return fmt::format("r={} alpha={} rslora={} dropout={}", o.r(), o.alpha(), o.rslora(),
