@@ -203,6 +203,36 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("Llama: IA3 scales down_proj's input when feedforward_modules names it, exactly",
+          "[llama]") {
+  auto m = tiny_llama();
+  peft::attach(
+      *m, "ia3",
+      {{"target_modules", {"o_proj", "down_proj"}}, {"feedforward_modules", {"down_proj"}}});
+  // Scaling vectors far from 1, where adding W (x * (l - 1)) to W x would cancel.
+  torch::manual_seed(5);
+  auto reference = tiny_llama();
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& ref : peft::find_sites(*m)) {
+      for (const auto& method : ref.site->methods()) {
+        auto& l = method->named_parameters()["ia3_l"];
+        l.uniform_(0.0, 0.1);
+        // The independent expectation: the frozen weight itself scaled, by column (the input)
+        // at down_proj, by row (the output) at o_proj.
+        const bool down = ref.path.find("down_proj") != std::string::npos;
+        CHECK(l.sizes() == (down ? std::vector<int64_t>{1, 24} : std::vector<int64_t>{16, 1}));
+        const auto layer = ref.path.find("layers.0.") != std::string::npos ? 0 : 1;
+        auto& w = down ? reference->layer(layer).mlp->down_proj->base->weight
+                       : reference->layer(layer).self_attn->o_proj->base->weight;
+        w.mul_(l);
+      }
+    }
+  }
+  auto ids = torch::randint(0, 40, {2, 6}, torch::kLong);
+  CHECK(max_diff(logits(*m, ids), logits(*reference, ids)) <= 1e-6);
+}
+
 TEST_CASE("Llama: BitFit says the architecture has no biases", "[llama]") {
   auto m = tiny_llama();
   CHECK_THROWS_WITH(peft::attach(*m, peft::BitFitOptions()),

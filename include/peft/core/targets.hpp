@@ -94,8 +94,8 @@ inline std::vector<std::string> site_aliases(const std::string& role) {
   if (role == "key") return {"key", "k_proj", "k"};
   if (role == "value") return {"value", "v_proj", "v"};
   if (role == "out_proj") return {"out_proj", "attention.output.dense", "o_proj", "dense"};
-  if (role == "linear1") return {"linear1", "intermediate.dense", "fc1", "dense"};
-  if (role == "linear2") return {"linear2", "output.dense", "fc2", "dense"};
+  if (role == "linear1") return {"linear1", "intermediate.dense", "fc1", "dense", "up_proj"};
+  if (role == "linear2") return {"linear2", "output.dense", "fc2", "dense", "down_proj"};
   return {role};
 }
 

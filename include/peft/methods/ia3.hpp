@@ -48,9 +48,15 @@ struct IA3Options : TargetOptions<IA3Options> {
   static constexpr unsigned kinds = site_kinds(SiteKind::Linear);
   static bool fits(const SiteImpl& site) { return site.kind() == SiteKind::Linear; }
   void validate() const {}
-  /// Whether a site with this role has its input scaled.
+  /// Whether a site with this role has its input scaled: `feedforward` names the role or one of
+  /// the names a target list may use for it (Hugging Face's "output.dense", "down_proj", ...).
   bool is_feedforward(const std::string& role) const {
-    return std::find(feedforward_.begin(), feedforward_.end(), role) != feedforward_.end();
+    for (const auto& name : detail::site_aliases(role)) {
+      if (std::find(feedforward_.begin(), feedforward_.end(), name) != feedforward_.end()) {
+        return true;
+      }
+    }
+    return false;
   }
 };
 
@@ -68,10 +74,20 @@ class IA3Impl : public MethodImpl {
 
   torch::Tensor apply(const torch::Tensor& input, const torch::Tensor& output) override {
     if (!feedforward_) return output * ia3_l.flatten().to(output.scalar_type());
-    // W (x * l) + b = W x + b + W (x * (l - 1)); the frozen W x + b is the site's output.
     const auto& w = site_->frozen_weight();
-    return output +
-           torch::nn::functional::linear(input * (ia3_l.flatten() - 1).to(input.scalar_type()), w);
+    const auto l = ia3_l.flatten().to(input.scalar_type());
+    // Alone at the site (no active, unmerged method before this one), the site's output is the
+    // frozen W x + b, so W (x * l) + b is computed as Hugging Face computes it. Adding W (x * (l -
+    // 1)) to the output instead is the same in exact arithmetic but cancels when l is far from 1
+    // (3e-2 on SmolLM2's logits with l near 0, against 0 this way); it serves only after another
+    // method changed the output.
+    bool first = true;
+    for (const auto& m : site_->methods()) {
+      if (m.get() == this) break;
+      if (m->active() && !m->merged()) first = false;
+    }
+    if (first) return torch::nn::functional::linear(input * l, w, site_->frozen_bias());
+    return output + torch::nn::functional::linear(input * (l - 1), w);
   }
 
   bool can_merge() const override { return true; }
