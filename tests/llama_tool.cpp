@@ -11,6 +11,9 @@
 //       projection of the decoder) with random non-zero B, saves the adapter (Hugging Face PEFT
 //       layout) and a llama.cpp LoRA GGUF (<adapter>/adapter.gguf), writes the logits
 //   peft_llama_tool load <model> <adapter> <in> <out>  loads an adapter and writes the logits
+//   peft_llama_tool save-method <model> <in> <adapter> <out> <method> <json>  attaches a
+//       registered method by name with JSON options, draws its trainable values at random
+//       (normal, std 0.05; seed 0), saves the adapter and writes the logits
 //   peft_llama_tool save-cls <model> <in> <adapter> <out>  a LlamaForSequenceClassification (2
 //       labels, random score) with LoRA (r 4, q/v, random B): saves the adapter, writes the logits
 //   peft_llama_tool load-cls <model> <adapter> <in> <out>  loads such an adapter into a fresh one
@@ -21,6 +24,7 @@
 #include <peft/io/gguf.hpp>
 #include <peft/models/llama_cpp.hpp>
 #include <peft/methods/lora.hpp>
+#include <peft/peft.hpp>  // every registered method, for save-method
 #include <peft/models/llama.hpp>
 
 #include <cstdint>
@@ -101,6 +105,17 @@ int run(const std::vector<std::string>& a) {
     }
     peft::save_adapter(*model, a.at(3));
     peft::models::save_llama_cpp_lora(*model, std::filesystem::path(a.at(3)) / "adapter.gguf");
+    write(a.at(4), "logits", logits_of(*model, a.at(2)));
+    return 0;
+  }
+  if (cmd == "save-method") {
+    torch::manual_seed(0);
+    peft::attach(*model, a.at(5), nlohmann::json::parse(a.at(6)));
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : peft::trainable_parameters(*model)) p.normal_(0.0, 0.05);
+    }
+    peft::save_adapter(*model, a.at(3));
     write(a.at(4), "logits", logits_of(*model, a.at(2)));
     return 0;
   }

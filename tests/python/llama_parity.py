@@ -222,11 +222,47 @@ def main():
         diff = np.abs(load_file(out)["logits"][real] - ref[real]).max()
         check("PEFT LoRA adapter in peft", diff <= 1e-4, f"max |diff| {diff:.2e}")
 
+        hf = pm.unload()
+        methods(tmp, hf, ids, mask, inp, out, real)
         classification(tmp, ids, mask, inp, out)
         llama_cpp_checks(tmp, adapter, ids[0][mask[0].astype(bool)], ours[0][mask[0].astype(bool)])
     if not ok:
         fail("see the lines marked FAIL")
     print("parity: llama passed")
+
+
+# Methods beyond LoRA on the grouped-query decoder (9 query, 3 key/value heads): each attached by
+# name in peft with random trainable values, saved, loaded by PEFT on LlamaForCausalLM, and the
+# logits of the real tokens compared. Prompt rows (prompt tuning, P-tuning) come first in both
+# outputs; prefix tuning's rows are key/value rows of the key/value heads' width.
+DECODER_METHODS = [
+    ("dora", {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}, 0),
+    ("ia3", {}, 0),
+    ("vera", {"r": 16, "target_modules": ["q_proj", "v_proj"]}, 0),
+    ("loha", {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}, 0),
+    ("lokr", {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}, 0),
+    ("prefix", {"num_virtual_tokens": 5}, 0),
+    ("prompt", {"num_virtual_tokens": 4}, 4),
+    ("ptuning", {"num_virtual_tokens": 4}, 4),
+]
+
+
+def methods(tmp, hf, ids, mask, inp, out, real):
+    from peft import PeftModel
+    for name, options, rows in DECODER_METHODS:
+        adapter = os.path.join(tmp, f"{name}_adapter")
+        tool("save-method", MODEL, inp, adapter, out, name, json.dumps(options))
+        ours = load_file(out)["logits"][:, rows:]
+        tuned = PeftModel.from_pretrained(hf, adapter)
+        tuned.eval()
+        with torch.no_grad():
+            ref = tuned(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+        ref = ref[:, ref.shape[1] - ids.shape[1]:]
+        diff = np.abs(ours[real] - ref[real]).max()
+        check(f"peft {name} adapter on the decoder in PEFT", diff <= 1e-4, f"max |diff| {diff:.2e}")
+        # Prompt learning wraps the base model; the other methods are injected into it.
+        prompt_learning = tuned.peft_config["default"].is_prompt_learning
+        hf = tuned.get_base_model() if prompt_learning else tuned.unload()
 
 
 def classification(tmp, ids, mask, inp, out):
