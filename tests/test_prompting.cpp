@@ -531,7 +531,7 @@ TEST_CASE("TextClassifier refuses options that do not go together before loading
   CHECK_THAT(refused(Options().exit_from("out/run")),
              Catch::Contains("exit_from needs early_exit"));
   CHECK_THAT(refused(Options().method("full").method_options({{"r", 4}})),
-             Catch::Contains("method full takes no method options"));
+             Catch::Contains("method full takes no method_options"));
   CHECK_THAT(refused(Options().method("lst").ladder_fisher_batches(2)),
              Catch::Contains("ladder_fisher_batches needs fisher_examples"));
   CHECK_THAT(refused(Options().ladder_fisher_batches(2)),

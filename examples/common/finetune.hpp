@@ -336,7 +336,8 @@ inline std::map<std::string, std::string> option_flags() {
           {"exit_from", "--exit-from"},
           {"batch_size", "--batch-size"},
           {"device", "--device"},
-          {"ladder_fisher_batches", "--lst-fisher-batches"}};
+          {"ladder_fisher_batches", "--lst-fisher-batches"},
+          {"method_options", "--method-options"}};
 }
 
 /// The library's TextClassifierOptions from the command line.
@@ -420,11 +421,11 @@ inline std::pair<std::vector<peft::data::Example>, peft::TextClassifier::Splits>
     std::tie(train, held) = peft::data::split_holdout(
         train, peft::data::holdout_size(rows, o.holdout, kHoldoutCap), kHoldoutSeed);
     if (max_train > 0 && train.size() > max_train) train.resize(max_train);
-    if (max_eval > 0 && held.size() > max_eval) held.resize(max_eval);
     std::cout << fmt::format(
         "validation: holdout of {} of the {} {} rows ({:g} %, at most {}, seed {}){}\n",
         held.size(), rows, o.train_split, 100 * o.holdout, kHoldoutCap, kHoldoutSeed,
         o.eval_splits.empty() ? "; the default evaluation split is missing or trained on" : "");
+    if (max_eval > 0 && held.size() > max_eval) held.resize(max_eval);
   }
   peft::TextClassifier::Splits evals;
   for (const auto& split : names) {
@@ -476,7 +477,7 @@ inline int run(const Benchmark& bench, const Options& o) {
   const auto [train, evals] = read_splits(bench, o, task, dir);
   if (options.ladder_fisher_batches() > 0) options.fisher_examples(train);
 
-  peft::TextClassifier classifier(model_dir, task.num_labels, options);
+  peft::TextClassifier classifier(model_dir, task.num_labels, std::move(options));
   std::cout << fmt::format(
       "{}: task {} ({}), data {}\n", bench.program, task.name,
       task.is_regression() ? "regression" : fmt::format("{} classes", task.num_labels),
@@ -531,6 +532,8 @@ inline int run(const Benchmark& bench, const Options& o) {
     // The kept threshold is saved with the adapter.
     line["early_exit"] = peft::exit_sweep_report(
         classifier.choose_exit(o.exit_thresholds, kExitTimings), task.metrics.front());
+    if (!o.output.empty())
+      std::cout << "early exit: the kept threshold is saved with the adapter\n";
   }
   const auto text = line.dump();
   if (!o.output.empty() && (!group || group->rank() == 0)) {

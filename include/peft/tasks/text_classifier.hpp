@@ -221,13 +221,6 @@ class TextClassifier {
     const auto& group = options_.collective();
     const int world = group ? group->world_size() : 1;
     const int rank = group ? group->rank() : 0;
-    check(options_.batch_size() % world == 0, "text_classifier",
-          "{} {} (the global batch) must be a multiple of the {} processes", name("batch_size"),
-          options_.batch_size(), world);
-    check(!group || options_.device().is_cpu(), "text_classifier",
-          "{} {} with several processes needs NCCL, which peft does not support yet; "
-          "data-parallel training runs on CPU (Gloo)",
-          name("device"), options_.device().str());
     // Rank 0 alone prepares (and may clear) output_dir; the others wait for it.
     if (rank == 0) {
       prepare_output_dir(options_.output_dir(), OutputDirOptions()
@@ -237,7 +230,8 @@ class TextClassifier {
     }
     if (group) group->barrier("preparing the output folder");
 
-    const auto encoded = std::make_shared<const EncodedExamples>(encode(shuffled(train)));
+    const auto encoded =
+        std::make_shared<const EncodedExamples>(encode(train, shuffled_rows(train.size())));
     std::optional<BatchSource<TextBatch>> grouped;
     std::vector<TextBatch> ordered;
     if (options_.group_by_length()) {
@@ -529,11 +523,20 @@ class TextClassifier {
     const auto& o = options_;
     check(num_labels_ >= 1, "text_classifier", "num_labels must be positive, got {}", num_labels_);
     const bool early_exit = o.early_exit() != "none";
+    if (const auto& group = o.collective()) {
+      check(o.batch_size() % group->world_size() == 0, "text_classifier",
+            "{} {} (the global batch) must be a multiple of the {} processes", name("batch_size"),
+            o.batch_size(), group->world_size());
+      check(o.device().is_cpu(), "text_classifier",
+            "{} {} with several processes needs NCCL, which peft does not support yet; "
+            "data-parallel training runs on CPU (Gloo)",
+            name("device"), o.device().str());
+    }
     check(o.method_options().is_object(), "text_classifier",
           "method_options must be a JSON object, got {}", o.method_options().dump());
     check(o.method_options().empty() || (o.method() != "full" && o.method() != "lst"),
-          "text_classifier", "{} {} takes no method options, got {}", name("method"), o.method(),
-          o.method_options().dump());
+          "text_classifier", "{} {} takes no {}, got {}", name("method"), o.method(),
+          name("method_options"), o.method_options().dump());
     check(!(o.train_pooler() && o.method() == "lst"), "text_classifier",
           "{} does not apply to {} lst (its head reads the side network, not BERT's pooler)",
           name("train_pooler"), name("method"));
@@ -616,8 +619,11 @@ class TextClassifier {
     if (options_.ladder_fisher_batches() > 0) {
       // The first batches fit() will see without grouping, through a throwaway classifier (the
       // same pretrained weights, a fresh head, dropout off) that is gone before training starts.
-      const auto encoded = encode(shuffled(options_.fisher_examples()));
-      auto batches = encoded.batches(options_.batch_size());
+      const auto& examples = options_.fisher_examples();
+      auto rows = shuffled_rows(examples.size());
+      rows.resize(std::min(rows.size(), static_cast<size_t>(options_.ladder_fisher_batches() *
+                                                            options_.batch_size())));
+      const auto batches = encode(examples, rows).batches(options_.batch_size());
       const auto n =
           std::min<int64_t>(options_.ladder_fisher_batches(), static_cast<int64_t>(batches.size()));
       if (auto* log = options_.log()) {
@@ -640,6 +646,7 @@ class TextClassifier {
     }
     auto model = models::BertLadderForSequenceClassification::from_pretrained(path, num_labels_,
                                                                               ladder, pooling);
+    options_.fisher_examples({});  // they served the start; fit() gets the training rows itself
     set_dropout(*model->bert, model->dropout);
     root_ = model.ptr();
     logits_ = [model](const TextBatch& b) mutable {
@@ -735,20 +742,34 @@ class TextClassifier {
     return scores.compute(metric_names());
   }
 
-  /// `examples` in the order the seed fixes (so that batches mix classes even when a file is
-  /// sorted by label).
-  std::vector<data::Example> shuffled(const std::vector<data::Example>& examples) const {
-    std::vector<data::Example> out;
-    out.reserve(examples.size());
-    for (auto i : data::shuffled_order(examples.size(), static_cast<uint64_t>(options_.seed()))) {
-      out.push_back(examples[i]);
-    }
-    return out;
+  /// The order of `n` rows the seed fixes (so that batches mix classes even when a file is sorted
+  /// by label).
+  std::vector<size_t> shuffled_rows(size_t n) const {
+    return data::shuffled_order(n, static_cast<uint64_t>(options_.seed()));
   }
 
   EncodedExamples encode(const std::vector<data::Example>& examples) const {
     const bool pair = !examples.empty() && examples.front().text_b.has_value();
     return encode_examples(examples, *tokenizer_, options_.max_len(), pair, num_labels_ == 1);
+  }
+
+  /// Examples `rows` of `examples`, in that order, without copying the texts.
+  EncodedExamples encode(const std::vector<data::Example>& examples,
+                         const std::vector<size_t>& rows) const {
+    const bool pair = !rows.empty() && examples.at(rows.front()).text_b.has_value();
+    const auto options = text::EncodeOptions().max_length(options_.max_len());
+    EncodedExamples out;
+    out.regression = num_labels_ == 1;
+    out.pad_id = tokenizer_->pad_id();
+    out.encodings.reserve(rows.size());
+    out.labels.reserve(rows.size());
+    for (auto r : rows) {
+      const auto& e = examples.at(r);
+      out.encodings.push_back(pair ? tokenizer_->encode(e.text_a, e.text_b.value_or(""), options)
+                                   : tokenizer_->encode(e.text_a, options));
+      out.labels.push_back(e.label);
+    }
+    return out;
   }
 
   TextClassifierOptions options_;
