@@ -203,8 +203,7 @@ TEST_CASE(
   }
 }
 
-TEST_CASE("Llama: IA3 scales down_proj's input when feedforward_modules names it, exactly",
-          "[llama]") {
+TEST_CASE("Llama: IA3 scales down_proj's input when feedforward_modules names it", "[llama]") {
   auto m = tiny_llama();
   peft::attach(
       *m, "ia3",
@@ -230,7 +229,11 @@ TEST_CASE("Llama: IA3 scales down_proj's input when feedforward_modules names it
     }
   }
   auto ids = torch::randint(0, 40, {2, 6}, torch::kLong);
-  CHECK(max_diff(logits(*m, ids), logits(*reference, ids)) <= 1e-6);
+  // The same products in another order (x l, then W; against W diag(l), then x): float32
+  // rounding only, 1.9e-6 measured with LibTorch 1.13's kernels, under 1e-6 with 2.13's. Scaling
+  // the output instead, or not at all, moves these logits by far more (l is near 0).
+  CHECK(max_diff(logits(*m, ids), logits(*reference, ids)) <= 1e-5);
+  CHECK(max_diff(logits(*m, ids), logits(*tiny_llama(), ids)) > 1e-2);
 }
 
 TEST_CASE("Llama: BitFit says the architecture has no biases", "[llama]") {
