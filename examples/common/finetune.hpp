@@ -122,20 +122,13 @@ inline const std::vector<std::string>& available_methods() {
   return methods;
 }
 
-/// The learning rate a method trains well at on this model when --lr is not given (the
-/// method's registry entry): the added-parameter methods start from zero or small random values
-/// and need a larger step than full fine-tuning, which would wreck the pretrained weights at
-/// those rates.
-inline double default_lr(const std::string& method) {
-  return method == "full" ? 5e-5 : peft::method_entry(method).default_lr;
-}
-
 /// "lora 0.001, ..., full 5e-05": every trainable method's default rate (its registry entry), for
 /// --help.
 inline std::string default_lrs() {
   std::string out;
   for (const auto& m : available_methods()) {
-    out += fmt::format("{}{} {:g}", out.empty() ? "" : ", ", m, default_lr(m));
+    out +=
+        fmt::format("{}{} {:g}", out.empty() ? "" : ", ", m, peft::TextClassifier::default_lr(m));
   }
   return out;
 }

@@ -88,22 +88,35 @@ struct EncodedExamples {
   }
 };
 
-/// Tokenises `examples` once (at most `max_len` tokens each; sentence pairs when `pair`).
+/// Tokenises examples `rows` of `examples`, in that order (at most `max_len` tokens each; sentence
+/// pairs when `pair`), without copying the texts.
 inline EncodedExamples encode_examples(const std::vector<data::Example>& examples,
+                                       const std::vector<size_t>& rows,
                                        const text::Tokenizer& tokenizer, int64_t max_len, bool pair,
                                        bool regression) {
   const auto options = text::EncodeOptions().max_length(max_len);
   EncodedExamples out;
   out.regression = regression;
   out.pad_id = tokenizer.pad_id();
-  out.encodings.reserve(examples.size());
-  out.labels.reserve(examples.size());
-  for (const auto& e : examples) {
+  out.encodings.reserve(rows.size());
+  out.labels.reserve(rows.size());
+  for (auto r : rows) {
+    const auto& e = examples.at(r);
     out.encodings.push_back(pair ? tokenizer.encode(e.text_a, e.text_b.value_or(""), options)
                                  : tokenizer.encode(e.text_a, options));
     out.labels.push_back(e.label);
   }
   return out;
+}
+
+/// Tokenises `examples` once, in their order (at most `max_len` tokens each; sentence pairs when
+/// `pair`).
+inline EncodedExamples encode_examples(const std::vector<data::Example>& examples,
+                                       const text::Tokenizer& tokenizer, int64_t max_len, bool pair,
+                                       bool regression) {
+  std::vector<size_t> rows(examples.size());
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = i;
+  return encode_examples(examples, rows, tokenizer, max_len, pair, regression);
 }
 
 /// Tokenises `examples` once, in their order, in chunks of `batch_size` padded to the longest

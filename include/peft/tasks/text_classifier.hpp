@@ -486,6 +486,13 @@ class TextClassifier {
                        options_.method_options().dump());
   }
 
+  /// The rate `method` trains at when none is given: its registry entry's, 5e-5 for "full"
+  /// (the added-parameter methods start from zero or small random values and need a larger step
+  /// than full fine-tuning, which would wreck the pretrained weights at those rates).
+  static double default_lr(const std::string& method) {
+    return method == "full" ? 5e-5 : method_entry(method).default_lr;
+  }
+
   /// The training loss of a batch's logits: mean squared error for regression (one output),
   /// cross-entropy otherwise.
   static torch::Tensor task_loss(const torch::Tensor& logits, const torch::Tensor& labels,
@@ -687,8 +694,7 @@ class TextClassifier {
   }
 
   double learning_rate() const {
-    if (options_.lr() > 0) return options_.lr();
-    return options_.method() == "full" ? 5e-5 : method_entry(options_.method()).default_lr;
+    return options_.lr() > 0 ? options_.lr() : default_lr(options_.method());
   }
 
   /// The head's own rate, or 0 when it trains at the base rate.
@@ -757,19 +763,7 @@ class TextClassifier {
   EncodedExamples encode(const std::vector<data::Example>& examples,
                          const std::vector<size_t>& rows) const {
     const bool pair = !rows.empty() && examples.at(rows.front()).text_b.has_value();
-    const auto options = text::EncodeOptions().max_length(options_.max_len());
-    EncodedExamples out;
-    out.regression = num_labels_ == 1;
-    out.pad_id = tokenizer_->pad_id();
-    out.encodings.reserve(rows.size());
-    out.labels.reserve(rows.size());
-    for (auto r : rows) {
-      const auto& e = examples.at(r);
-      out.encodings.push_back(pair ? tokenizer_->encode(e.text_a, e.text_b.value_or(""), options)
-                                   : tokenizer_->encode(e.text_a, options));
-      out.labels.push_back(e.label);
-    }
-    return out;
+    return encode_examples(examples, rows, *tokenizer_, options_.max_len(), pair, num_labels_ == 1);
   }
 
   TextClassifierOptions options_;
