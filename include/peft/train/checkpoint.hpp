@@ -203,6 +203,20 @@ inline void ckpt_write_file(const std::filesystem::path& path, const std::string
   if (::close(fd.release()) != 0) ckpt_fail(path, "cannot close: {}", std::strerror(errno));
 }
 
+// Writes `archive` to `path` (LibTorch's zip writer streams each tensor to the file) and flushes
+// the file to disk.
+inline void ckpt_write_archive(const std::filesystem::path& path,
+                               torch::serialize::OutputArchive& archive) {
+  try {
+    archive.save_to(path.string());
+  } catch (const c10::Error& e) {
+    ckpt_fail(path, "cannot write: {}", e.what_without_backtrace());
+  }
+  io::detail::Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) ckpt_fail(path, "cannot open to flush: {}", std::strerror(errno));
+  if (::fsync(fd.get()) != 0) ckpt_fail(path, "cannot flush: {}", std::strerror(errno));
+}
+
 inline void ckpt_sync_dir(const std::filesystem::path& dir) {
   io::detail::Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (fd.get() >= 0) ::fsync(fd.get());
@@ -289,14 +303,11 @@ inline void save_checkpoint(const std::filesystem::path& dir, const torch::nn::M
                             const torch::optim::Optimizer* optimizer, const TrainingState& state,
                             const std::vector<at::Tensor>& rank_rngs = {}) {
   const auto named = named_trainable_parameters(module);
-  std::string optimizer_bytes;
-  if (optimizer != nullptr) {
-    torch::serialize::OutputArchive archive;
-    optimizer->save(archive);
-    std::ostringstream bytes;
-    archive.save_to(bytes);
-    optimizer_bytes = bytes.str();
-  }
+  // The archive refers to the optimizer's state tensors and is written straight to the file:
+  // through a string it cost twice the state's size in memory at once (1.4 GB more peak RSS
+  // for full fine-tuning of multilingual-e5-small, whose AdamW state is 940 MB).
+  torch::serialize::OutputArchive archive;
+  if (optimizer != nullptr) optimizer->save(archive);
   at::Tensor rng;
   {
     auto gen = at::detail::getDefaultCPUGenerator();
@@ -329,7 +340,7 @@ inline void save_checkpoint(const std::filesystem::path& dir, const torch::nn::M
       rngs.emplace_back(fmt::format("cpu.rank{}", r), rank_rngs[r]);
     }
     io::save_safetensors(tmp / "rng.safetensors", rngs);
-    if (optimizer != nullptr) detail::ckpt_write_file(tmp / "optimizer.pt", optimizer_bytes);
+    if (optimizer != nullptr) detail::ckpt_write_archive(tmp / "optimizer.pt", archive);
     // The manifest goes last: a folder that has one is complete.
     detail::ckpt_write_file(tmp / "manifest.json", manifest.dump(2) + "\n");
   });
