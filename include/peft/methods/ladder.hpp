@@ -18,6 +18,7 @@
 #include <torch/utils.h>
 
 #include <algorithm>
+#include <optional>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -90,6 +91,9 @@ struct LadderOptions {
   TORCH_ARG(int64_t, side_heads) = 0;
   TORCH_ARG(LadderInit, init) = LadderInit::Pruned;
   TORCH_ARG(LadderBlock, block) = LadderBlock::PostNorm;
+  /// Dropout in the side network (each side block's attention probabilities and sub-layer
+  /// outputs, and after the T5 blocks' final norm); nullopt = the backbone layers' rate.
+  TORCH_ARG(std::optional<double>, dropout) = std::nullopt;
   /// Pruned init: per-weight importance of each backbone layer (one entry per backbone layer,
   /// e.g. from peft::fisher_importance()); empty = weight magnitude.
   TORCH_ARG(std::vector<LayerImportance>, importance);
@@ -102,6 +106,8 @@ struct LadderOptions {
     check(gate_temperature_ > 0, method, "gate_temperature must be positive, got {}",
           gate_temperature_);
     check(side_heads_ >= 0, method, "side_heads must not be negative, got {}", side_heads_);
+    check(!dropout_ || (*dropout_ >= 0 && *dropout_ < 1), method,
+          "dropout must be in [0, 1), got {}", dropout_.value_or(0));
   }
 };
 
@@ -233,17 +239,17 @@ class T5SideBlockImpl : public torch::nn::Module {
     activation_ = detail::layer_activation(activation);
   }
 
-  /// x [L, N, d]; mask [L, L] (float additive or bool, true = may not attend);
-  /// key_padding_mask [N, L] (true = padding). Returns [L, N, d].
+  /// x [L, N, d] ([N, L, d] with batch_first); mask [L, L] (float additive or bool, true = may
+  /// not attend); key_padding_mask [N, L] (true = padding). Returns x's layout.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
-                        const torch::Tensor& key_padding_mask = {}) {
+                        const torch::Tensor& key_padding_mask = {}, bool batch_first = false) {
     namespace F = torch::nn::functional;
     auto drop = [&](const torch::Tensor& t) {
       return F::dropout(t, F::DropoutFuncOptions().p(dropout_).training(is_training()));
     };
     auto qkv = peft::detail::linear(detail::rms_norm(x, norm1_weight), in_proj_weight).chunk(3, -1);
     auto a = functional::attention(qkv[0], qkv[1], qkv[2], heads_, mask, key_padding_mask, dropout_,
-                                   is_training());
+                                   is_training(), batch_first);
     auto h = x + drop(peft::detail::linear(a, out_proj_weight));
     auto f =
         drop(activation_(peft::detail::linear(detail::rms_norm(h, norm2_weight), linear1_weight)));
@@ -333,12 +339,37 @@ inline std::vector<LayerImportance> fisher_importance(
   return out;
 }
 
+namespace detail {
+
+/// What a stock post-norm torch::nn::TransformerEncoderLayer computes (norm1(x + attention),
+/// norm2(h + FFN), its dropouts in training mode), with the attention through the fused kernel of
+/// functional::attention instead of the stock MultiheadAttention's separate matmuls, softmax and
+/// masking: the same parameters, the same result up to float rounding (the LST tests compare with
+/// the stock forward), and less time (docs/RESULTS.md, LST on CLUE). x and the result are [N, L, d]
+/// with batch_first, else [L, N, d].
+inline torch::Tensor post_norm_block(torch::nn::TransformerEncoderLayerImpl& layer,
+                                     const torch::Tensor& x, const torch::Tensor& mask,
+                                     const torch::Tensor& key_padding_mask, bool batch_first) {
+  auto& attn = *layer.self_attn;
+  auto qkv = peft::detail::linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1);
+  auto a = functional::attention(qkv[0], qkv[1], qkv[2], attn.options.num_heads(), mask,
+                                 key_padding_mask, attn.options.dropout(), layer.is_training(),
+                                 batch_first);
+  auto h = layer.norm1(
+      x + layer.dropout1(peft::detail::linear(a, attn.out_proj->weight, attn.out_proj->bias)));
+  const auto activation = peft::detail::layer_activation(layer.options.activation());
+  auto f = layer.dropout(activation(layer.linear1(h)));
+  return layer.norm2(h + layer.dropout2(layer.linear2(f)));
+}
+
+}  // namespace detail
+
 /// A frozen peft::nn::TransformerEncoder with a trainable ladder side network.
 ///
 /// forward(src [L, N, E], src_mask, src_key_padding_mask) runs the backbone under NoGradGuard,
 /// then the side network, and returns [L (+prompt), N, E]: the side state upsampled to E. With a
 /// batch-first backbone (nn::TransformerEncoder's batch_first, as models::Bert's) src and the
-/// result are [N, L, E] and [N, L (+prompt), E]; the side blocks run sequence-first either way.
+/// result are [N, L, E] and [N, L (+prompt), E], and the side network runs batch-first too.
 /// Submodules: `backbone` (frozen), `downsample.<i>` (Linear E -> E/r for the input and each
 /// selected layer), `gates` (alpha, one per side block), `side.<i>` (width E/r: a stock
 /// TransformerEncoderLayer, or a T5SideBlock with LadderBlock::T5, which adds `final_norm`),
@@ -387,12 +418,13 @@ class LadderImpl : public torch::nn::Module {
       downsample->push_back(torch::nn::Linear(E, width));
     heads_ = heads;
     dim_feedforward_ = std::max<int64_t>(1, F / options.reduction_factor());
+    dropout_ = options.dropout().value_or(first.dropout());
     for (size_t i = 0; i < selected_.size(); ++i) {
       const auto layer = static_cast<size_t>(selected_[i]);
       const auto& importance =
           options.importance().empty() ? LayerImportance() : options.importance()[layer];
       if (options.block() == LadderBlock::T5) {
-        T5SideBlock block(width, heads, dim_feedforward_, first.dropout(), first.activation());
+        T5SideBlock block(width, heads, dim_feedforward_, dropout_, first.activation());
         if (options.init() == LadderInit::Pruned) {
           block->load_pruned(
               detail::prune_layer(stock_layers->at<torch::nn::TransformerEncoderLayerImpl>(layer),
@@ -403,7 +435,7 @@ class LadderImpl : public torch::nn::Module {
       }
       auto block_options = torch::nn::TransformerEncoderLayerOptions(width, heads)
                                .dim_feedforward(dim_feedforward_)
-                               .dropout(first.dropout())
+                               .dropout(dropout_)
                                .activation(first.activation());
       torch::nn::TransformerEncoderLayer block(block_options);
       if (options.init() == LadderInit::Pruned) {
@@ -440,12 +472,11 @@ class LadderImpl : public torch::nn::Module {
     }
     check(extra == 0 || !mask.defined(), LadderOptions::method,
           "a src_mask together with prompts in the backbone is not supported");
-    // The side blocks take [L, N, d]: a batch-first backbone's states are transposed after the
-    // down-projection, where they are E/r wide.
+    // The side network runs in the backbone's layout (batch-first: the fused attention kernel's
+    // own, where its outputs and gradients come out contiguous).
     auto down = [&](size_t i, const torch::Tensor& x) {
       const auto& m = *downsample->ptr<torch::nn::LinearImpl>(i);
-      auto d = peft::detail::linear(x, m.weight, m.bias);
-      return batch_first ? d.transpose(0, 1) : d;
+      return peft::detail::linear(x, m.weight, m.bias);
     };
     auto h = down(0, states[0]);
     for (size_t i = 0; i < selected_.size(); ++i) {
@@ -453,20 +484,18 @@ class LadderImpl : public torch::nn::Module {
       auto ladder = down(i + 1, states[static_cast<size_t>(selected_[i]) + 1]);
       h = mu * h + (1 - mu) * ladder;
       if (options_.block() == LadderBlock::T5) {
-        h = side->ptr<T5SideBlockImpl>(i)->forward(h, mask, kpm);
+        h = side->ptr<T5SideBlockImpl>(i)->forward(h, mask, kpm, batch_first);
       } else {
-        h = side->ptr<torch::nn::TransformerEncoderLayerImpl>(i)->forward(h, mask, kpm);
+        h = detail::post_norm_block(*side->ptr<torch::nn::TransformerEncoderLayerImpl>(i), h, mask,
+                                    kpm, batch_first);
       }
     }
     if (final_norm.defined()) {
       namespace F = torch::nn::functional;
-      const double p =
-          backbone->base->layers->at<torch::nn::TransformerEncoderLayerImpl>(0).options.dropout();
       h = F::dropout(detail::rms_norm(h, final_norm),
-                     F::DropoutFuncOptions().p(p).training(is_training()));
+                     F::DropoutFuncOptions().p(dropout_).training(is_training()));
     }
-    auto out = peft::detail::linear(h, upsample);
-    return batch_first ? out.transpose(0, 1) : out;
+    return peft::detail::linear(h, upsample);
   }
 
   /// The backbone layers that feed the side network.
@@ -480,6 +509,8 @@ class LadderImpl : public torch::nn::Module {
   int64_t side_heads() const { return heads_; }
   /// Feed-forward size of each side block.
   int64_t side_dim_feedforward() const { return dim_feedforward_; }
+  /// Dropout rate of the side network (options().dropout(), or the backbone layers' rate).
+  double side_dropout() const { return dropout_; }
 
   peft::nn::TransformerEncoder backbone;
   torch::nn::ModuleList downsample{nullptr}, side{nullptr};
@@ -492,6 +523,7 @@ class LadderImpl : public torch::nn::Module {
   LadderOptions options_;
   std::vector<int64_t> selected_;
   int64_t heads_ = 0, dim_feedforward_ = 0;
+  double dropout_ = 0;
 };
 TORCH_MODULE(Ladder);
 
