@@ -34,6 +34,36 @@ TEST_CASE("LST keeps no autograd graph through the backbone", "[lst]") {
   CHECK(ladder->gates.grad().abs().sum().item<double>() > 0);
 }
 
+TEST_CASE("LST side network dropout: the backbone's rate unless set", "[lst]") {
+  for (auto block : {peft::LadderBlock::PostNorm, peft::LadderBlock::T5}) {
+    INFO(peft::enum_name(block));
+    auto x = torch::randn({6, 3, kDim});
+    // Train mode for the side network only: the backbone's own dropout is not what is measured.
+    auto outputs = [&](std::optional<double> rate) {
+      auto options =
+          peft::LadderOptions().reduction_factor(2).block(block).init(peft::LadderInit::Random);
+      if (rate) options.dropout(*rate);
+      peft::Ladder ladder(peft::nn::TransformerEncoder(stock_encoder(0.3)), options);
+      ladder->train();
+      ladder->backbone->eval();
+      torch::NoGradGuard no_grad;
+      auto a = ladder(x), b = ladder(x);
+      ladder->eval();
+      return std::make_tuple(ladder->side_dropout(), a, b, ladder(x));
+    };
+    const auto [inherited, a1, b1, eval1] = outputs(std::nullopt);
+    CHECK(inherited == Approx(0.3));
+    CHECK(max_diff(a1, b1) > 1e-3);  // two draws of the side network's dropout
+    const auto [off, a0, b0, eval0] = outputs(0.0);
+    CHECK(off == 0.0);
+    CHECK(max_diff(a0, b0) == 0.0);
+    CHECK(max_diff(a0, eval0) <= 1e-6);  // no dropout left in training mode
+  }
+  CHECK_THROWS_WITH(peft::Ladder(peft::nn::TransformerEncoder(stock_encoder()),
+                                 peft::LadderOptions().dropout(1.0)),
+                    Catch::Contains("[peft::lst] dropout must be in [0, 1), got 1"));
+}
+
 TEST_CASE("LST computes the gated ladder the paper describes", "[lst]") {
   auto stock = stock_encoder();
   peft::Ladder ladder(

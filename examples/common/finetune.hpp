@@ -106,6 +106,8 @@ struct Options {
   std::vector<int64_t> lst_layers;
   std::string lst_block = "transformer_encoder_layer", lst_init = "magnitude";
   int64_t lst_fisher_batches = 8;
+  /// --lst-dropout: below 0, the side network takes --model-dropout's rate (or the config's).
+  double lst_dropout = -1;
 };
 
 /// Methods this build can train: every registered method (peft::method_names()) but AdapterFusion,
@@ -341,6 +343,7 @@ inline peft::TextClassifierOptions classifier_options(const Benchmark& bench, co
                     .layers(o.lst_layers)
                     .block(peft::ladder_block_from_string(o.lst_block));
   if (o.lst_init == "random") ladder.init(peft::LadderInit::Random);
+  if (o.lst_dropout >= 0) ladder.dropout(o.lst_dropout);
   torch::Device device(torch::kCPU);
   if (o.device != "cpu") {
     if (!torch::cuda::is_available()) {
@@ -633,8 +636,8 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->default_str("recipe");
   app.add_option("--model-dropout", o.model_dropout,
                  "dropout of the pretrained model and the head: embeddings, attention, residual "
-                 "and FFN (default: the recipe's, else the config's hidden_dropout_prob and "
-                 "attention_probs_dropout_prob)")
+                 "and FFN, and of LST's side network (default: the recipe's, else the config's "
+                 "hidden_dropout_prob and attention_probs_dropout_prob)")
       ->check(CLI::Range(0.0, 0.99))
       ->default_str("recipe");
   app.add_flag("--train-pooler", o.train_pooler,
@@ -740,6 +743,11 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
   app.add_option("--lst-fisher-batches", o.lst_fisher_batches,
                  "training batches --lst-init fisher estimates the Fisher information from")
       ->check(CLI::PositiveNumber);
+  app.add_option("--lst-dropout", o.lst_dropout,
+                 "dropout in the side network (side blocks' attention and sub-layers) alone, "
+                 "whatever the frozen model's is (default: --model-dropout's rate)")
+      ->check(CLI::Range(0.0, 0.99))
+      ->default_str("model dropout");
 
   try {
     app.parse(argc, argv);

@@ -83,8 +83,9 @@ struct TextClassifierOptions {
   /// BERT's classifier input: "mean" (the mean of the token states) or "cls" (BERT's pooler). A
   /// decoder classifies from its last real token whatever this says.
   TORCH_ARG(std::string, pooling) = "mean";
-  /// Dropout of the pretrained model (embeddings, attention, residual and FFN outputs) and the
-  /// head during training; below 0: the config's. Unset: 0 for methods (better on every task
+  /// Dropout of the pretrained model (embeddings, attention, residual and FFN outputs), the head
+  /// and LST's side network (unless ladder().dropout() is set) during training; below 0: the
+  /// config's. Unset: 0 for methods (better on every task
   /// measured), the config's for "full".
   TORCH_ARG(std::optional<double>, model_dropout) = std::nullopt;
   /// Also train BERT's pooler, saved with the head (pooling "cls" only).
@@ -475,12 +476,15 @@ class TextClassifier {
       const auto& l = options_.ladder();
       std::vector<std::string> layers;
       for (auto i : l.layers()) layers.push_back(std::to_string(i));
+      const auto rate = l.dropout() ? l.dropout() : dropout();
       return fmt::format(
-          "side network of width / {} fed by {} layers, {} blocks, {} init", l.reduction_factor(),
-          layers.empty() ? std::string("all") : data::detail::join(layers), enum_name(l.block()),
+          "side network of width / {} fed by {} layers, {} blocks, {} init, dropout {}",
+          l.reduction_factor(), layers.empty() ? std::string("all") : data::detail::join(layers),
+          enum_name(l.block()),
           options_.ladder_fisher_batches() > 0 ? "fisher"
           : l.init() == LadderInit::Random     ? "random"
-                                               : "magnitude");
+                                               : "magnitude",
+          rate ? fmt::format("{:g}", *rate) : std::string("as the model's config"));
     }
     return fmt::format("{}; options {}", method_entry(options_.method()).summary,
                        options_.method_options().dump());
@@ -650,6 +654,11 @@ class TextClassifier {
                              regression);
           },
           n));
+    }
+    // The side network is what trains: it takes model_dropout (off unless asked for) unless the
+    // ladder options name their own rate. Measured in docs/RESULTS.md (CLUE, LST's dropout).
+    if (!ladder.dropout()) {
+      if (const auto p = dropout()) ladder.dropout(*p);
     }
     auto model = models::BertLadderForSequenceClassification::from_pretrained(path, num_labels_,
                                                                               ladder, pooling);
