@@ -12,7 +12,8 @@ Usage: llama_parity.py <peft_llama_tool>
    and from the folder transformers saves (config.json + model.safetensors).
 3. Generation: greedy continuation with peft's key/value cache equals transformers' generate().
 4. Adapters: a LoRA on every projection saved by peft loads in PEFT (logits within 1e-4), and one
-   saved by PEFT loads in peft (the same).
+   saved by PEFT loads in peft (the same); then DoRA, IA3, VeRA, LoHa, LoKr, prefix, prompt and
+   P-tuning both ways, each with random trainable values.
 5. Sequence classification: peft's LlamaForSequenceClassification (last real token, `score`) with
    a LoRA loads in PEFT on transformers' LlamaForSequenceClassification and back (within 1e-4).
 6. llama.cpp (llama-cpp-python): the base exported by peft as F32 GGUF plus peft's llama.cpp LoRA
@@ -30,6 +31,8 @@ import sys
 import tempfile
 
 import numpy as np
+
+from parity_common import move_off_start
 
 
 def fail(msg):
@@ -223,7 +226,8 @@ def main():
         check("PEFT LoRA adapter in peft", diff <= 1e-4, f"max |diff| {diff:.2e}")
 
         hf = pm.unload()
-        methods(tmp, hf, ids, mask, inp, out, real)
+        hf = methods(tmp, hf, ids, mask, inp, out, real)
+        hf = methods_from_peft(tmp, hf, ids, mask, inp, out, real)
         classification(tmp, ids, mask, inp, out)
         llama_cpp_checks(tmp, adapter, ids[0][mask[0].astype(bool)], ours[0][mask[0].astype(bool)])
     if not ok:
@@ -263,6 +267,48 @@ def methods(tmp, hf, ids, mask, inp, out, real):
         # Prompt learning wraps the base model; the other methods are injected into it.
         prompt_learning = tuned.peft_config["default"].is_prompt_learning
         hf = tuned.get_base_model() if prompt_learning else tuned.unload()
+    return hf
+
+
+def methods_from_peft(tmp, hf, ids, mask, inp, out, real):
+    """The other direction: each of DECODER_METHODS made by PEFT on LlamaForCausalLM (its own
+    defaults where the list gives none, e.g. IA3's k_proj, v_proj and down_proj with down_proj
+    as feed-forward), its trainable values moved off their identity start, saved with
+    save_pretrained, and loaded by peft into the GGUF-built decoder."""
+    import peft
+    causal = peft.TaskType.CAUSAL_LM
+    lists = {name: options for name, options, _ in DECODER_METHODS}
+    configs = {
+        "dora": peft.LoraConfig(task_type=causal, r=4, lora_alpha=8, use_dora=True,
+                                target_modules=lists["dora"]["target_modules"]),
+        "ia3": peft.IA3Config(task_type=causal),
+        "vera": peft.VeraConfig(task_type=causal, r=16,
+                                target_modules=lists["vera"]["target_modules"]),
+        "loha": peft.LoHaConfig(task_type=causal, r=4, alpha=8,
+                                target_modules=lists["loha"]["target_modules"]),
+        "lokr": peft.LoKrConfig(task_type=causal, r=4, alpha=8,
+                                target_modules=lists["lokr"]["target_modules"]),
+        "prefix": peft.PrefixTuningConfig(task_type=causal, num_virtual_tokens=5),
+        "prompt": peft.PromptTuningConfig(task_type=causal, num_virtual_tokens=4),
+        "ptuning": peft.PromptEncoderConfig(task_type=causal, num_virtual_tokens=4),
+    }
+    for name, _, rows in DECODER_METHODS:
+        torch.manual_seed(2)
+        tuned = peft.get_peft_model(hf, configs[name])
+        move_off_start(tuned, prompt_std=0.05)
+        tuned.eval()
+        with torch.no_grad():
+            ref = tuned(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+        ref = ref[:, ref.shape[1] - ids.shape[1]:]
+        theirs = os.path.join(tmp, f"peft_{name}_adapter")
+        tuned.save_pretrained(theirs)
+        tool("load", MODEL, theirs, inp, out)
+        ours = load_file(out)["logits"][:, rows:]
+        diff = np.abs(ours[real] - ref[real]).max()
+        check(f"PEFT {name} adapter on the decoder in peft", diff <= 1e-4, f"max |diff| {diff:.2e}")
+        prompt_learning = tuned.peft_config["default"].is_prompt_learning
+        hf = tuned.get_base_model() if prompt_learning else tuned.unload()
+    return hf
 
 
 def classification(tmp, ids, mask, inp, out):

@@ -144,6 +144,9 @@ struct AdapterFormat {
   /// true for the file's config, and prefers it to an entry without one (a LoRA variant claims
   /// the LORA files whose config sets its flag).
   Claims claims;
+  /// Other peft_types load_adapter() reads through `load` (Hugging Face PEFT's P_TUNING files,
+  /// which hold the prompt encoder's output rows as PROMPT_TUNING files do).
+  std::vector<std::string> also_reads;
 };
 
 /// Everything the library knows about one method.

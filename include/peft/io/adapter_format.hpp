@@ -89,6 +89,9 @@ inline std::string adapter_format_types() {
   std::vector<std::string> types;
   for (const auto& e : registered_methods()) {
     if (e.format && e.format->reads) types.push_back(e.format->peft_type);
+    if (e.format) {
+      for (const auto& t : e.format->also_reads) types.push_back(t);
+    }
   }
   return fmt::format("supported: {}", fmt::join(types, ", "));
 }
@@ -256,7 +259,12 @@ inline void load_adapter(torch::nn::Module& model, const std::filesystem::path& 
 
   std::optional<MethodEntry> entry;
   for (auto& e : registered_methods()) {
-    if (!e.format || !e.format->reads || e.format->peft_type != peft_type) continue;
+    if (!e.format) continue;
+    const auto& also = e.format->also_reads;
+    if (!(e.format->reads && e.format->peft_type == peft_type) &&
+        std::find(also.begin(), also.end(), peft_type) == also.end()) {
+      continue;
+    }
     if (e.format->claims) {
       if (e.format->claims(config)) {
         entry = e;

@@ -174,7 +174,10 @@ inline MethodEntry ptuning_entry() {
     return peft::attach(model, options);
   };
   // Saved as the rows the encoder produces now: PROMPT_TUNING, which loads as prompt tuning.
-  e.format = AdapterFormat{"PROMPT_TUNING", /*reads=*/false, save_prompt_rows, nullptr};
+  // Hugging Face PEFT's own P_TUNING files hold the same thing (`prompt_embeddings`, the
+  // encoder's output: get_prompt_embedding_to_save), so they load here as those rows too.
+  e.format = AdapterFormat{"PROMPT_TUNING", /*reads=*/false, save_prompt_rows, load_prompt};
+  e.format->also_reads = {"P_TUNING"};
   return e;
 }
 
