@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from parity_common import model_folder
+from parity_common import model_folder, move_off_start
 
 TOLERANCE = 1e-4
 
@@ -131,16 +131,8 @@ def main():
                 model.classifier.weight.normal_(0.0, 0.5)
                 model.classifier.bias.normal_(0.0, 0.5)
             model = peft.get_peft_model(model, config)
-            with torch.no_grad():
-                torch.manual_seed(1)
-                for pname, p in model.named_parameters():
-                    if "lora_B" in pname:
-                        p.normal_(0.0, 0.05)
-                    elif any(k in pname for k in ("ia3_l", "lora_magnitude_vector", "vera_lambda",
-                                                  "hada_w2_b", "lokr_w1")):
-                        p.add_(torch.randn_like(p) * 0.05)
-                    elif "prompt_encoder" in pname:
-                        p.normal_(0.0, 0.5)
+            torch.manual_seed(1)
+            move_off_start(model, prompt_std=0.5)
             ref = logits_of(model)
             adapter = os.path.join(tmp, "py_" + name)
             model.save_pretrained(adapter)

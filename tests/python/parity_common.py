@@ -25,3 +25,22 @@ def e5_folder():
         sys.exit(f"parity: FAILED: {folder} has no converted multilingual-e5-small "
                  "(run scripts/convert_e5.py; scripts/test.sh does)")
     return folder
+
+
+def move_off_start(model, prompt_std):
+    """Moves a Hugging Face PEFT model's trainable values off their identity start (LoRA's B is
+    zero, IA3's vectors, DoRA's magnitudes, VeRA's scales and LoHa's/LoKr's second factors start
+    where the adapter changes nothing), so that a file checked across libraries carries values
+    that matter; a prompt encoder's weights are redrawn with `prompt_std`."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+            elif any(k in name for k in ("ia3_l", "lora_magnitude_vector", "vera_lambda",
+                                         "hada_w2_b", "lokr_w1")):
+                p.add_(torch.randn_like(p) * 0.05)
+            elif "prompt_encoder" in name:
+                p.normal_(0.0, prompt_std)
