@@ -64,6 +64,34 @@ TEST_CASE("LST side network dropout: the backbone's rate unless set", "[lst]") {
                     Catch::Contains("[peft::lst] dropout must be in [0, 1), got 1"));
 }
 
+TEST_CASE("LST post-norm side block: the stock layer's forward, with masks, in both layouts",
+          "[lst]") {
+  auto block = torch::nn::TransformerEncoderLayer(
+      torch::nn::TransformerEncoderLayerOptions(8, 2).dim_feedforward(16).dropout(0.0).activation(
+          torch::kGELU));
+  block->eval();
+  auto x = torch::randn({5, 3, 8});  // [L, N, d]
+  auto kpm = padding_mask(3, 5);
+  auto future = torch::triu(torch::ones({5, 5}, torch::kBool), 1);
+  auto additive = torch::zeros({5, 5}).masked_fill(future, -std::numeric_limits<float>::infinity());
+  torch::NoGradGuard no_grad;
+  for (const auto& mask : {torch::Tensor(), additive}) {
+    INFO("src_mask " << (mask.defined() ? "causal" : "none"));
+    auto stock = block->forward(x, mask, kpm);
+    auto ours = peft::detail::post_norm_block(*block, x, mask, kpm, /*batch_first=*/false);
+    CHECK(max_diff(ours, stock) <= 1e-5);
+    auto first = peft::detail::post_norm_block(*block, x.transpose(0, 1).contiguous(), mask, kpm,
+                                               /*batch_first=*/true);
+    CHECK(max_diff(first.transpose(0, 1), stock) <= 1e-5);
+    CHECK(stock.abs().max().item<double>() > 0.1);
+  }
+  // A bool mask means "true = may not attend", as in PyTorch and peft's backbone; LibTorch's C++
+  // MultiheadAttention adds it as 0/1 instead, which the side blocks no longer do.
+  auto with_bool = peft::detail::post_norm_block(*block, x, future, kpm, false);
+  CHECK(max_diff(with_bool, block->forward(x, additive, kpm)) <= 1e-5);
+  CHECK(max_diff(with_bool, block->forward(x, future, kpm)) > 1e-2);
+}
+
 TEST_CASE("LST computes the gated ladder the paper describes", "[lst]") {
   auto stock = stock_encoder();
   peft::Ladder ladder(
