@@ -6,6 +6,9 @@
 //       position, backward, AdamW over the trainable parameters
 //   peft-lm-bench --mode full --model F.gguf --inputs in.safetensors
 //       the same step with every weight trained (full fine-tuning)
+//   peft-lm-bench --mode lst --model F.gguf --inputs in.safetensors
+//       the same step with a ladder side network beside the decoder (LadderOptions' defaults:
+//       reduction 8, every layer, pruned start), the decoder without autograd
 //   peft-lm-bench --mode generate --model F.gguf --inputs in.safetensors --new-tokens K
 //       greedy generation of K tokens from the first row of input_ids, with the key/value cache
 //
@@ -17,6 +20,7 @@
 #include <peft/io/safetensors.hpp>
 #include <peft/methods/lora.hpp>
 #include <peft/models/llama.hpp>
+#include <peft/models/llama_ladder.hpp>
 
 #include <CLI/CLI.hpp>
 #include <torch/optim/adamw.h>
@@ -41,7 +45,7 @@ int main(int argc, char** argv) {
   std::string mode = "lora", model_path, inputs, adapter;
   int64_t steps = 5, warmup = 1, threads = 2, new_tokens = 32;
   double lr = 1e-4;
-  app.add_option("--mode", mode)->check(CLI::IsMember({"lora", "full", "generate"}));
+  app.add_option("--mode", mode)->check(CLI::IsMember({"lora", "full", "lst", "generate"}));
   app.add_option("--model", model_path, "GGUF file")->required();
   app.add_option("--inputs", inputs, "safetensors with input_ids [N, L]")->required();
   app.add_option("--adapter", adapter, "PEFT LoRA adapter folder (--mode lora)");
@@ -80,6 +84,8 @@ int main(int argc, char** argv) {
     if (mode == "lora") {
       peft::check(!adapter.empty(), "peft-lm-bench", "--mode lora needs --adapter");
       peft::load_adapter(*model, adapter);
+    } else if (mode == "lst") {
+      peft::models::attach_ladder(*model);
     } else {
       peft::unfreeze(*model);
     }

@@ -730,8 +730,8 @@ TEST_CASE("Ladder T5 side blocks round-trip through adapter files", "[adapter-fo
   auto other = tiny_ladder(peft::LadderOptions());
   const auto before = logits(other);
   CHECK_THAT(error_of([&] { peft::load_adapter(*other, dir.path); }),
-             Catch::Contains(
-                 "unknown side block \"t6\" (expected \"transformer_encoder_layer\" or \"t5\")"));
+             Catch::Contains("unknown side block \"t6\" (expected \"transformer_encoder_layer\", "
+                             "\"t5\" or \"llama\")"));
   CHECK(torch::equal(logits(other), before));
 }
 

@@ -668,7 +668,8 @@ TEST_CASE("Enum names: one table per enum gives names, parsing and errors", "[be
   check_round_trip<peft::SiteKind>({"linear", "embedding", "block", "attention", "input"});
   check_round_trip<peft::AdapterKind>({"houlsby", "pfeiffer", "parallel"});
   check_round_trip<peft::ProPETLBase>({"adapter", "lora", "prefix"});
-  check_round_trip<peft::LadderBlock>({"transformer_encoder_layer", "t5"});
+  check_round_trip<peft::LadderBlock>({"transformer_encoder_layer", "t5", "llama"});
+  check_round_trip<peft::LadderInit>({"pruned", "random"});
   check_round_trip<peft::PromptEncoderType>({"mlp", "lstm"});
   check_round_trip<peft::models::Pooling>({"cls", "mean"});
   check_round_trip<peft::models::ExitPolicy>({"none", "entropy", "patience", "learned"});

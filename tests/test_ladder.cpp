@@ -122,6 +122,9 @@ TEST_CASE("LST computes the gated ladder the paper describes", "[lst]") {
   CHECK_THROWS_WITH(peft::Ladder(peft::nn::TransformerEncoder(stock_encoder()),
                                  peft::LadderOptions().layers({3})),
                     Catch::Contains("layer 3 is outside the backbone's 2 layers"));
+  CHECK_THROWS_WITH(peft::Ladder(peft::nn::TransformerEncoder(stock_encoder()),
+                                 peft::LadderOptions().block(peft::LadderBlock::Llama)),
+                    Catch::Contains("side_block llama is for Llama decoders"));
 }
 
 TEST_CASE("LST over a batch-first backbone: the sequence-first ladder's output, transposed",

@@ -23,6 +23,7 @@
 #include <set>
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -161,11 +162,10 @@ TEST_CASE(
   const auto expected = logits(*tiny_llama(), ids);
   // Methods whose initial values leave the model's output unchanged (prefix, prompt and P-tuning
   // add rows that attention sees).
-  const std::set<std::string> identity{"lora", "dora",    "ia3",       "vera",   "loha",
-                                       "lokr", "adapter", "compacter", "propetl"};
+  const std::set<std::string> identity{"lora", "dora",    "ia3",       "vera",    "loha",
+                                       "lokr", "adapter", "compacter", "propetl", "lst"};
   // What the decoder refuses, and the reason the error gives.
-  const std::map<std::string, std::string> refused{
-      {"bitfit", "has no bias"}, {"lst", "lst"}, {"fusion", "fusion"}};
+  const std::map<std::string, std::string> refused{{"bitfit", "has no bias"}, {"fusion", "fusion"}};
   const auto names = peft::method_names();
   for (const auto* needed : {"vera", "loha", "lokr", "ptuning", "compacter", "propetl", "lst"}) {
     REQUIRE(std::find(names.begin(), names.end(), needed) != names.end());
@@ -275,6 +275,151 @@ TEST_CASE("Llama: prefix rows shift the positions and train alone, prompts prepe
   }
 }
 
+TEST_CASE(
+    "Llama: LST's side network starts as the identity, stays causal, caches, and trains "
+    "alone",
+    "[llama][lst]") {
+  auto ids = torch::randint(0, 40, {2, 7}, torch::kLong);
+  auto m = tiny_llama();
+  const auto base = logits(*m, ids);
+  auto ladder = peft::models::attach_ladder(*m, peft::LadderOptions().reduction_factor(2));
+  CHECK(ladder->side_width() == 8);
+  CHECK(ladder->side_heads() == 4);  // the largest of 1, 2, 4, 8 with an even head size, <= 4
+  CHECK(ladder->side_dim_feedforward() == 12);
+  // The upsample starts at zero: the decoder's own logits, exactly.
+  CHECK(torch::equal(logits(*m, ids), base));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : peft::trainable_parameters(*m)) p.normal_(0, 0.3);
+  }
+  const auto trained = logits(*m, ids);
+  CHECK(max_diff(trained, base) > 1e-2);
+
+  SECTION("only the side network has a graph and gradients") {
+    m->train();
+    auto loss = m->logits(m->forward(ids)).pow(2).mean();
+    loss.backward();
+    int64_t with_grad = 0;
+    for (const auto& p : m->named_parameters()) {
+      const bool side = p.key().compare(0, 7, "ladder.") == 0;
+      CHECK(p.value().requires_grad() == side);
+      if (side) {
+        with_grad += p.value().grad().defined() && p.value().grad().abs().sum().item<double>() > 0;
+      } else {
+        CHECK_FALSE(p.value().grad().defined());
+      }
+    }
+    CHECK(with_grad == static_cast<int64_t>(peft::trainable_parameters(*m).size()));
+  }
+  SECTION("a later token never changes an earlier logit") {
+    auto other = ids.clone();
+    other[0][6] = (ids[0][6].item<int64_t>() + 1) % 40;
+    const auto changed = logits(*m, other);
+    CHECK(max_diff(changed.narrow(1, 0, 6), trained.narrow(1, 0, 6)) == 0);
+    CHECK(max_diff(changed.narrow(1, 6, 1), trained.narrow(1, 6, 1)) > 0);
+  }
+  SECTION("right padding leaves the real positions as the sequence alone") {
+    auto padded = ids.clone();
+    padded[1].narrow(0, 4, 3).fill_(2);
+    auto mask = torch::ones({2, 7}, torch::kLong);
+    mask[1].narrow(0, 4, 3).zero_();
+    const auto out = logits(*m, padded, mask);
+    CHECK(max_diff(out[0], trained[0]) <= 1e-5);
+    CHECK(max_diff(out[1].narrow(0, 0, 4), logits(*m, ids[1].narrow(0, 0, 4).unsqueeze(0))[0]) <=
+          1e-5);
+  }
+  SECTION("stepping with the key/value cache (the side network's too) equals the full forward") {
+    peft::models::KVCache cache;
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> steps = {m->logits(m->forward(ids.narrow(1, 0, 4), {}, &cache))};
+    for (int64_t t = 4; t < 7; ++t) {
+      steps.push_back(m->logits(m->forward(ids.narrow(1, t, 1), {}, &cache)));
+    }
+    CHECK(cache.side_keys.size() == 2);
+    CHECK(cache.side_keys[0].size(2) == 7);
+    CHECK(max_diff(torch::cat(steps, 1), trained) <= 1e-5);
+  }
+  SECTION("what LST refuses on a decoder, by name") {
+    CHECK_THROWS_WITH(peft::models::attach_ladder(*m), Catch::Contains("already has a ladder"));
+    // A merged llama.cpp model would silently lose the side network.
+    CHECK_THROWS_WITH(
+        peft::models::save_llama_cpp_model(*m, "base.gguf", "merged.gguf", peft::io::GgmlType::F32),
+        Catch::Contains("merged.gguf: the model has a ladder side network"));
+    auto with_lora = tiny_llama();
+    peft::attach(*with_lora, peft::LoRAOptions(4));
+    CHECK_THROWS_WITH(peft::models::attach_ladder(*with_lora),
+                      Catch::Contains("trainable parameter tensors"));
+    CHECK_THROWS_WITH(peft::models::attach_ladder(
+                          *tiny_llama(), peft::LadderOptions().block(peft::LadderBlock::T5)),
+                      Catch::Contains("side_block t5 is for encoders"));
+    CHECK_THROWS_WITH(
+        peft::models::attach_ladder(*tiny_llama(), peft::LadderOptions().reduction_factor(16)),
+        Catch::Contains("even head size"));
+    CHECK_THROWS_WITH(peft::attach(*tiny_llama(), "lst", {{"layers", {0, 2}}}),
+                      Catch::Contains("layer 2 is outside the decoder's 2 layers"));
+    CHECK_THROWS_WITH(peft::attach(*tiny_llama(), "lst", {{"init", "fisher"}}),
+                      Catch::Contains("fisher") && Catch::Contains("pruned"));
+  }
+}
+
+TEST_CASE(
+    "Llama: LST's pruned side block at reduction 1 computes the decoder layer it was pruned from",
+    "[llama][lst]") {
+  // Every unit, rotary pair and feed-forward row kept, in order: the side block (a key and value
+  // head per query head) must compute the grouped-query layer, rotary angles and causal mask
+  // included. At width 8 it keeps half of each, and its weights are the chosen rows and columns.
+  auto m = tiny_llama(4);
+  const auto& c = m->config();
+  auto& layer = m->layer(1);
+  const int64_t N = 2, L = 5, D = c.head_dim();
+  auto x = torch::randn({N, L, c.hidden_size});
+  auto positions = torch::arange(L, torch::kLong).to(torch::kFloat).view({1, L});
+  auto angles = [&](int64_t d) {
+    auto inv = 1.0 / torch::pow(c.rope_theta,
+                                torch::arange(0, d, 2, torch::kLong).to(torch::kFloat) / double(d));
+    auto f = positions.unsqueeze(-1) * inv.view({1, 1, -1});
+    auto e = torch::cat({f, f}, -1);
+    return std::pair{e.cos().unsqueeze(1), e.sin().unsqueeze(1)};
+  };
+  auto mask = torch::zeros({1, 1, L, L})
+                  .masked_fill(torch::ones({L, L}, torch::kBool).triu(1).view({1, 1, L, L}),
+                               -std::numeric_limits<float>::infinity());
+  peft::models::LlamaSideBlock full(c.hidden_size, c.num_attention_heads, c.intermediate_size,
+                                    c.rms_norm_eps, 0.0);
+  peft::models::detail::prune_llama_layer(layer, *full, c.num_attention_heads,
+                                          c.num_key_value_heads);
+  auto [cos, sin] = angles(D);
+  torch::NoGradGuard no_grad;
+  CHECK(max_diff(full->forward(x, cos, sin, mask), layer.forward(x, cos, sin, mask)) <= 1e-5);
+
+  peft::models::LlamaSideBlock half(8, 2, 12, c.rms_norm_eps, 0.0);
+  peft::models::detail::prune_llama_layer(layer, *half, c.num_attention_heads,
+                                          c.num_key_value_heads);
+  // The kept units: where the decoder's RMS scale has the side block's values (all distinct).
+  auto units = torch::nonzero((layer.input_layernorm->weight.view({1, -1}) -
+                               half->input_layernorm->weight.view({-1, 1}))
+                                  .abs()
+                                  .lt(1e-7))
+                   .select(1, 1);
+  REQUIRE(units.size(0) == 8);
+  // Each kept query row is a row of the decoder's q_proj over the kept units; a side head of 4
+  // holds two rotary pairs, first halves then second halves, so side row r (r % 4 < 2) and r + 2
+  // come from decoder rows k and k + 2 of one head of 4.
+  const auto& Wq = layer.self_attn->q_proj->base->weight;
+  const auto& q = half->q_proj->weight;
+  for (int64_t r = 0; r < 8; ++r) {
+    int64_t from = -1;
+    for (int64_t row = 0; row < Wq.size(0); ++row) {
+      if (torch::equal(Wq[row].index_select(0, units), q[r])) from = row;
+    }
+    CHECK(from >= 0);
+    if (from >= 0 && r % 4 < 2) {
+      CHECK(from % D < D / 2);
+      CHECK(torch::equal(Wq[from + D / 2].index_select(0, units), q[r + 2]));
+    }
+  }
+}
+
 TEST_CASE("Llama: merged LoRA equals the unmerged model and unmerge restores the weights",
           "[llama]") {
   auto m = tiny_llama();
@@ -339,11 +484,12 @@ TEST_CASE("Llama: packed rows give every example its own logits and the batch it
   CHECK(b.labels[0][5].item<int64_t>() == -100);  // an example's first token learns nothing
   const auto plain = peft::data::lm_batch(examples, rows, 0);
 
-  for (const char* method : {"none", "lora", "prefix"}) {
+  for (const char* method : {"none", "lora", "prefix", "lst"}) {
     INFO(method);
     auto m = tiny_llama(3);
     if (std::string(method) == "lora") peft::attach(*m, peft::LoRAOptions(4));
     if (std::string(method) == "prefix") peft::attach(*m, peft::PrefixOptions(3));
+    if (std::string(method) == "lst") peft::attach(*m, "lst", {{"reduction_factor", 2}});
     {
       torch::NoGradGuard no_grad;
       for (auto& p : peft::trainable_parameters(*m)) p.normal_(0, 0.3);

@@ -536,11 +536,17 @@ TEST_CASE("TextClassifier refuses options that do not go together before loading
              Catch::Contains("ladder_fisher_batches needs fisher_examples"));
   CHECK_THAT(refused(Options().ladder_fisher_batches(2)),
              Catch::Contains("ladder_fisher_batches applies to method lst only"));
+  // LST works on a decoder (test_llama.cpp), but its side network starts pruned by magnitude.
   const std::filesystem::path gguf = "no/such/model.gguf";
+  peft::data::Example example;
+  example.text_a = "a";
   try {
-    peft::TextClassifier c(gguf, 2, Options().method("lst"));
-    FAIL("LST on a decoder was accepted");
+    peft::TextClassifier c(
+        gguf, 2, Options().method("lst").ladder_fisher_batches(2).fisher_examples({example}));
+    FAIL("LST's Fisher start on a decoder was accepted");
   } catch (const peft::Error& e) {
-    CHECK_THAT(e.what(), Catch::Contains("method lst does not apply to a decoder model"));
+    CHECK_THAT(e.what(), Catch::Contains("ladder_fisher_batches (the decoder's side network "
+                                         "starts pruned by weight magnitude) does not apply to a "
+                                         "decoder model"));
   }
 }

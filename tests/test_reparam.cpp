@@ -265,6 +265,7 @@ TEST_CASE("Each method declares the option keys it reads, and attach refuses any
     peft::models::Bert model(config);
     peft::detail::KeyLog log;
     // Fusion needs the adapters it fuses; with none attached it fails after reading its options.
+    // LST attaches by name beside a Llama decoder only; on BERT it fails after reading them.
     const nlohmann::json options = entry.name == "fusion"
                                        ? nlohmann::json{{"fused_adapters", {"a", "b"}}}
                                        : nlohmann::json::object();
@@ -272,7 +273,7 @@ TEST_CASE("Each method declares the option keys it reads, and attach refuses any
       entry.attach(*model, options);
     } catch (const peft::Error& e) {
       INFO(e.what());
-      CHECK(entry.name == "fusion");
+      CHECK((entry.name == "fusion" || entry.name == "lst"));
     }
     if (entry.lr_rules) entry.lr_rules(1e-3, options);
     const std::set<std::string> declared(entry.option_keys.begin(), entry.option_keys.end());

@@ -734,7 +734,8 @@ inline int main(const Benchmark& bench, int argc, char** argv) {
       ->delimiter(',');
   app.add_option("--lst-block", o.lst_block,
                  "side blocks: transformer_encoder_layer (the backbone's post-norm kind) or t5 "
-                 "(the LST paper's pre-norm T5 block)")
+                 "(the LST paper's pre-norm T5 block); beside a decoder (--model smollm2) they "
+                 "are Llama layers (llama, or the default)")
       ->check(CLI::IsMember(peft::enum_names<peft::LadderBlock>()));
   app.add_option("--lst-init", o.lst_init,
                  "side network start: magnitude (prune the backbone by |w|), fisher (prune by "

@@ -42,6 +42,7 @@
 #include <peft/models/early_exit.hpp>
 #include <peft/models/recipes.hpp>
 #include <peft/models/llama.hpp>
+#include <peft/models/llama_ladder.hpp>
 #include <peft/models/llama_cpp.hpp>
 #include <peft/io/adapter_format.hpp>
 #include <peft/data/example.hpp>

@@ -51,6 +51,10 @@ enum class LadderBlock {
   /// x + attn(rms(x)), x + ffn(rms(x)) with T5's RMS norm (scale only), projections without
   /// biases, and one more RMS norm after the last block. Saved as side_block "t5". See T5SideBlock.
   T5,
+  /// A Llama decoder layer at the side width (pre-norm RMSNorm, causal attention with rotary
+  /// positions, SwiGLU, no biases): the side blocks beside a Llama decoder
+  /// (models/llama_ladder.hpp), and only there. Saved as side_block "llama".
+  Llama,
 };
 
 /// Per-weight importance scores of one backbone layer, shaped like its weights: what structured
@@ -61,11 +65,21 @@ struct LayerImportance {
 };
 
 /// The name of a side block kind in adapter files and on command lines: "transformer_encoder_layer"
-/// (PostNorm) or "t5".
-constexpr EnumTable<LadderBlock, 2> enum_table(LadderBlock) {
+/// (PostNorm), "t5" or "llama".
+constexpr EnumTable<LadderBlock, 3> enum_table(LadderBlock) {
   return {"side block",
           "lst",
-          {{{LadderBlock::PostNorm, "transformer_encoder_layer"}, {LadderBlock::T5, "t5"}}}};
+          {{{LadderBlock::PostNorm, "transformer_encoder_layer"},
+            {LadderBlock::T5, "t5"},
+            {LadderBlock::Llama, "llama"}}}};
+}
+
+/// The name of a side network's start in adapter options and on command lines: "pruned" or
+/// "random".
+constexpr EnumTable<LadderInit, 2> enum_table(LadderInit) {
+  return {"side network start",
+          "lst",
+          {{{LadderInit::Pruned, "pruned"}, {LadderInit::Random, "random"}}}};
 }
 
 inline std::string to_string(LadderBlock block) {
@@ -90,6 +104,8 @@ struct LadderOptions {
   /// at most the backbone's head count).
   TORCH_ARG(int64_t, side_heads) = 0;
   TORCH_ARG(LadderInit, init) = LadderInit::Pruned;
+  /// The side blocks' kind. Beside a Llama decoder they are Llama layers: PostNorm (the default:
+  /// the backbone's own kind) and Llama give those there, T5 is refused; BERT refuses Llama.
   TORCH_ARG(LadderBlock, block) = LadderBlock::PostNorm;
   /// Dropout in the side network (each side block's attention probabilities and sub-layer
   /// outputs, and after the T5 blocks' final norm); nullopt = the backbone layers' rate.
@@ -381,6 +397,9 @@ class LadderImpl : public torch::nn::Module {
         backbone(register_module("backbone", std::move(backbone_))),
         options_(options) {
     options.validate();
+    check(options.block() != LadderBlock::Llama, LadderOptions::method,
+          "side_block llama is for Llama decoders (models::attach_ladder); beside an encoder the "
+          "side blocks are transformer_encoder_layer or t5");
     freeze(*backbone);
     const auto& stock_layers = backbone->base->layers;
     const int64_t L = static_cast<int64_t>(stock_layers->size());

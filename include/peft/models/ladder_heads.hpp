@@ -2,7 +2,9 @@
 
 // Ladder Side-Tuning over models::Bert for sequence classification: BERT's embeddings and
 // encoder run frozen and without autograd, a peft::Ladder side network reads the encoder's
-// hidden states, and a new head classifies from the side network's output.
+// hidden states, and a new head classifies from the side network's output. Also the method's
+// registry entry and adapter files, for BERT's classifier and for the side network beside a
+// Llama decoder (models/llama_ladder.hpp).
 
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
@@ -24,6 +26,8 @@
 #include <peft/methods/ladder.hpp>
 #include <peft/models/bert.hpp>
 #include <peft/models/heads.hpp>
+#include <peft/models/llama.hpp>
+#include <peft/models/llama_ladder.hpp>
 
 PEFT_NAMESPACE_BEGIN
 namespace models {
@@ -205,6 +209,92 @@ inline LoadPlan plan_ladder(torch::nn::Module& model, const nlohmann::json& conf
   return plan;
 }
 
+/// The decoder in `model` that has a ladder side network beside it, with its path; nullptr if
+/// there is none.
+inline std::pair<std::string, LlamaImpl*> llama_with_ladder(torch::nn::Module& model) {
+  auto [path, decoder] = find_module<LlamaImpl>(model);
+  if (decoder == nullptr || !std::dynamic_pointer_cast<LlamaLadderImpl>(decoder->side)) {
+    return {"", nullptr};
+  }
+  return {path, decoder};
+}
+
+/// The ladder beside a decoder: its parameters under the decoder's hub path + ".ladder." and the
+/// shape that rebuilds it (side_block "llama").
+inline void save_llama_ladder(SaveContext& c, const std::string& path, LlamaImpl& decoder) {
+  const auto& ladder = dynamic_cast<const LlamaLadderImpl&>(*decoder.side);
+  c.config["reduction_factor"] = ladder.options().reduction_factor();
+  c.config["layers"] = ladder.layers();
+  c.config["gate_temperature"] = ladder.options().gate_temperature();
+  c.config["side_block"] = to_string(LadderBlock::Llama);
+  c.config["side_width"] = ladder.side_width();
+  c.config["side_heads"] = ladder.side_heads();
+  c.config["side_dim_feedforward"] = ladder.side_dim_feedforward();
+  const std::string prefix = c.hub_path(path.empty() ? "ladder" : path + ".ladder") + ".";
+  for (const auto& item : ladder.named_parameters()) {
+    c.tensors.emplace_back(prefix + item.key(), item.value());
+  }
+}
+
+inline LoadPlan plan_llama_ladder(const LoadContext& c, const LadderOptions& options) {
+  auto [path, decoder] = find_module<LlamaImpl>(c.model);
+  check(decoder != nullptr, "load_adapter",
+        "{}: a side network of side_block llama loads beside a models::Llama decoder, which "
+        "this model neither is nor contains",
+        c.config_file);
+  check(!decoder->side, "load_adapter", "{}: the decoder already has a ladder side network",
+        c.config_file);
+  LlamaLadder fresh{nullptr};
+  try {
+    fresh = LlamaLadder(*decoder, options);
+  } catch (const Error& e) {
+    fail("load_adapter", "{}: {}", c.config_file, e.what());
+  }
+  const auto width = config_value<int64_t>(c.config, "side_width", c.config_file);
+  const auto ff = config_value<int64_t>(c.config, "side_dim_feedforward", c.config_file);
+  check(fresh->side_width() == width && fresh->side_dim_feedforward() == ff, "load_adapter",
+        "{}: side blocks of width {} and feed-forward size {}, but this decoder gives {} and {}",
+        c.config_file, width, ff, fresh->side_width(), fresh->side_dim_feedforward());
+  const auto& reference = decoder->embed_tokens->weight;
+  fresh->to(reference.device(), reference.scalar_type());
+  fresh->train(decoder->is_training());
+  LoadPlan plan;
+  const std::string prefix = c.hub_path(path.empty() ? "ladder" : path + ".ladder") + ".";
+  for (const auto& item : fresh->named_parameters()) {
+    auto tensor = item.value();
+    plan.slots.push_back({prefix + item.key(), tensor.sizes().vec(), [tensor] { return tensor; }});
+  }
+  auto* owner = decoder;
+  plan.apply = [owner, fresh] { owner->set_side(fresh.ptr()); };
+  return plan;
+}
+
+/// LadderOptions from the JSON options of peft::attach(model, "lst", ...): reduction_factor,
+/// gate_temperature, layers, side_heads, init ("pruned" or "random"), side_block, dropout.
+inline LadderOptions ladder_options_from_json(const nlohmann::json& j) {
+  using peft::detail::config_read;
+  const std::string where = "lst options";
+  const char* method = LadderOptions::method;
+  LadderOptions o;
+  auto reduction = o.reduction_factor(), heads = o.side_heads();
+  auto temperature = o.gate_temperature();
+  auto layers = o.layers();
+  std::string init = enum_name(o.init()), block = enum_name(o.block());
+  config_read(j, "reduction_factor", reduction, where, method);
+  config_read(j, "gate_temperature", temperature, where, method);
+  config_read(j, "layers", layers, where, method);
+  config_read(j, "side_heads", heads, where, method);
+  config_read(j, "init", init, where, method);
+  config_read(j, "side_block", block, where, method);
+  o.reduction_factor(reduction).gate_temperature(temperature).layers(layers).side_heads(heads);
+  o.init(enum_from_name<LadderInit>(init, where));
+  o.block(enum_from_name<LadderBlock>(block, where));
+  double dropout = 0;
+  config_read(j, "dropout", dropout, where, method);
+  if (j.contains("dropout") && !j["dropout"].is_null()) o.dropout(dropout);  // unset: none
+  return o;
+}
+
 inline MethodEntry ladder_entry() {
   MethodEntry e;
   e.name = "lst";
@@ -215,11 +305,45 @@ inline MethodEntry ladder_entry() {
       "LADDER_SIDE_TUNING", true,
       [](SaveContext& c) {
         auto [path, model] = find_module<BertLadderForSequenceClassificationImpl>(c.model);
-        save_ladder(path, *model, c.config, c.tensors);
+        if (model != nullptr) {
+          save_ladder(path, *model, c.config, c.tensors);
+          return;
+        }
+        auto [decoder_path, decoder] = llama_with_ladder(c.model);
+        check(decoder != nullptr, "save_adapter", "the model holds no ladder side network");
+        save_llama_ladder(c, decoder_path, *decoder);
       },
-      [](const LoadContext& c) { return plan_ladder(c.model, c.config, c.config_file); }};
+      [](const LoadContext& c) {
+        const auto block = config_value<std::string>(c.config, "side_block", c.config_file);
+        if (enum_from_name<LadderBlock>(block, c.config_file) != LadderBlock::Llama) {
+          return plan_ladder(c.model, c.config, c.config_file);
+        }
+        auto options =
+            LadderOptions()
+                .block(LadderBlock::Llama)
+                .reduction_factor(
+                    config_value<int64_t>(c.config, "reduction_factor", c.config_file))
+                .gate_temperature(config_value<double>(c.config, "gate_temperature", c.config_file))
+                .layers(config_value<std::vector<int64_t>>(c.config, "layers", c.config_file))
+                .side_heads(config_value<int64_t>(c.config, "side_heads", c.config_file))
+                .init(LadderInit::Random);  // the stored weights replace any start
+        return plan_llama_ladder(c, options);
+      }};
+  // By name, the side network attaches beside a Llama decoder; BERT's is a model of its own.
+  e.attach = [](torch::nn::Module& model, const nlohmann::json& options) {
+    const auto ladder_options = ladder_options_from_json(options);
+    auto [path, decoder] = find_module<LlamaImpl>(model);
+    check(decoder != nullptr, LadderOptions::method,
+          "attaches by name beside a Llama decoder only; for BERT build a "
+          "models::BertLadderForSequenceClassification (TextClassifier method \"lst\")");
+    attach_ladder(*decoder, ladder_options);
+    return std::vector<std::string>{path.empty() ? "ladder" : path + ".ladder"};
+  };
+  e.option_keys = {"reduction_factor", "gate_temperature", "layers", "side_heads", "init",
+                   "side_block",       "dropout"};
   e.held_by = [](torch::nn::Module& model) {
-    return find_module<BertLadderForSequenceClassificationImpl>(model).second != nullptr;
+    return find_module<BertLadderForSequenceClassificationImpl>(model).second != nullptr ||
+           llama_with_ladder(model).second != nullptr;
   };
   return e;
 }

@@ -24,6 +24,7 @@
 #include <limits>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <utility>
@@ -193,6 +194,9 @@ TORCH_MODULE(RMSNorm);
 /// prefix-tuning rows are not stored here (they are added at every step).
 struct KVCache {
   std::vector<torch::Tensor> keys, values;
+  /// The side network's keys and values (Ladder Side-Tuning, models/llama_ladder.hpp), one pair
+  /// per side block.
+  std::vector<torch::Tensor> side_keys, side_values;
   /// Positions cached so far.
   int64_t length() const {
     return keys.empty() || !keys.front().defined() ? 0 : keys.front().size(2);
@@ -200,6 +204,8 @@ struct KVCache {
   void clear() {
     keys.clear();
     values.clear();
+    side_keys.clear();
+    side_values.clear();
   }
 };
 
@@ -337,6 +343,34 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlamaDecoderLayer);
 
+/// What LlamaImpl::forward hands a side network beside the decoder.
+struct LlamaSideInput {
+  /// The hidden states the side network reads: [0] the embeddings (with prompt rows in front, if
+  /// any), [i + 1] the output of layer i for each layer in LlamaSideImpl::layers() (undefined for
+  /// the others); [N, L, H], computed without autograd.
+  const std::vector<torch::Tensor>& states;
+  /// The positions of the L inputs as the rotary angles take them, float [1, L] or [N, L]
+  /// (packed rows number each example from 0).
+  const torch::Tensor& positions;
+  /// Additive attention mask [N, 1, L, past + L] over the cached and new positions (causal,
+  /// padding, packed examples), without the prefix rows' columns.
+  const torch::Tensor& mask;
+  /// The side network's part of the key/value cache, or nullptr without one.
+  KVCache* cache;
+};
+
+/// A network beside the decoder that reads its hidden states and adds to its output: Ladder
+/// Side-Tuning (models/llama_ladder.hpp). With one installed (LlamaImpl::set_side), the decoder
+/// runs without autograd and forward() returns norm(x) + side(...).
+class LlamaSideImpl : public torch::nn::Module {
+ public:
+  using torch::nn::Module::Module;
+  /// The decoder layers whose outputs side() reads (ascending).
+  virtual const std::vector<int64_t>& layers() const = 0;
+  /// What is added to the decoder's final (normed) hidden state, [N, L, H].
+  virtual torch::Tensor side(const LlamaSideInput& input) = 0;
+};
+
 /// A Llama-family causal language model. Children: `embed_tokens`, `layers.<i>` (sites
 /// `layers.<i>.self_attn.q_proj` ... `layers.<i>.mlp.down_proj`), `norm`, `lm_head` (only when
 /// the output head is not tied to the embeddings) and the Input site `prompt`. Module paths are
@@ -451,6 +485,9 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
     check(input_ids.dim() == 2, "models::llama", "input_ids has shape {}, expected [N, L]",
           peft::detail::shape(input_ids.sizes()));
     const int64_t N = input_ids.size(0);
+    // With a side network the decoder is frozen and runs without a graph; only the side trains.
+    std::optional<torch::NoGradGuard> no_grad;
+    if (side) no_grad.emplace();
     auto x = embed_tokens(input_ids);
     auto rows = prompt->prompt_rows();
     const int64_t past = cache != nullptr ? cache->length() : 0;
@@ -501,12 +538,38 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
       cache->keys.resize(layers->size());
       cache->values.resize(layers->size());
     }
+    std::vector<torch::Tensor> states;
+    if (side) {
+      states.resize(layers->size() + 1);
+      states[0] = x;
+    }
     for (size_t i = 0; i < layers->size(); ++i) {
       auto layer = layers->ptr<LlamaDecoderLayerImpl>(i);
       x = cache != nullptr ? layer->forward(x, cos, sin, mask, &cache->keys[i], &cache->values[i])
                            : layer->forward(x, cos, sin, mask);
+      if (side) {
+        const auto& taps = side->layers();
+        if (std::binary_search(taps.begin(), taps.end(), static_cast<int64_t>(i)))
+          states[i + 1] = x;
+      }
     }
-    return norm(x);
+    auto out = norm(x);
+    if (!side) return out;
+    no_grad.reset();
+    const auto side_mask = mask.narrow(3, P, mask.size(3) - P);
+    return out + side->side(LlamaSideInput{states, positions, side_mask, cache});
+  }
+
+  /// Installs a side network (Ladder Side-Tuning: models::attach_ladder) as child `ladder`; see
+  /// LlamaSideImpl.
+  void set_side(std::shared_ptr<LlamaSideImpl> network) {
+    check(network != nullptr, "models::llama", "set_side needs a side network");
+    if (side) {
+      replace_module("ladder", network);
+    } else {
+      register_module("ladder", network);
+    }
+    side = std::move(network);
   }
 
   /// Next-token logits [.., V] of hidden states (the tied embeddings or lm_head).
@@ -593,6 +656,8 @@ class LlamaImpl : public torch::nn::Module, public HubModel {
   RMSNorm norm{nullptr};
   peft::nn::Linear lm_head{nullptr};
   Site prompt{nullptr};
+  /// The side network beside the decoder (child `ladder`), if one was installed.
+  std::shared_ptr<LlamaSideImpl> side;
 
  private:
   struct GgufTarget {

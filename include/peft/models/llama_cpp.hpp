@@ -86,6 +86,10 @@ inline void save_llama_cpp_model(LlamaImpl& model, const std::filesystem::path& 
   check(type == io::GgmlType::F32 || type == io::GgmlType::F16 || type == io::GgmlType::Q8_0,
         "models::llama_cpp", "{}: merged models are written as F32, F16 or Q8_0, not {}",
         path.string(), io::ggml_type_name(static_cast<uint32_t>(type)));
+  check(!model.side, "models::llama_cpp",
+        "{}: the model has a ladder side network, which does not merge into the decoder's "
+        "weights and which llama.cpp cannot run; save it with save_adapter",
+        path.string());
   io::GgufFile base(base_gguf);
   io::GgufWriter w;
   for (const auto& key : base.keys()) {

@@ -54,6 +54,7 @@
 #include <peft/models/heads.hpp>
 #include <peft/models/ladder_heads.hpp>
 #include <peft/models/llama.hpp>
+#include <peft/models/llama_ladder.hpp>
 #include <peft/tasks/exit_sweep.hpp>
 #include <peft/tasks/text_batches.hpp>
 #include <peft/text/load.hpp>
@@ -182,7 +183,8 @@ class TextClassifier {
     // The seed fixes the new head's and the method's initial values, so resuming rebuilds the
     // same model before loading the checkpoint into it.
     torch::manual_seed(static_cast<uint64_t>(options_.seed()));
-    if (is_decoder(model_path)) {
+    decoder_ = is_decoder(model_path);
+    if (decoder_) {
       build_decoder(model_path);
     } else if (options_.method() == "lst") {
       build_ladder(model_path);
@@ -473,18 +475,19 @@ class TextClassifier {
   std::string describe_method() const {
     if (options_.method() == "full") return "every backbone parameter trains";
     if (options_.method() == "lst") {
-      const auto& l = options_.ladder();
+      const auto l = ladder_options();
       std::vector<std::string> layers;
       for (auto i : l.layers()) layers.push_back(std::to_string(i));
-      const auto rate = l.dropout() ? l.dropout() : dropout();
       return fmt::format(
           "side network of width / {} fed by {} layers, {} blocks, {} init, dropout {}",
           l.reduction_factor(), layers.empty() ? std::string("all") : data::detail::join(layers),
-          enum_name(l.block()),
+          enum_name(decoder_ ? LadderBlock::Llama : l.block()),
           options_.ladder_fisher_batches() > 0 ? "fisher"
           : l.init() == LadderInit::Random     ? "random"
                                                : "magnitude",
-          rate ? fmt::format("{:g}", *rate) : std::string("as the model's config"));
+          l.dropout() ? fmt::format("{:g}", *l.dropout())
+          : decoder_  ? std::string("0")
+                      : std::string("as the model's config"));
     }
     return fmt::format("{}; options {}", method_entry(options_.method()).summary,
                        options_.method_options().dump());
@@ -572,7 +575,9 @@ class TextClassifier {
           "{} needs fisher_examples (the training examples)", name("ladder_fisher_batches"));
     if (is_decoder(model_path)) {
       for (auto [bad, what] :
-           {std::pair{o.method() == "lst", name("method") + " lst"},
+           {std::pair{o.ladder_fisher_batches() > 0, name("ladder_fisher_batches") +
+                                                         " (the decoder's side network starts "
+                                                         "pruned by weight magnitude)"},
             std::pair{early_exit, name("early_exit")},
             std::pair{o.train_pooler(), name("train_pooler")},
             std::pair{o.method() == "bitfit", name("method") + " bitfit (no biases)"}}) {
@@ -617,11 +622,30 @@ class TextClassifier {
     // A decoder classifies from its last real token (Hugging Face's
     // LlamaForSequenceClassification); pooling and the pooler do not apply.
     auto model = models::LlamaForSequenceClassification::from_pretrained(path, num_labels_);
-    sites_ = attach_method(*model->model);
+    if (options_.method() == "lst") {
+      // The side network beside the decoder; the head reads the decoder's output plus the side
+      // network's (zero until it trains).
+      models::attach_ladder(*model->model, ladder_options());
+    } else {
+      sites_ = attach_method(*model->model);
+    }
     head_ = "score";
     root_ = model.ptr();
     logits_ = [model](const TextBatch& b) mutable { return model(b.input_ids, b.attention_mask); };
-    method_bytes_ = adapter_bytes(*model);
+    method_bytes_ = model->model->side ? count_parameters(*model->model->side).trainable_bytes
+                                       : adapter_bytes(*model);
+  }
+
+  /// The ladder options with the side network's dropout resolved: the side network is what
+  /// trains, and takes model_dropout (off unless asked for) unless the ladder options name their
+  /// own rate (unset: the backbone config's; a decoder has none). Measured in docs/RESULTS.md
+  /// (CLUE, LST's dropout).
+  LadderOptions ladder_options() const {
+    auto ladder = options_.ladder();
+    if (!ladder.dropout()) {
+      if (const auto p = dropout()) ladder.dropout(*p);
+    }
+    return ladder;
   }
 
   void build_ladder(const std::filesystem::path& path) {
@@ -655,11 +679,7 @@ class TextClassifier {
           },
           n));
     }
-    // The side network is what trains: it takes model_dropout (off unless asked for) unless the
-    // ladder options name their own rate. Measured in docs/RESULTS.md (CLUE, LST's dropout).
-    if (!ladder.dropout()) {
-      if (const auto p = dropout()) ladder.dropout(*p);
-    }
+    ladder.dropout(ladder_options().dropout());
     auto model = models::BertLadderForSequenceClassification::from_pretrained(path, num_labels_,
                                                                               ladder, pooling);
     options_.fisher_examples({});  // they served the start; fit() gets the training rows itself
@@ -786,6 +806,8 @@ class TextClassifier {
   std::function<torch::Tensor(const TextBatch&)> loss_;
   /// The head's module name: "classifier", or "score" on a decoder.
   std::string head_ = "classifier";
+  /// Whether the model is a decoder (a .gguf file).
+  bool decoder_ = false;
   std::vector<std::string> sites_;
   int64_t method_bytes_ = 0;
   std::string dropout_note_;
