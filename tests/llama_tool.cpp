@@ -17,8 +17,9 @@
 //   peft_llama_tool save-cls <model> <in> <adapter> <out>  a LlamaForSequenceClassification (2
 //       labels, random score) with LoRA (r 4, q/v, random B): saves the adapter, writes the logits
 //   peft_llama_tool load-cls <model> <adapter> <in> <out>  loads such an adapter into a fresh one
-//   peft_llama_tool merge-export <model.gguf> <adapter or -> <out.gguf>  loads an adapter (none for
-//       -), merges it and writes the model as an F32 GGUF file with the base file's metadata
+//   peft_llama_tool merge-export <model.gguf> <adapter or -> <out.gguf> [f32|f16|q8_0]  loads an
+//       adapter (none for -), merges it and writes the model as a GGUF file of that type (F32
+//       when not given) with the base file's metadata
 
 #include <peft/io/adapter_format.hpp>
 #include <peft/io/gguf.hpp>
@@ -129,7 +130,15 @@ int run(const std::vector<std::string>& a) {
       peft::load_adapter(*model, a.at(2));
       peft::merge(*model);
     }
-    peft::models::save_llama_cpp_model(*model, a.at(1), a.at(3), peft::io::GgmlType::F32);
+    const std::string type = a.size() > 4 ? a.at(4) : "f32";
+    const auto ggml = type == "f16"    ? peft::io::GgmlType::F16
+                      : type == "q8_0" ? peft::io::GgmlType::Q8_0
+                                       : peft::io::GgmlType::F32;
+    if (ggml == peft::io::GgmlType::F32 && type != "f32") {
+      std::cerr << "merge-export: unknown type " << type << " (f32, f16 or q8_0)\n";
+      return 2;
+    }
+    peft::models::save_llama_cpp_model(*model, a.at(1), a.at(3), ggml);
     return 0;
   }
   std::cerr << "unknown command " << cmd << "\n";

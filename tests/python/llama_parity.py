@@ -336,6 +336,13 @@ def classification(tmp, ids, mask, inp, out):
     check("PEFT's sequence-classification adapter in peft", diff <= 1e-4, f"max |diff| {diff:.2e}")
 
 
+# llama.cpp against peft on the same merged file, measured with llama-cpp-python 0.3.36: F16
+# 2.5e-2, Q8_0 1.53 (docs/DECODER.md). The bounds are twice those, and the next token must agree
+# at every position.
+F16_BOUND = 5e-2
+Q8_0_BOUND = 3.0
+
+
 def llama_cpp_checks(tmp, adapter, tokens, ours):
     try:
         from llama_cpp import Llama
@@ -361,6 +368,25 @@ def llama_cpp_checks(tmp, adapter, tokens, ours):
     tool("merge-export", MODEL, adapter, merged)
     diff = np.abs(run(merged) - ours).max()
     check("llama.cpp: peft's merged F32 model", diff <= 1e-4, f"max |diff| {diff:.2e}")
+    # The merged model stored as F16 and as Q8_0: llama.cpp's logits against peft's own logits of
+    # the same file (its weights dequantised to float32). llama.cpp's CPU kernels round the
+    # activations to the weights' kind (F16, or Q8_0 blocks) before each product, peft does not:
+    # that is the difference measured here, not the storage.
+    single = os.path.join(tmp, "tokens.safetensors")
+    save_file({"input_ids": tokens.reshape(1, -1).astype(np.int64)}, single)
+    for kind, bound in (("f16", F16_BOUND), ("q8_0", Q8_0_BOUND)):
+        path = os.path.join(tmp, f"merged-{kind}.gguf")
+        tool("merge-export", MODEL, adapter, path, kind)
+        logits_file = os.path.join(tmp, f"merged-{kind}-logits.safetensors")
+        tool("logits", path, single, logits_file)
+        same_file = load_file(logits_file)["logits"][0]
+        theirs = run(path)
+        diff = np.abs(theirs - same_file).max()
+        agree = (theirs.argmax(-1) == same_file.argmax(-1)).mean()
+        check(f"llama.cpp: peft's merged {kind.upper()} model", diff <= bound and agree == 1.0,
+              f"max |diff| {diff:.2e} (bound {bound:g}) against peft on the same file, same next "
+              f"token at {agree:.0%} of positions; {np.abs(same_file - ours).max():.2e} from the "
+              f"F32 logits")
     q = run(MODEL, lora)
     agree = (q.argmax(-1) == ours.argmax(-1)).mean()
     print(f"info llama.cpp: original Q4_1 file + peft's LoRA adapter: max |diff| "
