@@ -24,5 +24,5 @@ for t in "${tasks[@]}"; do
   run "$t" --seeds 5 --demos none
   run "$t" --seeds 5 --mode head
 done
-for t in "${tasks[@]}"; do run "$t" --seeds 3 --demos random; done
+for t in "${tasks[@]}"; do run "$t" --seeds 5 --demos random; done
 for t in "${tasks[@]}"; do run "$t" --seeds 2 --mode pet --unlabeled 300; done
